@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from gnlm.config import ConfigError
+from gnlm.model import GPT, PRESETS, count_parameters, describe, get_preset, loss_fn, resolve_model_config
+
+
+@pytest.mark.parametrize("name,expected", [("45m", 45_363_712), ("150m", 134_142_720)])
+def test_paper_presets_have_the_papers_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = GPT(get_preset(name))
+    assert count_parameters(model) == expected
+
+
+def test_cpu_presets_are_small():
+    with torch.device("meta"):
+        nano, micro = GPT(get_preset("nano")), GPT(get_preset("micro"))
+    assert 100_000 <= count_parameters(nano) <= 300_000
+    assert 1_000_000 <= count_parameters(micro) <= 3_000_000
+
+
+def test_block_parameter_count_matches_formula():
+    cfg = get_preset("45m")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    d, dff = cfg.d_model, cfg.d_ff
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert block == 4 * d * d + 2 * d * dff + 2 * d + 4 * d
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = GPT(get_preset("nano", n_layers=2))
+    for backend in ("sdpa", "math"):
+        model.attention = backend
+        x = torch.randint(0, 4096, (2, 16))
+        y = x.clone()
+        y[:, 9] = (y[:, 9] + 1) % 4096
+        with torch.no_grad():
+            a, b = model(x), model(y)
+        assert torch.equal(a[:, :9], b[:, :9])
+        assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_sdpa_and_math_backends_agree():
+    torch.manual_seed(0)
+    model = GPT(get_preset("micro"))
+    x = torch.randint(0, 4096, (3, 128))
+    with torch.no_grad():
+        model.attention = "sdpa"
+        a = model(x)
+        model.attention = "math"
+        b = model(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_init_follows_initializer_range():
+    torch.manual_seed(0)
+    cfg = get_preset("micro", initializer_range=0.5)
+    model = GPT(cfg)
+    assert abs(model.wte.weight.std().item() - 0.5) < 0.01
+    assert abs(model.blocks[0].attn.wq.weight.std().item() - 0.5 / cfg.d_model ** 0.5) < 0.002
+    assert abs(model.blocks[0].mlp.w2.weight.std().item() - 0.5 / cfg.d_ff ** 0.5) < 0.001
+    assert torch.equal(model.blocks[0].attn.q_norm.bias, torch.zeros(cfg.d_model))
+    assert torch.equal(model.ln_f.weight, torch.ones(cfg.d_model))
+
+
+def test_sequence_longer_than_max_is_rejected():
+    model = GPT(get_preset("nano", max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'micro'"):
+        get_preset("mikro")
+
+
+def test_preset_fields_can_be_overridden():
+    cfg = resolve_model_config({"preset": "micro", "n_layers": 2, "attention": "math"})
+    assert (cfg.n_layers, cfg.d_model, cfg.attention) == (2, PRESETS["micro"].d_model, "math")
+
+
+def test_bad_head_count_is_rejected():
+    with pytest.raises(ConfigError, match="divisible"):
+        resolve_model_config({"preset": "micro", "n_heads": 3})
+
+
+def test_describe_lists_every_parameter():
+    model = GPT(get_preset("nano"))
+    text = describe(model)
+    assert "287,136" in text
+    for name, _ in model.named_parameters():
+        assert name in text
+
+
+def test_initial_loss_is_finite_and_learnable():
+    torch.manual_seed(0)
+    model = GPT(get_preset("nano"))
+    x = torch.randint(0, 64, (4, 16))
+    loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
