@@ -1,0 +1,5 @@
+import sys
+
+from gnlm.cli import main
+
+sys.exit(main())

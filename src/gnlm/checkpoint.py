@@ -1,0 +1,100 @@
+"""Checkpoints that are never half-written and never execute pickled code.
+
+A checkpoint file is the ``torch.save`` payload followed by a trailer ``MAGIC + sha256(payload)``. It is written
+to a temporary file, fsynced and renamed into place; the previous checkpoint is kept as ``*.prev.pt`` until the
+new one is complete, and loading falls back to it when the newest file is missing, truncated or corrupt.
+Loading uses ``torch.load(weights_only=True)``: plain tensors, numbers, strings, lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = b"GNLMCKPT-SHA256:"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, truncated, corrupt)."""
+
+
+def _write_synced(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and fsync it; returns the temporary path."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see either the old or the new content, never a mix."""
+    path = Path(path)
+    tmp = _write_synced(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    tmp = _write_synced(path, payload + MAGIC + hashlib.sha256(payload).digest())
+    try:
+        if path.exists():
+            os.replace(path, prev_path(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sync_dir(path.parent)
+
+
+def prev_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint file, verifying its checksum. Raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    trailer = len(MAGIC) + 32
+    if len(data) < trailer or data[-trailer:-32] != MAGIC:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a gnlm checkpoint (no checksum trailer)")
+    payload, digest = data[:-trailer], data[-32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``path``, falling back to the previous checkpoint (with a message) when it is unusable."""
+    path = Path(path)
+    try:
+        return read_checkpoint(path, map_location)
+    except CheckpointError as err:
+        prev = prev_path(path)
+        if not prev.exists():
+            raise
+        print(f"gnlm: {err}; falling back to the previous checkpoint {prev}", file=sys.stderr)
+        return read_checkpoint(prev, map_location)
