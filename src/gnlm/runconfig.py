@@ -73,6 +73,15 @@ class RunConfig:
     gn: GNConfig = field(default_factory=GNConfig)
 
     def validate(self) -> None:
+        if self.gn.blocks is not None:  # check the partition against the model's parameter names, no compute
+            import torch
+
+            from gnlm.curvature import blocks_from_patterns
+            from gnlm.model import GPT
+
+            with torch.device("meta"):
+                names = [n for n, _ in GPT(self.model).named_parameters()]
+            blocks_from_patterns(names, self.gn.blocks)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "

@@ -1,0 +1,130 @@
+"""The GN trainer: its inner loop against the dense GN step, the line search, layerwise partitions, short runs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_curvature import DT, Dense, make, rel
+
+from gnlm.config import ConfigError
+from gnlm.gauss_newton import InnerSolver, inner_solve, line_search, line_search_etas, resolve_blocks
+from gnlm.model import loss_fn
+from gnlm.runconfig import load_run_config
+from gnlm.train import run_training
+
+torch.set_num_threads(1)
+
+
+def fake_run(model, x, y, **gn):
+    """A stand-in for train.Run whose batch stream repeats one batch (the setting of the exactness anchor)."""
+    cfg = load_run_config(None, [f"gn.{k}={v}" for k, v in gn.items()])
+    return SimpleNamespace(cfg=cfg, model=model, next_batch=lambda n: (x, y))
+
+
+def dense_gn_step(dense, lam):
+    return -torch.linalg.solve(dense.G + lam * torch.eye(dense.G.shape[0], dtype=DT), dense.g)
+
+
+@pytest.mark.parametrize("inner,lr,steps,bound", [
+    ("adamw", 3e-2, 1500, 1e-3),
+    ("muon", 3e-2, 1500, 5e-3),
+])
+def test_first_order_inner_loop_converges_to_dense_gn_step(inner, lr, steps, bound):
+    """θ + φ* − θ = −(G + λI)⁻¹g: the prox term λ makes the minimiser of the GN model exactly the damped GN step."""
+    model, params0, x, y = make("gpt")
+    dense = Dense(model, params0, x, y)
+    lam = 1e-2
+    star = dense_gn_step(dense, lam)
+    run = fake_run(model, x, y, inner_steps=steps, prox=lam, **{"inner_optim.name": inner, "inner_optim.lr": lr,
+                   "inner_optim.betas": "[0.9,0.999]", "inner_optim.clip": 0.0,
+                   "inner_optim.weight_decay": 0.0})
+    run.cfg.train.steps = 1
+    solver = InnerSolver(model, run.cfg.gn)
+    inner_solve(run, solver, params0, None, outer_step=0)
+    err = rel(dense.flat({k: solver.phi[k].detach() - params0[k] for k in params0}), star)
+    print(f"inner {inner}: {steps} steps on one batch reach relative error {err:.2e} to the dense GN step")
+    assert err < bound
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_cg_inner_solver_reaches_dense_gn_step(layerwise):
+    model, params0, x, y = make("gpt2")
+    dense = Dense(model, params0, x, y)
+    lam = 1e-3
+    run = fake_run(model, x, y, solver="cg", inner_steps=1, cg_iters=400, cg_damping=lam, layerwise=layerwise)
+    blocks = resolve_blocks(model, run.cfg.gn)
+    G = dense.G * dense.block_mask(blocks) if blocks else dense.G
+    star = -torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), dense.g)
+    solver = InnerSolver(model, run.cfg.gn)
+    _, forwards = inner_solve(run, solver, params0, blocks, outer_step=0)
+    err = rel(dense.flat({k: solver.phi[k].detach() - params0[k] for k in params0}), star)
+    assert err <= 1e-3
+    assert forwards > 0
+
+
+def test_line_search_picks_the_lowest_loss_and_never_increases_it():
+    model, params0, x, y = make("gpt")
+    dense = Dense(model, params0, x, y)
+    step = dense.unflat(dense_gn_step(dense, 1e-3))
+    etas = line_search_etas(5)
+    assert etas == pytest.approx([1, 2 ** -0.5, 0.5, 2 ** -1.5, 0.25])
+    eta, losses = line_search(model, params0, step, [(x, y)], etas)
+    assert losses[eta] == min(losses.values())
+    assert losses[eta] <= losses[0.0]
+    with torch.no_grad():  # the model is left at θ₀
+        assert all(torch.equal(p, params0[n]) for n, p in model.named_parameters())
+        for e in etas:
+            for n, p in model.named_parameters():
+                p.copy_(params0[n] + e * step[n])
+            assert loss_fn(model(x), y).item() == pytest.approx(losses[e], rel=1e-12)
+            for n, p in model.named_parameters():
+                p.copy_(params0[n])
+    uphill = {k: -10 * v for k, v in step.items()}
+    eta, losses = line_search(model, params0, uphill, [(x, y)], etas)
+    assert eta == 0.0 and losses[0.0] < min(v for k, v in losses.items() if k > 0)
+    nan = {k: torch.full_like(v, float("nan")) for k, v in step.items()}
+    eta, _ = line_search(model, params0, nan, [(x, y)], etas)
+    assert eta == 0.0
+
+
+def test_bad_layerwise_partition_is_rejected_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="'blocks.0.mlp.w1.weight'.* in no block"):
+        load_run_config(None, ["method=gn", "model=nano", "gn.layerwise=true",
+                               "gn.blocks=[['wte.*'], ['blocks.*.attn*', 'blocks.*_norm.*'], ['blocks.1.mlp.*', 'ln_f.*', 'lm_head.*']]"])
+    with pytest.raises(ConfigError, match="is in blocks \\[0, 1\\]"):
+        load_run_config(None, ["method=gn", "model=nano", "gn.layerwise=true",
+                               "gn.blocks=[['wte.*', 'blocks.*'], ['blocks.*', 'ln_f.*', 'lm_head.*']]"])
+
+
+def gn_run(tmp_path, *overrides):
+    return load_run_config(None, [f"out_dir={tmp_path / 'run'}", "method=gn", "model=micro", "train.progress=false",
+                                  "train.threads=2", "train.steps=3", "train.eval_every=3", "data.eval_sequences=16",
+                                  "gn.inner_steps=12", "gn.inner_batch_size=8", "gn.ls_batches=2", *overrides])
+
+
+@pytest.mark.parametrize("variant", [[], ["gn.layerwise=true"], ["gn.surrogate=prox_linear"],
+                                     ["gn.solver=cg", "gn.cg_iters=5", "gn.inner_steps=2"]],
+                         ids=["full", "layerwise", "prox_linear", "cg"])
+def test_short_gn_run_of_micro_lowers_the_validation_loss(tmp_path, variant):
+    summary = run_training(gn_run(tmp_path, *variant))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["final_eval_loss"] < rows[0]["eval_loss"] - 1.0
+    step = rows[1]
+    assert step["inner_steps"] == (2 if "gn.solver=cg" in variant else 12)
+    assert step["line_search_tokens"] == 2 * 8 * 128
+    assert step["tokens"] == step["inner_tokens"] + step["line_search_tokens"]
+    assert 0 < step["eta"] <= 1 and step["forward_equivalents"] > 3 * step["tokens"]
+
+
+def test_gn_resume_continues_exactly(tmp_path):
+    common = ["gn.inner_steps=4", "model=nano", "train.eval_every=1"]
+    full = run_training(gn_run(tmp_path / "a", *common, "train.steps=4"))
+    run_training(gn_run(tmp_path / "b", *common, "train.steps=2"))
+    resumed = run_training(gn_run(tmp_path / "b", *common, "train.steps=4"), resume=True)
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    read = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "wall_time")}
+                      for line in (p / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert read(tmp_path / "a") == read(tmp_path / "b")
