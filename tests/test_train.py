@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from gnlm.checkpoint import read_checkpoint
 from gnlm.cli import main

@@ -1,4 +1,4 @@
-"""``gnlm`` command line: train, data prepare, info (bench and report come with the benchmark)."""
+"""``gnlm`` command line: train, bench, report, data prepare, info."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model preset's exact parameter count and parameter shapes")
     p.add_argument("--model", default="micro", help="preset name: nano, micro, 45m, 150m")
     p.set_defaults(func=cmd_info)
+
+    from gnlm.bench import add_bench_parsers
+
+    add_bench_parsers(sub)
     return parser
 
 

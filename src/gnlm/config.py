@@ -120,6 +120,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
                 f"valid keys: {', '.join(fields)}")
             raise ConfigError(f"unknown config key '{full}': {hint}")
+        default = _field_default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial mapping refines the field's own default (e.g. gn.inner_optim keeps Muon when only lr is given).
+            value = merge(to_dict(default), value)
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)
@@ -132,6 +136,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         except ConfigError as e:
             raise ConfigError(f"{prefix}.{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(obj: Any) -> Any:

@@ -16,7 +16,6 @@ Learning rates are pure functions of the step (:func:`lr_multiplier`, :func:`inn
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import importlib
 import inspect

@@ -1,0 +1,285 @@
+"""Benchmark studies: analysis on synthetic curves, run expansion, bad input, and tiny end-to-end studies."""
+
+import json
+import math
+
+import pytest
+
+from gnlm import bench
+from gnlm.bench import (aggregate_lrs, best_lr, critical_batch, doubling_reduction, expand_runs, load_study,
+                        read_rows, run_study, steps_to_target, study_from_dict)
+from gnlm.config import ConfigError
+
+# ----------------------------------------------------------------------------------------- synthetic analysis
+
+
+def test_steps_to_target_is_the_first_eval_row_at_or_below_the_target():
+    curve = [{"step": 0, "tokens": 0, "eval_loss": 5.0, "wall_time": 0.0, "forward_equivalents": 0.0},
+             {"step": 1, "tokens": 100, "loss": 3.0},  # a training row: no eval_loss, never counts
+             {"step": 2, "tokens": 200, "eval_loss": 4.1, "wall_time": 2.0, "forward_equivalents": 600.0},
+             {"step": 4, "tokens": 400, "eval_loss": 4.0, "wall_time": 4.5, "forward_equivalents": 1200.0},
+             {"step": 6, "tokens": 600, "eval_loss": 3.5, "wall_time": 7.0, "forward_equivalents": 1800.0}]
+    assert steps_to_target(curve, 4.0) == {"step": 4, "tokens": 400, "forward_equivalents": 1200.0, "wall_time": 4.5}
+    assert steps_to_target(curve, 3.9)["step"] == 6
+    assert steps_to_target(curve, 3.0) is None
+    assert steps_to_target([{"step": 3, "eval_loss": float("nan")}], 10.0) is None
+
+
+def test_critical_batch_on_exact_doublings():
+    batches = [1, 2, 4, 8, 16]
+    steps = [800, 400, 200, 180, 175]  # savings per doubling: 50%, 50%, 10%, 2.8%
+    out = critical_batch(batches, steps, 0.2)
+    assert out["batch"] == 4 and out["bound"] == "exact"
+    assert out["reductions"][1.0] == pytest.approx(0.5)
+    assert out["reductions"][4.0] == pytest.approx(0.1)
+    assert out["reductions"][8.0] == pytest.approx(1 - 175 / 180)
+    # a later big saving moves the critical batch: every doubling from B on must save < 20%
+    assert critical_batch(batches, [800, 400, 200, 180, 100], 0.2) == {
+        "batch": None, "bound": "above", "reductions": pytest.approx({1.0: 0.5, 2.0: 0.5, 4.0: 0.1, 8.0: 1 - 100 / 180})}
+
+
+def test_critical_batch_interpolates_on_log2_batch_when_batches_are_not_doublings():
+    # S(2) is interpolated geometrically between S(1)=1000 and S(4)=250: 500 -> 50% saving at B=1.
+    # At B=4: S(8) between S(4)=250 and S(16)=200 is 250*(0.8)**0.5 = 223.6 -> saving 10.56%.
+    out = critical_batch([1, 4, 16], [1000, 250, 200], 0.2)
+    assert out["reductions"][1.0] == pytest.approx(0.5)
+    assert out["reductions"][4.0] == pytest.approx(1 - math.sqrt(0.8))
+    assert out["batch"] == 4 and out["bound"] == "exact"
+    # the last span shorter than a doubling is scaled to one: 3 -> 4 with steps 100 -> 90
+    assert doubling_reduction([3, 4], [100, 90], 0) == pytest.approx(1 - 0.9 ** (1 / math.log2(4 / 3)))
+
+
+def test_critical_batch_edge_cases():
+    assert critical_batch([1, 2, 4], [100, 95, 94], 0.2)["bound"] == "at_or_below"
+    assert critical_batch([1, 2, 4], [100, 95, 94], 0.2)["batch"] == 1
+    assert critical_batch([1, 2, 4], [100, 50, 25], 0.2) == {"batch": None, "bound": "above",
+                                                             "reductions": {1.0: 0.5, 2.0: 0.5}}
+    never = critical_batch([1, 2], [math.inf, math.inf], 0.2)
+    assert never["bound"] == "none" and never["batch"] is None
+    # not reached at the small batch, reached at the larger: a full saving; the plateau starts after
+    out = critical_batch([1, 2, 4], [math.inf, 10, 10], 0.2)
+    assert out["reductions"][1.0] == 1.0 and out["batch"] == 2
+    # reached at small batches, lost at the largest: no saving (the method got worse)
+    assert critical_batch([1, 2, 4], [100, 50, math.inf], 0.2)["batch"] == 2
+
+
+def _row(method, batch, lr, steps, final, seed=0, family="baseline", **extra):
+    reached = steps is not None
+    return {"run_id": f"{method}/b{batch}/lr{lr:g}/s{seed}", "method": method, "family": family,
+            "batch_tokens": batch, "lr": lr, "seed": seed, "status": "finished", "reached": reached,
+            "steps": steps, "tokens": steps * batch if reached else None, "line_search_tokens": 0 if reached else None,
+            "forward_equivalents": 3.0 * steps * batch if reached else None,
+            "wall_time": 0.1 * steps if reached else None, "final_eval_loss": final, "diverged": False,
+            "steps_run": steps or 100, "tokens_run": (steps or 100) * batch, "total_wall_time": 1.0,
+            "error": None, "run_dir": "x", **extra}
+
+
+def test_best_lr_fewest_steps_then_lowest_final_loss_and_grid_edge_flag():
+    rows = [_row("adamw", 64, 1e-3, 40, 3.2), _row("adamw", 64, 3e-3, 20, 3.1), _row("adamw", 64, 1e-2, 20, 3.0)]
+    best = best_lr(aggregate_lrs(rows))
+    assert best.lr == 1e-2 and best.edge == "high"  # tie on steps -> lower final loss, which is the top of the grid
+    rows[2]["steps"] = 25
+    best = best_lr(aggregate_lrs(rows))
+    assert best.lr == 3e-3 and best.edge is None
+    none = [_row("gn", 64, 1e-3, None, 3.5), _row("gn", 64, 3e-3, None, 3.4), _row("gn", 64, 1e-2, None, 3.6)]
+    best = best_lr(aggregate_lrs(none))
+    assert best.lr == 3e-3 and not best.result.reached and best.edge is None
+    assert best_lr(aggregate_lrs([_row("gn", 64, 1e-3, 5, 3.0)])).edge == "single"
+    low = [_row("muon", 64, 1e-3, 10, 3.0), _row("muon", 64, 3e-3, 12, 3.0)]
+    assert best_lr(aggregate_lrs(low)).edge == "low"
+    budget = [_row("soap", 64, 1e-3, None, 3.3), _row("soap", 64, 3e-3, None, 3.2), _row("soap", 64, 1e-2, None, 3.25)]
+    assert best_lr(aggregate_lrs(budget), kind="budget").lr == 3e-3
+
+
+def test_seeds_aggregate_by_median_and_a_diverged_seed_makes_the_final_loss_infinite():
+    rows = [_row("adamw", 64, 1e-3, 10, 3.0, seed=0), _row("adamw", 64, 1e-3, 14, 3.2, seed=1),
+            _row("adamw", 64, 1e-3, None, 3.4, seed=2)]
+    (r,) = aggregate_lrs(rows)
+    assert r.steps == 14 and r.reached_seeds == 2 and r.final_eval_loss == pytest.approx(3.2)
+    rows[2]["diverged"] = True
+    assert aggregate_lrs(rows)[0].final_eval_loss == math.inf
+
+
+# -------------------------------------------------------------------------------------------- study configs
+
+
+def _study(tmp_path, **changes):
+    raw = {
+        "name": "t",
+        "base": {"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
+                 "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 2}, "gn": {"inner_batch_size": 2}},
+        "target_loss": 7.0, "max_steps": 3, "batch_tokens": [256, 1024], "progress": False,
+        "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
+    }
+    raw.update(changes)
+    return study_from_dict(raw)
+
+
+def test_expand_runs_maps_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
+    study = _study(tmp_path, methods=[
+        {"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]},
+        {"name": "gn_layerwise", "lrs": [1e-2, 3e-2], "lrs_by_batch": {1024: [1e-3, 3e-3]}},
+        {"name": "sgdm", "optimizer": "torch.optim.SGD", "kwargs": {"momentum": 0.9}, "lrs": [0.1, 0.3]},
+        {"name": "gn_adamw_inner", "type": "gn", "lrs": [1e-3, 3e-3],
+         "overrides": {"gn.inner_optim.name": "adamw", "gn.warm_start": False}}])
+    specs = expand_runs(study, tmp_path / "res")
+    assert len(specs) == 2 * 5 * 2
+    by = {s.run_id: s for s in specs}
+    a = by["adamw/b1024/lr0.03/s0"].config
+    assert a["method"] == "baseline" and a["train"]["batch_size"] == 1024 // 128 and a["optim"]["lr"] == 0.03
+    assert a["train"]["steps"] == 3 and a["train"]["target_loss"] == 7.0 and a["train"]["init_from"] is None
+    g = by["gn/b1024/lr0.01/s0"]
+    assert g.config["method"] == "gn" and g.config["gn"]["inner_steps"] == 1024 // (2 * 128)
+    assert g.config["gn"]["inner_optim"]["lr"] == 0.01 and g.config["gn"]["inner_optim"]["name"] == "muon"
+    assert g.line_search_tokens_per_step == g.config["gn"]["ls_batches"] * 2 * 128
+    assert by["gn_layerwise/b1024/lr0.001/s0"].config["gn"]["layerwise"] is True
+    assert "gn_layerwise/b256/lr0.01/s0" in by
+    s = by["sgdm/b256/lr0.1/s0"].config
+    assert s["optim"]["name"] == "torch.optim.SGD" and s["optim"]["kwargs"] == {"momentum": 0.9}
+    ab = by["gn_adamw_inner/b256/lr0.001/s0"].config["gn"]
+    assert ab["inner_optim"]["name"] == "adamw" and ab["warm_start"] is False
+    assert by["adamw/b256/lr0.01/s0"].run_dir.endswith("runs/adamw/b256/lr0.01/s0")
+
+
+def test_budget_study_sets_steps_from_the_token_budget_counting_line_search(tmp_path):
+    study = _study(tmp_path, kind="budget", token_budget=8192, target_loss=None)
+    by = {s.run_id: s for s in expand_runs(study, tmp_path / "res")}
+    assert by["adamw/b1024/lr0.01/s0"].config["train"]["steps"] == 8
+    ls = by["gn/b1024/lr0.01/s0"].line_search_tokens_per_step
+    assert by["gn/b1024/lr0.01/s0"].config["train"]["steps"] == 8192 // (1024 + ls)
+    assert by["gn/b1024/lr0.01/s0"].config["train"]["target_loss"] is None
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"methods": [{"name": "adamww", "lrs": [1e-3]}]}, "unknown method 'adamww' (did you mean 'adamw'?)"),
+    ({"methods": [{"name": "x", "type": "gn_layerwize", "lrs": [1e-3]}]}, "did you mean 'gn_layerwise'?"),
+    ({"methods": [{"name": "sgd", "optimizer": "torch.optim.SGDD", "lrs": [1e-3]}]}, "did you mean 'torch.optim.SGD'?"),
+    ({"methods": [{"name": "adamw", "lrs": []}]}, "empty learning-rate grid at batch 256"),
+    ({"methods": [{"name": "adamw", "lrs": [1e-3, 3e-3]}, {"name": "gn", "lrs": [1e-2]}]},
+     "unequal tuning effort at batch 256"),
+    ({"target_loss": None}, "needs target_loss"),
+    ({"batch_tokens": [300]}, "not a multiple of data.seq_len (128)"),
+    ({"methods": [{"name": "gn", "lrs": [1e-3], "overrides": {"gn.inner_stepz": 3}}]}, "did you mean 'gn.inner_steps'?"),
+])
+def test_bad_study_input_is_one_line_config_error(tmp_path, changes, message):
+    with pytest.raises(ConfigError) as err:
+        expand_runs(_study(tmp_path, **changes), tmp_path / "res")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unequal_grids_allowed_when_asked(tmp_path):
+    study = _study(tmp_path, allow_unequal_grids=True,
+                   methods=[{"name": "adamw", "lrs": [1e-3, 3e-3]}, {"name": "gn", "lrs": [1e-2]}])
+    assert len(expand_runs(study, tmp_path)) == 6
+
+
+def test_presets_load_and_expand(tmp_path):
+    assert {"quick", "cpu-full", "ablations", "paper-45m", "paper-150m", "budget-quick"} <= set(bench.preset_names())
+    for name in bench.preset_names():
+        study = load_study(name)
+        assert expand_runs(study, tmp_path / name)
+    with pytest.raises(ConfigError, match="did you mean the preset 'quick'"):
+        load_study("quik")
+
+
+# ----------------------------------------------------------------------------------------- end-to-end studies
+
+
+def test_study_runs_records_every_run_and_refuses_a_different_study(tmp_path):
+    res = tmp_path / "res"
+    study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [1e-2, 1e3]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
+                   batch_tokens=[256])
+    rows = run_study(study, res)
+    assert [r["run_id"] for r in rows] == ["adamw/b256/lr0.01/s0", "adamw/b256/lr1000/s0", "gn/b256/lr0.01/s0",
+                                           "gn/b256/lr0.03/s0"]
+    wild = rows[1]
+    assert wild["reached"] is False and wild["steps"] is None  # lr 1e3: never reaches the target
+    for r in rows:
+        assert (res / r["run_dir"] / "metrics.jsonl").exists() and r["status"] == "finished"
+    assert (res / "study.yaml").exists() and (res / "report.md").exists()
+    with pytest.raises(ConfigError, match="holds a different study"):
+        run_study(_study(tmp_path, batch_tokens=[256], max_steps=4), res)
+
+
+def test_a_raising_run_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    real = bench.run_training
+
+    def flaky(cfg, resume=False, overwrite=False):
+        if cfg.optim.lr == 3e-2 and cfg.method == "baseline":
+            raise RuntimeError("boom\nsecond line")
+        return real(cfg, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(bench, "run_training", flaky)
+    study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [1e-2, 3e-2]}], batch_tokens=[256])
+    rows = run_study(study, tmp_path / "res")
+    assert rows[1]["status"] == "error" and rows[1]["error"] == "RuntimeError: boom" and not rows[1]["reached"]
+    assert rows[0]["status"] == "finished"
+
+
+def test_interrupted_study_continues_without_repeating_runs(tmp_path, monkeypatch):
+    res = tmp_path / "res"
+    study = _study(tmp_path, warm_start={"tokens": 1024, "batch_tokens": 256, "lr": 1e-2}, target_loss=7.5,
+                   batch_tokens=[256, 512])
+    real = bench.run_training
+    calls = []
+
+    def counting(cfg, resume=False, overwrite=False):
+        calls.append(cfg.out_dir)
+        if len(calls) == 4:  # the 3rd study run (call 1 is the warm start): Ctrl-C mid-run
+            raise KeyboardInterrupt
+        return real(cfg, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(bench, "run_training", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, res)
+    assert len(read_rows(res / "runs.jsonl")) == 2
+    assert (res / "runs.jsonl").read_text().endswith("\n")
+    warm_calls = len(calls)
+    rows = run_study(study, res, max_runs=3)  # warm start reused; 3 more runs
+    assert len(rows) == 5
+    rows = run_study(study, res)
+    ids = [r["run_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 8
+    assert sorted(ids) == sorted(s.run_id for s in expand_runs(study, res))
+    later = calls[warm_calls:]
+    assert not any(c.endswith("warm_start") for c in later)  # the warm start was trained once
+    assert len(later) == 6  # the interrupted run again, plus the 5 never started
+    for r in rows:
+        cfg = json.loads(json.dumps(r))
+        assert cfg["status"] == "finished"
+
+
+def test_a_target_the_warm_start_already_meets_is_refused(tmp_path):
+    study = _study(tmp_path, warm_start={"tokens": 512, "batch_tokens": 256, "lr": 1e-2}, target_loss=20.0)
+    with pytest.raises(ConfigError, match="already met by the warm start"):
+        run_study(study, tmp_path / "res")
+    assert not (tmp_path / "res" / "runs").exists()
+
+
+def test_budget_study_end_to_end(tmp_path):
+    study = _study(tmp_path, kind="budget", token_budget=1024, target_loss=None, batch_tokens=[256, 512],
+                   methods=[{"name": "adamw", "lrs": [1e-2]}, {"name": "gn", "lrs": [1e-2]}])
+    rows = run_study(study, tmp_path / "res")
+    assert {r["run_id"]: r["steps_run"] for r in rows}["adamw/b512/lr0.01/s0"] == 2
+    assert all(r["final_eval_loss"] is not None for r in rows)
+    assert (tmp_path / "res" / "final_loss_vs_batch.png").exists()
+
+
+def test_cli_bench_and_report(tmp_path, capsys):
+    from gnlm.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    if "bench" not in sub.choices:
+        bench.add_bench_parsers(sub)
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({
+        "name": "cli", "base": {"model": "nano", "data": {"eval_sequences": 4}, "train": {"eval_batch_size": 4}},
+        "target_loss": 7.0, "max_steps": 2, "batch_tokens": [256], "methods": [{"name": "adamw", "lrs": [1e-2]}]}))
+    res = tmp_path / "res"
+    args = parser.parse_args(["bench", str(study), "progress=false", "--results", str(res)])
+    assert args.func(args) == 0
+    assert len(read_rows(res / "runs.jsonl")) == 1
+    (res / "report.md").unlink()
+    args = parser.parse_args(["report", str(res)])
+    assert args.func(args) == 0 and (res / "report.md").exists()
