@@ -18,6 +18,7 @@ The LAST line printed is one JSON object (gn_vs_adamw_time, gn_vs_adamw_memory, 
 
     python benchmarks/gn_step_cost.py                       # micro preset on CPU, batch 8×128, 1 thread
     python benchmarks/gn_step_cost.py --device cuda --preset 45m --batch 8 --seq 1024
+    python benchmarks/gn_step_cost.py --layers 8 --measure-fe    # a deeper micro; per-block costs too
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def build(args, kind: str):
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len))
+    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len),
+                     **({"n_layers": args.layers} if args.layers else {}))
     model = GPT(cfg).to(dev)
     model.attention = "math"
     V = cfg.vocab_size
@@ -114,7 +116,8 @@ def memory_child(args) -> None:
 def measure_memory(args, kind: str) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--device", args.device, "--preset", args.preset, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--threads", str(args.threads), "--memory-child", kind]
+           "--seq", str(args.seq), "--threads", str(args.threads), "--layers", str(args.layers or 0),
+           "--memory-child", kind]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
@@ -129,7 +132,8 @@ def measure_fe(args) -> None:
     from gnlm.model import GPT, get_preset
 
     torch.manual_seed(0)
-    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len))
+    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len),
+                     **({"n_layers": args.layers} if args.layers else {}))
     model = GPT(cfg).to(args.device)
     model.attention = "math"
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
@@ -171,6 +175,51 @@ def measure_fe(args) -> None:
         print(f"  {k:<20} {1000 * statistics.median(v):8.1f} ms  {statistics.median(v) / f:5.2f} F")
     print(f"  layerwise_gn per block: {statistics.median(times['layerwise_gn']) / f / len(blocks):5.2f} F "
           f"({len(blocks)} blocks)")
+    per_block(model, p0, d, x, y, blocks, f, args)
+
+
+def per_block(model, p0, d, x, y, blocks, f, args) -> None:
+    """Where a layerwise gn step goes: the shared prefix forward, then per block its jvp (from its recorded input),
+    logit-space terms and transposed jvp. Uses curvature.py's internals (a benchmark, not an API)."""
+    from gnlm.curvature import _Linearization, _LogitBase, math_attention
+
+    times: dict[str, list[float]] = {}
+
+    def tick(k, t0):
+        sync(args)
+        times.setdefault(k, []).append(time.perf_counter() - t0)
+
+    for r in range(6):
+        with math_attention(model), torch.no_grad():
+            t0 = time.perf_counter()
+            lin = _Linearization(model, p0, x, blocks)
+            tick("shared forward prefix", t0)
+            base = None
+            for i, names in enumerate(blocks):
+                t0 = time.perf_counter()
+                z0, u, pull = lin.block(names, d)
+                tick(f"block {i} jvp", t0)
+                t0 = time.perf_counter()
+                if base is None:
+                    base = _LogitBase(z0, y, "gn")
+                    tick("shared logit base", t0)
+                t0 = time.perf_counter()
+                _, w = base.terms(u)
+                tick(f"block {i} logit terms", t0)
+                t0 = time.perf_counter()
+                pull(w)
+                tick(f"block {i} transposed jvp", t0)
+                del z0, u, pull, w
+    med = {k: statistics.median(v[1:]) / f for k, v in times.items()}
+    print("layerwise gn per block (F; jvp / logit terms / transposed jvp / total):")
+    for k in ("shared forward prefix", "shared logit base"):
+        print(f"  {k:<24} {med[k]:5.2f}")
+    for i, names in enumerate(blocks):
+        parts = [med[f"block {i} {p}"] for p in ("jvp", "logit terms", "transposed jvp")]
+        label = ".".join(names[0].split(".")[:2 if names[0].startswith("blocks.") else 1])
+        label += " +ln_f" if "ln_f.weight" in names else ""
+        print(f"  block {i} {label:<17} {parts[0]:5.2f} {parts[1]:5.2f} {parts[2]:5.2f} {sum(parts):6.2f}")
+    print(f"  sum                      {sum(med.values()):5.2f}")
 
 
 def main() -> None:
@@ -180,6 +229,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=0, help="override the preset's n_layers (0: keep it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--measure-fe", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

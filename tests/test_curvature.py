@@ -283,6 +283,38 @@ def test_layerwise_cg_matches_dense_block_diagonal_solve():
     assert err <= 1e-3
 
 
+class PlainGPT(nn.Module):
+    """gnlm's GPT hidden behind a module without ``gn_stages``: curvature.py must take its generic path."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx):
+        return self.gpt(idx)
+
+
+@pytest.mark.parametrize("kind", ["gn", "prox_linear"])
+def test_stages_fast_path_equals_generic_path(kind):
+    """Starting each block at its recorded input (GPT.gn_stages) gives what linearising from the ids gives."""
+    model, params0, x, y = make("gpt2")
+    plain = PlainGPT(model)
+    pp = lambda d: {f"gpt.{k}": v for k, v in d.items()}  # noqa: E731
+    blocks = default_blocks(model)
+    delta = random_like(params0, 0.05)
+    for bl in (blocks, None, [["wte.weight", "lm_head.weight"], [n for n in params0 if n[:3] not in ("wte", "lm_")]]):
+        bp = None if bl is None else [[f"gpt.{n}" for n in b] for b in bl]
+        l1, g1 = surrogate_grad(model, params0, plus(params0, delta), x, y, kind=kind, prox=0.1, blocks=bl)
+        l2, g2 = surrogate_grad(plain, pp(params0), pp(plus(params0, delta)), x, y, kind=kind, prox=0.1, blocks=bp)
+        assert abs(float(l1 - l2)) < 1e-13
+        for k in params0:
+            torch.testing.assert_close(g1[k], g2[f"gpt.{k}"], rtol=1e-12, atol=1e-14)
+        gv1 = ggn_vector_product(model, params0, x, y, delta, blocks=bl)
+        gv2 = ggn_vector_product(plain, pp(params0), x, y, pp(delta), blocks=bp)
+        for k in params0:
+            torch.testing.assert_close(gv1[k], gv2[f"gpt.{k}"], rtol=1e-12, atol=1e-14)
+
+
 def test_default_blocks_partition_the_gpt():
     model = tiny_gpt(n_layers=2)
     blocks = default_blocks(model)

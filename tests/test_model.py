@@ -102,3 +102,22 @@ def test_initial_loss_is_finite_and_learnable():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gn_stages_chain_to_forward():
+    torch.manual_seed(0)
+    model = GPT(get_preset("nano", n_layers=2)).double()
+    model.attention = "math"
+    x = torch.randint(0, 4096, (2, 16))
+    params = dict(model.named_parameters())
+    stages = model.gn_stages()
+    assert [p for p, _ in stages] == ["wte.", "blocks.0.", "blocks.1.", "ln_f.", "lm_head."]
+    h = x
+    with torch.no_grad():
+        for prefix, fn in stages:
+            h = fn(h, {k: v for k, v in params.items() if k.startswith(prefix)})
+        assert torch.equal(h, model(x))
+        # the stage reads the parameters it is given, not the module's
+        w = {"lm_head.weight": 2 * params["lm_head.weight"]}
+        h_in = stages[-2][1](stages[-3][1](stages[-4][1](stages[-5][1](x, params), params), params), params)
+        torch.testing.assert_close(stages[-1][1](h_in, w), 2 * model(x))

@@ -27,7 +27,17 @@ Layerwise GN drops cross-block curvature. For a partition of the parameters into
 in its own parameters only (all others frozen at θ₀): u_b = J_b Δ_b and ∇_{φ_b} = J_bᵀ (g + H u_b). Only block b's
 parameters carry a tangent, so the tangent starts at the first use of block b and the reverse pass stops there;
 blocks near the output are cheap. The implied preconditioner is the block-diagonal G_bd = blockdiag_b(J_bᵀ H J_b).
-Full GN is the special case of one block holding every parameter.
+Full GN is the special case of one block holding every parameter (same code path).
+
+Work shared by the blocks of one batch. A model may describe its forward as a chain of stages (``gn_stages()``, see
+``GPT.gn_stages``): then one plain forward at θ₀ records the input of each stage where a block starts, and block b's
+jvp runs from its recorded input instead of from the ids; without stages the model is one stage and every block
+starts at the inputs (only where the forward starts differs; the maths is the same). The logit-space quantities
+that do not depend on the block (p = softmax(z₀), ℓ(z₀)) are computed once. Measured and dropped (micro preset,
+1 CPU thread): running the blocks together through the shared suffix (vmap over stacked tangents, one primal per
+stage) was within noise of this (±5%) at 4 layers and ≈10% faster at 8, at K times the logit-space memory; the
+cost that remains is forward-mode AD itself: PyTorch's jvp of ``mm`` materialises a zero tangent for a weight that
+has none and multiplies by it, so a frozen Linear costs two matmuls and an add in the tangent pass instead of one.
 
 Forward-mode AD does not run through fused attention kernels, so every computation here runs inside
 :func:`math_attention`, which selects the math SDPA backend and switches a model's ``attention`` attribute from
@@ -105,30 +115,78 @@ def _logits(out: Any) -> Tensor:
     raise TypeError(f"the model must return logits (B, T, V), got {type(out).__name__}")
 
 
-def _linearize(model: nn.Module, params0: Params, names: Sequence[str], tangent: Params,
-               inputs: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Params]]:
-    """z₀ = f(θ₀), u = J_S t_S and the pull-back w ↦ J_Sᵀ w, for the parameter subset S = ``names``.
+Stage = tuple[str, Callable[[Any, Params], Tensor]]
 
-    Parameters outside S are constants at θ₀ (no tangent), so the tangent computation starts where S is first used
-    and the transposed pass stops there. The caller must be inside :func:`math_attention`.
+
+def _stages(model: nn.Module) -> list[Stage]:
+    """The model's forward as a chain of stages ``(prefix, fn(h, params) -> h)`` (see ``GPT.gn_stages``).
+
+    A model without ``gn_stages`` is one stage: inputs -> logits with every parameter.
     """
-    subset = set(names)
-    const = {k: v for k, v in params0.items() if k not in subset}
-    primal = {k: params0[k] for k in names}
+    get = getattr(model, "gn_stages", None)
+    if callable(get):
+        return list(get())
+    return [("", lambda x, p: _logits(functional_call(model, p, (x,))))]
 
-    def f(p_s: Params) -> Tensor:
-        return _logits(functional_call(model, {**const, **p_s}, (inputs,)))
 
-    def lin(t_s: Params) -> tuple[Tensor, Tensor]:
-        z0, u = jvp(f, (primal,), (t_s,))
-        return u, z0  # differentiate u (linear in t_s); z0 rides along as aux
+class _Linearization:
+    r"""Linearisation of one batch at θ₀, shared by the blocks of a partition.
 
-    u, pull, z0 = vjp(lin, {k: tangent[k] for k in names}, has_aux=True)
+    Every parameter belongs to one stage (the first whose prefix starts its name). Block b starts at the first stage
+    holding one of its parameters; the plain forward at θ₀ runs once up to the latest start and records the input
+    of each starting stage, so block b's jvp runs only stages start_b.. (full GN: one block, starting at the inputs;
+    nothing is recorded). The caller must be inside :func:`math_attention` and ``torch.no_grad``.
+    """
 
-    def pullback(w: Tensor) -> Params:
-        return pull(w.to(u.dtype).reshape(u.shape))[0]
+    def __init__(self, model: nn.Module, params0: Params, inputs: Tensor, blocks: list[list[str]]):
+        self.stages = _stages(model)
+        prefixes = [prefix for prefix, _ in self.stages]
+        stage_of: dict[str, int] = {}
+        for name in params0:
+            owners = [i for i, prefix in enumerate(prefixes) if name.startswith(prefix)]
+            if not owners:
+                raise ValueError(f"{type(model).__name__}.gn_stages(): parameter {name!r} belongs to no stage "
+                                 f"(prefixes {prefixes})")
+            stage_of[name] = owners[0]
+        self.stage_of = stage_of
+        self.stage_params: list[Params] = [{} for _ in self.stages]
+        for name, v in params0.items():
+            self.stage_params[stage_of[name]][name] = v
+        starts = {min(stage_of[n] for n in names) for names in blocks}
+        self.inputs: dict[int, Any] = {0: inputs}
+        h = inputs
+        for s in range(max(starts)):
+            h = self.stages[s][1](h, self.stage_params[s])
+            if s + 1 in starts:
+                self.inputs[s + 1] = h
 
-    return z0, u, pullback
+    def block(self, names: Sequence[str], tangent: Params) -> tuple[Tensor, Tensor, Callable[[Tensor], Params]]:
+        """z₀ = f(θ₀), u = J_S t_S and the pull-back w ↦ J_Sᵀ w, for the parameter subset S = ``names``.
+
+        Parameters outside S are constants at θ₀ (no tangent), so the tangent computation starts where S is first
+        used and the transposed pass stops there.
+        """
+        start = min(self.stage_of[n] for n in names)
+        h0 = self.inputs[start]
+        primal = {k: self.stage_params[self.stage_of[k]][k] for k in names}
+
+        def f(p_s: Params) -> Tensor:
+            h = h0
+            for s in range(start, len(self.stages)):
+                own = {k: v for k, v in p_s.items() if self.stage_of[k] == s}
+                h = self.stages[s][1](h, {**self.stage_params[s], **own} if own else self.stage_params[s])
+            return h
+
+        def lin(t_s: Params) -> tuple[Tensor, Tensor]:
+            z0, u = jvp(f, (primal,), (t_s,))
+            return u, z0  # differentiate u (linear in t_s); z0 rides along as aux
+
+        u, pull, z0 = vjp(lin, {k: tangent[k] for k in names}, has_aux=True)
+
+        def pullback(w: Tensor) -> Params:
+            return pull(w.to(u.dtype).reshape(u.shape))[0]
+
+        return z0, u, pullback
 
 
 def _work_dtype(z: Tensor) -> Tensor:
@@ -143,8 +201,14 @@ def _minus_onehot_(w: Tensor, t: Tensor) -> Tensor:
     return w.scatter_add_(1, t, torch.full(t.shape, -1.0, dtype=w.dtype, device=w.device))
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 # Logit-space work touches (tokens, V) tensors, the largest in the step. On CPU a fresh tensor of that size costs
-# more in page faults than the arithmetic, so each function below allocates at most two and works in place.
+# more in page faults than the arithmetic, so the functions below allocate at most one each and work in place.
+# The block-independent part (softmax p of z₀, ℓ(z₀)) is computed once per batch (_LogitBase) and shared by the
+# blocks of a layerwise step.
 
 
 def _softmax_ce_(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,42 +220,63 @@ def _softmax_ce_(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return z.div_(s), ce
 
 
-def _gn_terms(z0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q = ℓ(z₀) + gᵀu + ½ uᵀHu, the cotangent w = g + H u = (p ⊙ (1 + u − pᵀu) − e_y) / N, and ℓ(z₀).
+class _LogitBase:
+    """What the logit-space terms need from z₀, computed once per batch and shared by the blocks: p = softmax(z₀)
+    and ℓ(z₀) (``kind`` "gn"), z₀ and ℓ(z₀) ("prox_linear"), or p alone ("ggn", label-free)."""
+
+    def __init__(self, z0: Tensor, targets: Tensor | None, kind: str):
+        z = _flat(z0)
+        self.n = z.shape[0]
+        self.t = targets.reshape(-1, 1) if targets is not None else None
+        self.kind = kind
+        if kind == "prox_linear":
+            self.z0 = z
+            self.loss0 = (torch.logsumexp(z, dim=-1).sum() - z.gather(1, self.t).sum()) / self.n
+        elif kind == "gn":
+            # a copy: the model's last tangent op may have saved its primal output for the transposed pass
+            self.p, ce = _softmax_ce_(z.clone(), self.t)
+            self.loss0 = ce / self.n
+        else:
+            self.p = torch.softmax(z, dim=-1)
+
+    def terms(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's surrogate value and its logit-space cotangent w (see :func:`_gn_terms`)."""
+        if self.kind == "gn":
+            return _gn_terms(self.p, self.loss0, u, self.t)
+        return _prox_linear_terms(self.z0, u, self.t)
+
+    def hvp(self, u: Tensor) -> Tensor:
+        """H u = (p ⊙ u − p (pᵀu)) / N per token, N the number of tokens."""
+        u = _flat(u)
+        w = self.p * u
+        pu = w.sum(-1, keepdim=True)
+        return torch.sub(u, pu, out=w).mul_(self.p).div_(self.n)
+
+
+def _gn_terms(p: Tensor, loss0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """q = ℓ(z₀) + gᵀu + ½ uᵀHu and the cotangent w = g + H u = (p ⊙ (1 + u − pᵀu) − e_y) / N, p = softmax(z₀).
 
     uᵀHu is read off w: N·wᵀu = N·gᵀu + N·uᵀHu.
     """
-    z0, u, t = _flat(z0), _flat(u), targets.reshape(-1, 1)
+    u, t = _flat(u), targets
     n = t.shape[0]
-    p, ce = _softmax_ce_(z0.clone(), t)  # allocation 1
-    w = p * u  # allocation 2
+    w = p * u  # the one allocation
     pu = w.sum(-1, keepdim=True)  # pᵀu per token
     torch.sub(u, pu, out=w).add_(1.0).mul_(p)
     _minus_onehot_(w, t)  # N·w
     gu = pu.sum() - u.gather(1, t).sum()  # N·gᵀu
-    uhu = torch.mul(w, u, out=p).sum() - gu  # N·uᵀHu (p's memory reused)
-    del p
-    value = (ce + gu + 0.5 * uhu) / n
-    return value, w.div_(n), ce / n
+    uhu = _dot(w, u) - gu  # N·uᵀHu
+    value = loss0 + (gu + 0.5 * uhu) / n
+    return value, w.div_(n)
 
 
-def _prox_linear_terms(z0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """r = ℓ(z₀ + u), its cotangent ∇ℓ(z₀ + u) = (softmax(z₀ + u) − e_y) / N, and ℓ(z₀)."""
-    z0, u, t = _flat(z0), _flat(u), targets.reshape(-1, 1)
+def _prox_linear_terms(z0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """r = ℓ(z₀ + u) and its cotangent ∇ℓ(z₀ + u) = (softmax(z₀ + u) − e_y) / N."""
+    u, t = _flat(u), targets
     n = t.shape[0]
-    z = z0 + u  # allocation 1
+    z = z0 + u  # the one allocation
     w, r = _softmax_ce_(z, t)
-    ce0 = (torch.logsumexp(z0, dim=-1).sum() - z0.gather(1, t).sum()) / n
-    return r / n, _minus_onehot_(w, t).div_(n), ce0
-
-
-def _hvp_logits(z0: Tensor, u: Tensor) -> Tensor:
-    """H u = (p ⊙ u − p (pᵀu)) / N per token, N the number of tokens."""
-    z0, u = _flat(z0), _flat(u)
-    p = torch.softmax(z0, dim=-1)
-    w = p * u
-    pu = w.sum(-1, keepdim=True)
-    return torch.sub(u, pu, out=w).mul_(p).div_(z0.shape[0])
+    return r / n, _minus_onehot_(w, t).div_(n)
 
 
 def _resolve_blocks(params: Params, blocks: Sequence[Sequence[str]] | None) -> list[list[str]]:
@@ -246,12 +331,17 @@ def ggn_vector_product(model: nn.Module, params: Params, inputs: Tensor, targets
     """
     del targets  # H is label-free; N = B·T is read off the logits
     params, vector = _detached(params), _detached(vector)
+    blocks_ = _resolve_blocks(params, blocks)
     out: Params = {}
+    base: _LogitBase | None = None
     with math_attention(model), torch.no_grad():
-        for names in _resolve_blocks(params, blocks):
-            z0, u, pullback = _linearize(model, params, names, vector, inputs)
-            hu = _hvp_logits(z0, u)
-            del z0, u
+        lin = _Linearization(model, params, inputs, blocks_)
+        for names in blocks_:
+            z0, u, pullback = lin.block(names, vector)
+            base = _LogitBase(z0, None, "ggn") if base is None else base
+            del z0
+            hu = base.hvp(u)
+            del u
             out.update(pullback(hu))
     return {k: out[k] for k in params}
 
@@ -287,19 +377,23 @@ def surrogate_grad(model: nn.Module, params0: Params, params: Params, inputs: Te
     names_all = list(params0)
     delta = dict(zip(names_all, torch._foreach_sub([params[k].detach() for k in names_all],
                                                    [params0[k] for k in names_all])))
+    blocks_ = _resolve_blocks(params0, blocks)
     grads: Params = {}
-    loss0: Tensor | None = None
+    base: _LogitBase | None = None
     change = None
     with math_attention(model), torch.no_grad():
-        for names in _resolve_blocks(params0, blocks):
-            z0, u, pullback = _linearize(model, params0, names, delta, inputs)
-            terms = _gn_terms if kind == "gn" else _prox_linear_terms
-            value, w, ce0 = terms(z0, u, targets)
-            loss0 = ce0 if loss0 is None else loss0
-            del z0, u
-            change = value - loss0 if change is None else change + (value - loss0)
+        lin = _Linearization(model, params0, inputs, blocks_)
+        for names in blocks_:
+            z0, u, pullback = lin.block(names, delta)
+            base = _LogitBase(z0, targets, kind) if base is None else base
+            del z0
+            value, w = base.terms(u)
+            del u
+            change = value - base.loss0 if change is None else change + (value - base.loss0)
             grads.update(pullback(w))
             del w, pullback
+        loss0 = base.loss0
+        del base, lin
         loss = loss0 + change
         if prox:
             sq = torch._foreach_norm(list(delta.values()))
@@ -434,10 +528,16 @@ def default_blocks(model: nn.Module) -> list[list[str]]:
 # ``python benchmarks/gn_step_cost.py --measure-fe`` on the micro preset (d 128, 4 layers, vocab 4096), batch 8×128,
 # math attention, 1 CPU thread, median of 5 rounds, two runs on a shared 2-core machine (the ranges are the two runs),
 # rounded to halves. The optimizer step itself is excluded. Measured: forward+backward 3.0–3.2, jvp 3.8,
-# gn inner step 6.5–7.0, prox_linear 6.0–6.4, GGN-vector product 5.3–5.8, layerwise gn 3.9–4.2 per block
-# (6 blocks: embedding 5.5, block 0 6.3, block 1 4.8, block 2 3.3, block 3 + ln_f 3.2, lm_head 2.2).
+# gn inner step 6.5–7.0, prox_linear 6.0–6.4, GGN-vector product 5.3–5.8.
+# Layerwise gn (6 blocks), re-measured after sharing the forward prefix and softmax(z₀) across blocks, as the ratio
+# layerwise / full gn from ``gn_step_cost.py`` (3.75 against 4.06–4.08 before, interleaved runs) times gn's 6.5:
+# ≈ 3.5 per block (before: 3.9–4.2). Breakdown (``--measure-fe``, F): shared prefix forward 0.8 + softmax 0.15, then
+# jvp / logit terms / transposed jvp per block: embedding 4.4/0.2/1.4, block 0 3.9/0.2/1.3, block 1 3.3/0.2/1.2,
+# block 2 2.5/0.2/0.8, block 3 + ln_f 1.6/0.2/0.6, lm_head 0.9/0.2/0.3 (that run's F was ~15% high for everything).
 # Matmul count alone would give gn ≈ 5 (primal 1 + tangent 2 + transposed 2); the rest is the tangent and
 # transposed work of the elementwise ops (norms, RoPE, GELU, attention softmax) and the logit-space arithmetic.
+# A frozen Linear in a layerwise block's tangent pass costs 2 matmuls + an add instead of 1 (PyTorch's jvp of mm
+# multiplies by a materialised zero tangent of the weight), which is why a block's jvp costs ≈ 3× its suffix forward.
 _FORWARD_EQUIVALENTS = {
     "forward": 1.0,
     "backward": 2.0,
@@ -447,7 +547,7 @@ _FORWARD_EQUIVALENTS = {
     "gn": 6.5,
     "prox_linear": 6.0,
     "ggn_vector_product": 5.5,
-    "layerwise_gn_block": 4.0,
+    "layerwise_gn_block": 3.5,
 }
 
 
@@ -457,8 +557,9 @@ def forward_equivalents(kind: str) -> float:
     Kinds: ``forward`` (1), ``backward``, ``forward_backward`` (an AdamW/Muon step's gradient), ``jvp`` (primal +
     tangent), ``vjp`` (a reverse pass), ``gn`` and ``prox_linear`` (one full-GN inner step: jvp + transposed jvp
     + logit-space work), ``ggn_vector_product`` (one CG iteration), ``layerwise_gn_block`` (one block of a layerwise
-    inner step, averaged over the micro preset's 6 blocks; a layerwise inner step costs about n_blocks times this,
-    i.e. ≈ 0.6·n_blocks full-GN steps, more than the n_blocks/2 one might hope for).
+    inner step, averaged over the micro preset's 6 blocks, shared prefix forward and softmax included; a layerwise
+    inner step costs about n_blocks times this, i.e. ≈ 0.6·n_blocks full-GN steps on micro, where the vocab-4096
+    logit layer that every block's suffix contains is a large share; ≈ 0.55·n_blocks with 8 layers).
     The numbers are measured constants (see ``_FORWARD_EQUIVALENTS``), not FLOP counts.
     """
     try:

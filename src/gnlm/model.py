@@ -13,12 +13,14 @@ Attention has two backends with identical outputs: ``sdpa`` (fused ``scaled_dot_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from gnlm.config import ConfigError
 
@@ -202,15 +204,52 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-        if self.attention not in ("sdpa", "math"):
-            raise ValueError(f"attention backend must be 'sdpa' or 'math', got {self.attention!r}")
+        self._check(T)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.wte(idx)  # (B, T, d)
         for block in self.blocks:
             x = block(x, cos, sin, self.attention)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def _check(self, T: int) -> None:
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"attention backend must be 'sdpa' or 'math', got {self.attention!r}")
+
+    def gn_stages(self) -> list[tuple[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]]]:
+        """The forward as a chain of stages ``[(prefix, fn)]``: ``fn(h, params) -> h`` applies the submodule whose
+        parameter names start with ``prefix`` with the given ``params`` (full names, e.g. ``"blocks.0.mlp.w1.weight"``;
+        only that stage's parameters are read) to the previous stage's output ``h``. The first stage takes the
+        input ids, the last returns the logits; chaining them with the module's parameters is :meth:`forward`.
+
+        curvature.py uses this to start a layerwise-GN block's linearisation at the block's recorded input instead
+        of re-running the model from the ids (a model without ``gn_stages`` is linearised from its inputs).
+        """
+
+        def stage(module: nn.Module, prefix: str, call: Callable) -> tuple[str, Callable]:
+            n = len(prefix)
+
+            def fn(h: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+                own = {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
+                return call(lambda *a: functional_call(module, own, a), h)
+
+            return prefix, fn
+
+        def embed(f: Callable, idx: torch.Tensor) -> torch.Tensor:
+            self._check(idx.shape[-1])
+            return f(idx)
+
+        def block(f: Callable, x: torch.Tensor) -> torch.Tensor:
+            T = x.shape[-2]
+            return f(x, self.rope_cos[:T], self.rope_sin[:T], self.attention)
+
+        def plain(f: Callable, x: torch.Tensor) -> torch.Tensor:
+            return f(x)
+
+        return ([stage(self.wte, "wte.", embed)]
+                + [stage(b, f"blocks.{i}.", block) for i, b in enumerate(self.blocks)]
+                + [stage(self.ln_f, "ln_f.", plain), stage(self.lm_head, "lm_head.", plain)])
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
