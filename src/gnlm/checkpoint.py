@@ -24,14 +24,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, truncated, corrupt)."""
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def _write_synced(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and fsync it; returns the temporary path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``data`` to a temporary file beside ``path`` and fsync it; returns the temporary path.
+
+    On failure (full disk, I/O error) the temporary file is removed and the error re-raised."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``directory`` (``.NAME.tmp-PID``); returns them.
+
+    They are never read (loading only opens ``NAME`` and ``NAME.prev``), so this only tidies up."""
+    removed = []
+    for p in Path(directory).glob(".*.tmp-*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _sync_dir(path: Path) -> None:
@@ -54,18 +76,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically; the old ``path`` becomes ``*.prev.pt`` only once the new file is
+    complete and synced. A failed write (full disk, unwritable directory) raises :class:`CheckpointError` and
+    leaves the previous checkpoint as it was."""
     path = Path(path)
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    tmp = _write_synced(path, payload + MAGIC + hashlib.sha256(payload).digest())
     try:
-        if path.exists():
-            os.replace(path, prev_path(path))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _sync_dir(path.parent)
+        tmp = _write_synced(path, payload + MAGIC + hashlib.sha256(payload).digest())
+        try:
+            if path.exists():
+                os.replace(path, prev_path(path))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _sync_dir(path.parent)
+    except OSError as e:
+        last = path if path.exists() else prev_path(path)
+        keep = f"the last good checkpoint {last} is intact" if last.exists() else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); {keep}") from None
 
 
 def prev_path(path: Path) -> Path:
@@ -84,10 +114,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     payload, digest = data[:-trailer], data[-32:]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # e.g. a payload holding pickled code, refused by weights_only
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded with weights_only=True ({first})") from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    verbose: bool = True) -> dict[str, Any]:
     """Load ``path``, falling back to the previous checkpoint (with a message) when it is unusable."""
     path = Path(path)
     try:
@@ -96,5 +131,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         prev = prev_path(path)
         if not prev.exists():
             raise
-        print(f"gnlm: {err}; falling back to the previous checkpoint {prev}", file=sys.stderr)
-        return read_checkpoint(prev, map_location)
+        if verbose:
+            print(f"gnlm: {err}; falling back to the previous checkpoint {prev}", file=sys.stderr)
+        try:
+            return read_checkpoint(prev, map_location)
+        except CheckpointError as err_prev:
+            raise CheckpointError(f"{err}, and the previous one is unusable too ({err_prev}); "
+                                  f"start a new run or restore a copy") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from gnlm.config import ConfigError
@@ -16,13 +17,19 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args) -> int:
+    """One run; under ``torchrun --nproc_per_node=N -m gnlm train ...`` every process runs this, data parallel."""
+    from gnlm import distributed as dist
     from gnlm.runconfig import load_run_config
     from gnlm.train import run_training
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_run_config(path, overrides)
-    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps(summary))
+    try:
+        summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+        if dist.is_main():
+            print(json.dumps(summary))
+    finally:
+        dist.destroy()
     return 1 if summary.get("diverged") else 0
 
 
@@ -83,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.items = [*args.items, *extra]
+    from gnlm.checkpoint import CheckpointError
+
+    # Under torchrun every rank meets the same error; rank 0 reports it.
+    report = os.environ.get("RANK", "0") == "0"
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"gnlm: error: {e}", file=sys.stderr)
+        if report:
+            print(f"gnlm: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        if report:
+            print(f"gnlm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("gnlm: interrupted; the last checkpoint and the metrics written so far are intact", file=sys.stderr)
         return 130

@@ -404,13 +404,16 @@ def surrogate_grad(model: nn.Module, params0: Params, params: Params, inputs: Te
 
 def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch], targets: Tensor | None = None,
              damping: float = 1e-4, max_iters: int = 100, tol: float = 1e-6,
-             blocks: Sequence[Sequence[str]] | None = None, init: Params | None = None) -> tuple[Params, dict]:
+             blocks: Sequence[Sequence[str]] | None = None, init: Params | None = None,
+             reduce: Callable[[list[Tensor]], None] | None = None) -> tuple[Params, dict]:
     r"""Hessian-free GN step (Martens 2010): conjugate gradient on (G + λI) δ = −g for a fixed batch.
 
     G = Jᵀ H J and g = Jᵀ ∇ℓ(z₀) at ``params0``; with ``blocks``, G is block-diagonal (layerwise GN) and each CG
     iteration costs one jvp + transposed jvp per block. ``inputs, targets`` is one batch; alternatively pass a list
     of ``(inputs, targets)`` batches as ``inputs`` (and no targets): G and g are then averaged over the batches.
     ``init`` warm-starts δ. CG stops when ‖r‖ ≤ tol·‖g‖ or after ``max_iters`` products.
+    ``reduce`` (data parallel): called in place on [g..., loss] and on every product G v of this process's batches,
+    e.g. an all-reduce mean, so that every process runs the same iterations on the quadratic of all batches.
 
     Returns ``(delta, info)`` with info keys ``iterations``, ``residual_norm`` (‖(G+λI)δ + g‖), ``grad_norm``,
     ``relative_residual``, ``converged``, ``loss`` (ℓ(z₀)) and ``quadratic``: the damped model value
@@ -427,19 +430,25 @@ def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch]
     blocks = _resolve_blocks(params0, blocks) if blocks is not None else None
     nb = len(batches)
 
-    loss = 0.0
+    loss_t = torch.zeros((), dtype=torch.float64, device=params0[names[0]].device)
     g = [torch.zeros_like(params0[k]) for k in names]
     for x, y in batches:
         l_b, g_b = surrogate_grad(model, params0, params0, x, y, kind="gn")
-        loss += float(l_b) / nb
+        loss_t += float(l_b) / nb
         torch._foreach_add_(g, [g_b[k] for k in names], alpha=1.0 / nb)
+    if reduce is not None:
+        reduce([*g, loss_t])
+    loss = float(loss_t)
 
     def apply_a(v: list[Tensor]) -> list[Tensor]:
         vd = dict(zip(names, v))
-        out = torch._foreach_mul(v, damping)
+        out = [torch.zeros_like(t) for t in v]
         for x, y in batches:
             gv = ggn_vector_product(model, params0, x, y, vd, blocks=blocks)
             torch._foreach_add_(out, [gv[k] for k in names], alpha=1.0 / nb)
+        if reduce is not None:
+            reduce(out)
+        torch._foreach_add_(out, v, alpha=damping)
         return out
 
     def dot(a: list[Tensor], b: list[Tensor]) -> float:

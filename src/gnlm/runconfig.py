@@ -30,6 +30,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     log_every: int = 1
     checkpoint_every: int = 0
+    checkpoint_every_seconds: float = 0.0
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
@@ -53,6 +55,9 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
+        if self.checkpoint_every_seconds < 0:
+            raise ConfigError(f"train.checkpoint_every_seconds must be >= 0 (0 = off), "
+                              f"got {self.checkpoint_every_seconds}")
         if self.target_loss is not None and self.target_loss <= 0:
             raise ConfigError(f"train.target_loss must be > 0, got {self.target_loss}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
