@@ -283,3 +283,38 @@ def test_cli_bench_and_report(tmp_path, capsys):
     (res / "report.md").unlink()
     args = parser.parse_args(["report", str(res)])
     assert args.func(args) == 0 and (res / "report.md").exists()
+
+
+@pytest.mark.parametrize("preset", ["paper-45m", pytest.param("paper-150m", marks=pytest.mark.slow)])
+def test_paper_presets_run_two_outer_steps_on_a_local_stand_in(tmp_path, preset, small_docs):
+    """The paper configs' GN run, unchanged but for the data (a local JSON-lines stand-in for C4 and a local
+    SentencePiece model for the T5 tokenizer, which need the network) and sizes that fit a CPU test."""
+    from gnlm.config import merge
+    from gnlm.runconfig import build_run_config
+    from gnlm.train import run_training
+
+    corpus = tmp_path / "c4-stand-in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in small_docs))
+    _train_spm(small_docs, tmp_path / "spm")
+    study = load_study(preset)
+    spec = next(s for s in expand_runs(study, tmp_path / "res") if s.method == "gn")
+    stand_in = {
+        "out_dir": str(tmp_path / "run"),
+        "data": {"source": "hf", "hf_path": "json", "paths": [str(corpus)], "hf_val_split": None,
+                 "tokenizer": str(tmp_path / "spm.model"), "seq_len": 64, "eval_sequences": 2,
+                 "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 2, "init_from": None, "eval_every": 1, "eval_batch_size": 2, "micro_batch_size": None,
+                  "threads": 2, "target_loss": None},
+        "gn": {"inner_steps": 2, "inner_batch_size": 1, "ls_batches": 1},
+    }
+    cfg = build_run_config(merge(spec.config, stand_in))
+    assert cfg.model.preset == preset.split("-")[1] and cfg.gn.inner_optim.name == "muon"
+    summary = run_training(cfg)
+    assert summary["step"] == 2 and not summary["diverged"]
+
+
+def _train_spm(docs, prefix):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(prefix), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
