@@ -122,3 +122,32 @@ def test_fsdp_two_process_run_equals_one_process_run_and_resumes(tmp_path, optim
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rel(two["final_eval_loss"], one["final_eval_loss"]) < 1e-5, (two["final_eval_loss"], one["final_eval_loss"])
+
+
+def test_bench_under_torchrun_records_the_same_study(tmp_path):
+    """`gnlm bench` runs unchanged under torchrun: rank 0 writes the results, every rank trains each run."""
+    study = {
+        "name": "ddp", "base": {"model": {"preset": "nano", "vocab_size": 512, "max_seq_len": 64},
+                                "data": {"vocab_size": 512, "seq_len": 64, "eval_sequences": 4},
+                                "train": {"eval_every": 1, "threads": 1, "dtype": "float64"},
+                                "gn": {"inner_batch_size": 4, "ls_batches": 1, "ls_range": 3}},
+        "warm_start": {"tokens": 2048, "batch_tokens": 512, "lr": 0.01},
+        "target_loss": 5.6, "max_steps": 3, "batch_tokens": [512], "progress": False,
+        "methods": [{"name": "adamw", "lrs": [0.01]}, {"name": "gn", "lrs": [0.01]}],
+    }
+    path = tmp_path / "study.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(study))
+    from gnlm.bench import load_study, run_study
+
+    one = run_study(load_study(path), tmp_path / "one", report=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "gnlm", "bench", str(path), "--results", str(tmp_path / "two"), "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "runs.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in two] == [r["run_id"] for r in one]  # each run recorded once, by rank 0
+    for a, b in zip(one, two):
+        assert rel(b["final_eval_loss"], a["final_eval_loss"]) < 1e-5 and a["steps"] == b["steps"]

@@ -39,9 +39,11 @@ from typing import Any, Literal
 
 import yaml
 
+from gnlm import distributed as dist
+from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
 from gnlm.runconfig import RunConfig, build_run_config
-from gnlm.train import run_training
+from gnlm.train import main_first, run_training
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -469,19 +471,27 @@ def error_row(spec: RunSpec, err: BaseException, results_dir: Path) -> dict[str,
             "error": f"{type(err).__name__}: {first}"[:500], "run_dir": os.path.relpath(spec.run_dir, results_dir)}
 
 
+def _run_plan(spec: RunSpec, results_dir: Path) -> tuple[str, Any]:
+    """What to do with a run, decided from its directory: ("row", row) when it finished before an interruption
+    (its row not yet written), else ("train", resume)."""
+    run_dir = Path(spec.run_dir)
+    saved_path = run_dir / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+    same = saved is not None and not _diff_keys(_normalized(saved), _normalized(spec.config))
+    if same and (run_dir / "summary.json").exists():
+        return "row", row_from_summary(spec, json.loads((run_dir / "summary.json").read_text()), results_dir)
+    return "train", same and ((run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists())
+
+
 def execute_run(spec: RunSpec, results_dir: Path) -> dict[str, Any]:
     """Train one run (resuming its checkpoint when there is one) and return its results row; a run that raises
-    is recorded as not reached with the error, never propagated (except Ctrl-C)."""
-    run_dir = Path(spec.run_dir)
+    is recorded as not reached with the error, never propagated (except Ctrl-C). Under torchrun rank 0 reads the
+    run directory and every rank trains."""
     try:
-        saved_path = run_dir / "config.yaml"
-        saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
-        same = saved is not None and not _diff_keys(_normalized(saved), _normalized(spec.config))
-        if same and (run_dir / "summary.json").exists():  # finished before an interruption, row not yet written
-            return row_from_summary(spec, json.loads((run_dir / "summary.json").read_text()), results_dir)
-        cfg = spec.run_config()
-        resume = same and ((run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists())
-        summary = run_training(cfg, resume=resume, overwrite=not resume)
+        action, value = main_first(lambda: _run_plan(spec, results_dir))
+        if action == "row":
+            return value
+        summary = run_training(spec.run_config(), resume=value, overwrite=not value)
         return row_from_summary(spec, summary, results_dir)
     except KeyboardInterrupt:
         raise
@@ -493,14 +503,22 @@ def run_warm_start(study: StudyConfig, results_dir: Path) -> dict[str, Any]:
     """Train (or reuse) the shared warm start; returns its summary."""
     cfg_dict = warm_start_config(study, results_dir)
     wdir = results_dir / "warm_start"
-    summary_path, saved_path = wdir / "summary.json", wdir / "config.yaml"
-    if summary_path.exists() and saved_path.exists() and warm_start_path(results_dir).exists():
-        saved = yaml.safe_load(saved_path.read_text())
-        if not _diff_keys(_normalized(saved), _normalized(cfg_dict)):
-            return json.loads(summary_path.read_text())
+
+    def finished() -> dict[str, Any] | None:
+        summary_path, saved_path = wdir / "summary.json", wdir / "config.yaml"
+        if summary_path.exists() and saved_path.exists() and warm_start_path(results_dir).exists():
+            saved = yaml.safe_load(saved_path.read_text())
+            if not _diff_keys(_normalized(saved), _normalized(cfg_dict)):
+                return json.loads(summary_path.read_text())
+        return None
+
+    done = main_first(finished)
+    if done is not None:
+        return done
     ws = study.warm_start
-    print(f"gnlm bench: warm start: AdamW lr {ws.lr:g}, {ws.tokens // ws.batch_tokens} steps of {ws.batch_tokens:,} "
-          f"tokens -> {wdir}", file=sys.stderr)
+    if dist.is_main():
+        print(f"gnlm bench: warm start: AdamW lr {ws.lr:g}, {ws.tokens // ws.batch_tokens} steps of "
+              f"{ws.batch_tokens:,} tokens -> {wdir}", file=sys.stderr)
     summary = run_training(build_run_config(cfg_dict), overwrite=True)
     if summary.get("diverged"):
         raise ConfigError(f"the warm start diverged ({summary.get('message')}); lower warm_start.lr")
@@ -531,13 +549,16 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
 
     results_dir = Path(results_dir)
     specs = expand_runs(study, results_dir)  # every config checked before anything is trained or written
-    check_results_dir(study, results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    from gnlm.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(results_dir / "study.yaml", yaml.safe_dump(to_dict(study), sort_keys=False).encode())
     rows_path = results_dir / "runs.jsonl"
-    _repair_rows_file(rows_path)
+    dist.init(str(study.base.get("train", {}).get("device", "auto")))
+
+    def prepare_results_dir() -> None:
+        check_results_dir(study, results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(results_dir / "study.yaml", yaml.safe_dump(to_dict(study), sort_keys=False).encode())
+        _repair_rows_file(rows_path)
+
+    main_first(prepare_results_dir)  # under torchrun: rank 0 writes the results directory, every rank trains
 
     if study.warm_start is not None:
         ws = run_warm_start(study, results_dir)
@@ -546,12 +567,14 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
             raise ConfigError(f"target_loss {study.target_loss} is already met by the warm start (eval loss "
                               f"{loss:.4f}); set target_loss below {loss:.4f}")
 
-    done = {r["run_id"] for r in read_rows(rows_path)}
+    done = main_first(lambda: {r["run_id"] for r in read_rows(rows_path)})
     todo = [s for s in specs if s.run_id not in done]
-    print(f"gnlm bench: study {study.name!r}: {len(specs)} runs, {len(specs) - len(todo)} already finished; "
-          f"results in {results_dir}", file=sys.stderr)
+    main = dist.is_main()
+    if main:
+        print(f"gnlm bench: study {study.name!r}: {len(specs)} runs, {len(specs) - len(todo)} already finished; "
+              f"results in {results_dir}", file=sys.stderr)
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="run", dynamic_ncols=True, file=sys.stderr,
-               disable=not study.progress, desc="study")
+               disable=not (study.progress and main), desc="study")
     started = 0
     try:
         for spec in todo:
@@ -559,6 +582,8 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
                 break
             started += 1
             row = execute_run(spec, results_dir)
+            if not main:
+                continue
             append_row(rows_path, row)
             bar.update(1)
             line = f"[{len(specs) - len(todo) + started}/{len(specs)}] {_fmt_row(row, study.kind)}"
@@ -568,8 +593,9 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
                 print(line, flush=True)
     finally:
         bar.close()
+    dist.barrier()
     rows = read_rows(rows_path)
-    if report and len({r["run_id"] for r in rows}) >= len(specs):
+    if report and main and len({r["run_id"] for r in rows}) >= len(specs):
         from gnlm.report import write_report
 
         path = write_report(results_dir)
@@ -785,15 +811,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args.items)
     study = load_study(path, overrides)
     results = Path(args.results) if args.results else Path("results") / study.name
-    if args.overwrite and results.exists():
-        if not (results / "study.yaml").exists() and any(results.iterdir()):
-            raise ConfigError(f"--overwrite: {results} is not a gnlm results directory (no study.yaml); "
-                              f"refusing to delete it")
-        shutil.rmtree(results)
+
+    def overwrite() -> None:
+        if args.overwrite and results.exists():
+            if not (results / "study.yaml").exists() and any(results.iterdir()):
+                raise ConfigError(f"--overwrite: {results} is not a gnlm results directory (no study.yaml); "
+                                  f"refusing to delete it")
+            shutil.rmtree(results)
+
     t0 = time.perf_counter()
-    rows = run_study(study, results, max_runs=args.max_runs, report=not args.no_report)
-    print(f"gnlm bench: {len(rows)} runs recorded in {results} ({time.perf_counter() - t0:.0f} s this session)",
-          file=sys.stderr)
+    try:
+        dist.init(str(study.base.get("train", {}).get("device", "auto")))
+        main = dist.is_main()
+        main_first(overwrite)
+        rows = run_study(study, results, max_runs=args.max_runs, report=not args.no_report)
+    finally:
+        dist.destroy()
+    if main:
+        print(f"gnlm bench: {len(rows)} runs recorded in {results} ({time.perf_counter() - t0:.0f} s this "
+              f"session)", file=sys.stderr)
     return 0
 
 

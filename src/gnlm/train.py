@@ -116,7 +116,7 @@ def check_free_space(run_dir: Path, cfg: RunConfig) -> None:
                           f"{free / 2**20:,.1f} MiB are free; free some space or choose another out_dir")
 
 
-def _main_first(fn: Callable[[], Any]) -> Any:
+def main_first(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only and hand its result (or its ConfigError) to every rank."""
     result, error = None, None
     if dist.is_main():
@@ -354,9 +354,9 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     device = resolve_device(cfg.train.device)
     if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
         raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist; give a checkpoint path")
-    run_dir, resuming = _main_first(lambda: prepare_run_dir(cfg, resume, overwrite))
+    run_dir, resuming = main_first(lambda: prepare_run_dir(cfg, resume, overwrite))
     progress = cfg.train.progress and dist.is_main()
-    data_dir = _main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
+    data_dir = main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
     data = load_prepared(data_dir)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
