@@ -164,12 +164,6 @@ def train_gn(run) -> dict[str, Any]:
     summary: dict[str, Any] = {"reached_target": False, "diverged": False}
     timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
 
-    def eval_model() -> float:
-        if ema is None:
-            return run.evaluate()
-        with ema.swap_into(model):
-            return run.evaluate()
-
     def extra() -> dict[str, Any]:
         out = {"inner": solver.state_dict()}
         if ema is not None:
@@ -184,7 +178,7 @@ def train_gn(run) -> dict[str, Any]:
             timer.reset()
 
     if run.checkpoint is None:
-        st["eval_loss"] = eval_model()
+        st["eval_loss"] = run.evaluate(ema)
         run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
     bar = progress_bar(run, cfg.train.steps, "outer step")
     while st["step"] < cfg.train.steps:
@@ -236,7 +230,7 @@ def train_gn(run) -> dict[str, Any]:
                       f"non-finite); the step was skipped", file=sys.stderr)
         last = st["step"] == cfg.train.steps
         if st["step"] % cfg.train.eval_every == 0 or last:
-            st["eval_loss"] = eval_model()
+            st["eval_loss"] = run.evaluate(ema)
             row["eval_loss"] = st["eval_loss"]
             if not math.isfinite(st["eval_loss"]):
                 summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at outer step {st['step']}")

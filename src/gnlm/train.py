@@ -288,8 +288,12 @@ class Run:
     state: dict[str, Any] = field(default_factory=lambda: {
         "step": 0, "tokens": 0, "forward_equivalents": 0.0, "wall_time": 0.0})
 
-    def evaluate(self, model: torch.nn.Module | None = None) -> float:
-        return evaluate(model or self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
+    def evaluate(self, ema: EMA | None = None) -> float:
+        """Loss on the fixed held-out set, of the EMA weights when an EMA is given (as the paper evaluates)."""
+        if ema is None:
+            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
+        with ema.swap_into(self.model):
+            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
 
     def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.stream.next(n_sequences)
@@ -501,14 +505,8 @@ def train_baseline(run: Run) -> dict[str, Any]:
     timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
     summary: dict[str, Any] = {"reached_target": False, "diverged": False}
 
-    def eval_model() -> float:
-        if ema is None:
-            return run.evaluate()
-        with ema.swap_into(model):
-            return run.evaluate()
-
     if run.checkpoint is None:
-        st["eval_loss"] = eval_model()
+        st["eval_loss"] = run.evaluate(ema)
         run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
     bar = progress_bar(run, cfg.train.steps, "step")
     model.train()
@@ -549,7 +547,7 @@ def train_baseline(run: Run) -> dict[str, Any]:
                    forward_equivalents=st["forward_equivalents"])
         last = st["step"] == cfg.train.steps
         if st["step"] % cfg.train.eval_every == 0 or last:
-            st["eval_loss"] = eval_model()
+            st["eval_loss"] = run.evaluate(ema)
             row["eval_loss"] = st["eval_loss"]
             if not math.isfinite(st["eval_loss"]):
                 summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
