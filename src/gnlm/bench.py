@@ -825,6 +825,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         main = dist.is_main()
         main_first(overwrite)
         rows = run_study(study, results, max_runs=args.max_runs, report=not args.no_report)
+        dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
     if main:

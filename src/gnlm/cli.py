@@ -28,6 +28,7 @@ def cmd_train(args) -> int:
         summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
         if dist.is_main():
             print(json.dumps(summary))
+        dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
     return 1 if summary.get("diverged") else 0
