@@ -229,11 +229,7 @@ def train_gn(run) -> dict[str, Any]:
                 print(f"gnlm: outer step {st['step']}: no step size lowered the loss (or every candidate loss was "
                       f"non-finite); the step was skipped", file=sys.stderr)
         last = st["step"] == cfg.train.steps
-        if st["step"] % cfg.train.eval_every == 0 or last:
-            st["eval_loss"] = run.evaluate(ema)
-            row["eval_loss"] = st["eval_loss"]
-            if not math.isfinite(st["eval_loss"]):
-                summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at outer step {st['step']}")
+        run.evaluate_if_due(ema, row, summary)
         run.log(**row)
         bar.update(1)
         bar.set_postfix(eta=f"{eta:.3f}", eval=f"{st.get('eval_loss', math.nan):.3f}")

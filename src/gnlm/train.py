@@ -295,6 +295,16 @@ class Run:
         with ema.swap_into(self.model):
             return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
 
+    def evaluate_if_due(self, ema: EMA | None, row: dict[str, Any], summary: dict[str, Any]) -> None:
+        """Evaluate every ``train.eval_every`` steps and at the last step into ``row``; a non-finite eval loss
+        marks the run diverged in ``summary``."""
+        st = self.state
+        if st["step"] % self.cfg.train.eval_every and st["step"] != self.cfg.train.steps:
+            return
+        st["eval_loss"] = row["eval_loss"] = self.evaluate(ema)
+        if not math.isfinite(st["eval_loss"]):
+            summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
+
     def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.stream.next(n_sequences)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -546,11 +556,7 @@ def train_baseline(run: Run) -> dict[str, Any]:
                    tokens_per_s=tokens_per_step / dt, wall_time=st["wall_time"],
                    forward_equivalents=st["forward_equivalents"])
         last = st["step"] == cfg.train.steps
-        if st["step"] % cfg.train.eval_every == 0 or last:
-            st["eval_loss"] = run.evaluate(ema)
-            row["eval_loss"] = st["eval_loss"]
-            if not math.isfinite(st["eval_loss"]):
-                summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
+        run.evaluate_if_due(ema, row, summary)
         if st["step"] % cfg.train.log_every == 0 or "eval_loss" in row:
             run.log(**row)
         bar.update(1)
