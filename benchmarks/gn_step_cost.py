@@ -12,7 +12,7 @@ parameters + optimizer/solver state + the step's transient peak. On CUDA this is
 on CPU it is the peak resident set size (VmHWM, reset through ``/proc/self/clear_refs`` after the baseline) with glibc's mmap threshold fixed at
 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors go back to the OS and the RSS tracks live tensors.
 
-``--measure-fe`` also prints the forward-pass equivalents that ``gnlm.curvature.forward_equivalents`` hard-codes.
+``--measure-fe`` also prints the forward-pass equivalents that ``gnlm.accounting`` uses (BENCHMARKS.md, "Compute accounting").
 
 The LAST line printed is one JSON object (gn_vs_adamw_time, gn_vs_adamw_memory, layerwise_vs_gn_time, blocks, ...).
 

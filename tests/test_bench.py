@@ -6,8 +6,15 @@ import math
 import pytest
 
 from gnlm import bench
-from gnlm.bench import (aggregate_lrs, best_lr, critical_batch, doubling_reduction, expand_runs, load_study,
-                        read_rows, run_study, steps_to_target, study_from_dict)
+from gnlm.analysis import (
+    aggregate_lrs,
+    best_lr,
+    critical_batch,
+    doubling_reduction,
+    read_rows,
+    steps_to_target,
+)
+from gnlm.bench import expand_runs, load_study, run_study, study_from_dict
 from gnlm.config import ConfigError
 
 # ----------------------------------------------------------------------------------------- synthetic analysis

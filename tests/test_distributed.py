@@ -19,8 +19,9 @@ import torch
 
 from gnlm import distributed as dist
 from gnlm.config import ConfigError
+from gnlm.run import check_parallel
 from gnlm.runconfig import load_run_config
-from gnlm.train import check_parallel, run_training
+from gnlm.train import run_training
 
 COMMON = ["model=nano", "train.progress=false", "train.threads=1", "train.dtype=float64", "data.seq_len=64"]
 BASELINE = ["train.steps=20", "train.batch_size=8", "train.eval_every=10", "data.eval_sequences=8"]

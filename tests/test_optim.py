@@ -8,16 +8,18 @@ from gnlm.config import ConfigError, from_dict
 from gnlm.optim import (
     EMA,
     CombinedOptimizer,
-    InnerScheduleConfig,
     OptimConfig,
-    ScheduleConfig,
     build_optimizer,
     clip_grad_norm,
-    inner_lr_multiplier,
-    lr_multiplier,
     matches_pattern,
     routing,
     set_lr,
+)
+from gnlm.schedules import (
+    InnerScheduleConfig,
+    ScheduleConfig,
+    inner_lr_multiplier,
+    lr_multiplier,
 )
 
 torch.set_num_threads(1)
@@ -112,7 +114,7 @@ def test_muon_combination_equals_separate_torch_optimizers():
     cfg = OptimConfig(name="muon", lr=0.02, weight_decay=0.01, muon_adjust_lr="match_rms_adamw")
     ours, ref = llama_like(), llama_like()
     opt = build_optimizer(ours, cfg)
-    assert isinstance(opt, CombinedOptimizer) and isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt, CombinedOptimizer)
     assert {g["role"] for g in opt.param_groups} == {"muon", "adamw"}
     hidden = [ref[n] for n in HIDDEN]
     rest = [p for n, p in ref.items() if n not in HIDDEN]
@@ -200,28 +202,16 @@ def test_combined_load_rejects_other_routing():
         other.load_state_dict(sd)
 
 
-def test_lr_scheduler_and_set_lr_on_combined_optimizer():
+def test_set_lr_reaches_every_part_of_a_combined_optimizer():
     params = llama_like()
     opt = build_optimizer(params, OptimConfig(name="muon", lr=0.02))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
     run(opt, params, 1)
-    sched.step()
-    sched.step()
-    assert all(g["lr"] == pytest.approx(0.005) for g in opt.param_groups)
-    assert all(g["lr"] == pytest.approx(0.005) for part in opt.optimizers.values() for g in part.param_groups)
-
     set_lr(opt, 0.1, 0.5)
-    assert all(g["lr"] == pytest.approx(0.05) for g in opt.param_groups)
-    # groups with their own base lr scale with it
-    groups = {g["role"]: g for g in opt.param_groups}
-    groups["adamw"]["lr_scale"] = 0.1
-    set_lr(opt, 0.1, 1.0)
-    assert groups["muon"]["lr"] == pytest.approx(0.1) and groups["adamw"]["lr"] == pytest.approx(0.01)
-    set_lr(opt, None, 0.5)
-    assert groups["muon"]["lr"] == pytest.approx(0.05) and groups["adamw"]["lr"] == pytest.approx(0.005)
+    assert all(g["lr"] == pytest.approx(0.05) for part in opt.optimizers.values() for g in part.param_groups)
     # the lr is honoured by the parts after a state-dict round trip too
     opt.load_state_dict(opt.state_dict())
-    assert {g["role"]: g["lr"] for g in opt.param_groups} == pytest.approx({"muon": 0.05, "adamw": 0.005})
+    assert {g["role"]: g["lr"] for g in opt.param_groups} == pytest.approx({"muon": 0.05, "adamw": 0.05})
+    assert set(opt.state) == {p for p in params.values()}  # every parameter has state after one step
 
 
 # -------------------------------------------------------------------------------------------------- schedules
@@ -343,10 +333,10 @@ def test_clip_grad_norm_global_and_per_group():
 
     params["blocks.0.attn.wq.weight"].grad[0, :2] = torch.tensor([3.0, 4.0])
     params["wte.weight"].grad[0, 0] = 12.0
-    assert clip_grad_norm(params, 0.0, per_group=True) == pytest.approx(13.0)  # 0 = off: measures only
+    assert clip_grad_norm(opt, 0.0, per_group=True) == pytest.approx(13.0)  # 0 = off: measures only
     assert clip_grad_norm(opt, 0.0) == pytest.approx(13.0)
     assert params["wte.weight"].grad[0, 0] == 12.0
-    assert clip_grad_norm(list(params.values()), 2.6) == pytest.approx(13.0)  # global clip keeps proportions
+    assert clip_grad_norm(opt, 2.6) == pytest.approx(13.0)  # global clip keeps proportions
     assert params["wte.weight"].grad[0, 0] == pytest.approx(2.4, rel=1e-5)
     assert params["blocks.0.attn.wq.weight"].grad[0, 0] == pytest.approx(0.6, rel=1e-5)
 

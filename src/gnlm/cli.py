@@ -5,9 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import time
+from pathlib import Path
 
+import torch
+
+from gnlm import bench
+from gnlm import distributed as dist
+from gnlm.checkpoint import CheckpointError
 from gnlm.config import ConfigError
+from gnlm.data import describe as describe_data
+from gnlm.data import prepare_data
+from gnlm.model import GPT, get_preset
+from gnlm.model import describe as describe_model
+from gnlm.probe import add_probe_arguments, cmd_probe
+from gnlm.report import write_report
+from gnlm.runconfig import load_run_config
+from gnlm.train import run_training
 
 
 def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -18,10 +34,6 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 def cmd_train(args) -> int:
     """One run; under ``torchrun --nproc_per_node=N -m gnlm train ...`` every process runs this, data parallel."""
-    from gnlm import distributed as dist
-    from gnlm.runconfig import load_run_config
-    from gnlm.train import run_training
-
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_run_config(path, overrides)
     try:
@@ -35,24 +47,49 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from gnlm.data import describe, prepare_data
-    from gnlm.runconfig import load_run_config
-
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_run_config(path, overrides)
     prepared = prepare_data(cfg.data, progress=True)
-    print(describe(prepared))
+    print(describe_data(prepared))
     return 0
 
 
 def cmd_info(args) -> int:
-    import torch
-
-    from gnlm.model import GPT, describe, get_preset
-
     with torch.device("meta"):  # shapes and counts only: no memory, no init compute
         model = GPT(get_preset(args.model))
-    print(describe(model))
+    print(describe_model(model))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    path, overrides = _split_config_and_overrides(args.items)
+    study = bench.load_study(path, overrides)
+    results = Path(args.results) if args.results else Path("results") / study.name
+
+    def overwrite() -> None:
+        if args.overwrite and results.exists():
+            if not (results / "study.yaml").exists() and any(results.iterdir()):
+                raise ConfigError(f"--overwrite: {results} is not a gnlm results directory (no study.yaml); "
+                                  f"refusing to delete it")
+            shutil.rmtree(results)
+
+    t0 = time.perf_counter()
+    try:
+        dist.init(str(study.base.get("train", {}).get("device", "auto")))
+        main = dist.is_main()
+        dist.main_first(overwrite)
+        rows = bench.run_study(study, results, max_runs=args.max_runs, report=not args.no_report)
+        dist.barrier()  # no rank tears the process group down while another still uses it
+    finally:
+        dist.destroy()
+    if main:
+        print(f"gnlm bench: {len(rows)} runs recorded in {results} ({time.perf_counter() - t0:.0f} s this "
+              f"session)", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    print(write_report(args.results_dir))
     return 0
 
 
@@ -77,9 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="micro", help="preset name: nano, micro, 45m, 150m")
     p.set_defaults(func=cmd_info)
 
-    from gnlm.bench import add_bench_parsers
+    p = sub.add_parser("probe", help="score AdamW/Muon/SOAP steps against the exact GN and layerwise-GN steps")
+    add_probe_arguments(p)
+    p.set_defaults(func=cmd_probe)
 
-    add_bench_parsers(sub)
+    p = sub.add_parser("bench", help="run a benchmark study: steps to a target loss across batch sizes")
+    p.add_argument("items", nargs="*", metavar="STUDY [key.sub=value ...]",
+                   help=f"a study YAML file or a packaged preset ({', '.join(bench.preset_names())}; default quick), "
+                        f"then dotted overrides such as max_steps=50 or base.train.threads=2")
+    p.add_argument("--results", metavar="DIR", help="results directory (default results/<study name>)")
+    p.add_argument("--overwrite", action="store_true", help="delete the results directory first and start afresh")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="stop after N new runs (start the same command again to continue)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="write report.md and figures from a results directory (never trains)")
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -91,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.items = [*args.items, *extra]
-    from gnlm.checkpoint import CheckpointError
-
     # Under torchrun every rank meets the same error; rank 0 reports it.
     report = os.environ.get("RANK", "0") == "0"
     try:

@@ -71,7 +71,6 @@ __all__ = [
     "cg_solve",
     "default_blocks",
     "blocks_from_patterns",
-    "forward_equivalents",
 ]
 
 Params = dict[str, Tensor]
@@ -530,48 +529,3 @@ def default_blocks(model: nn.Module) -> list[list[str]]:
     patterns = [["wte.*"]] + [[f"blocks.{i}.*"] for i in layers] + [["lm_head.*"]]
     patterns[-2].append("ln_f.*")
     return blocks_from_patterns(names, patterns)
-
-
-# Forward-pass equivalents (F = one no-grad forward of the same batch), measured with
-# ``python benchmarks/gn_step_cost.py --measure-fe`` on the micro preset (d 128, 4 layers, vocab 4096), batch 8×128,
-# math attention, 1 CPU thread, median of 5 rounds, two runs on a shared 2-core machine (the ranges are the two runs),
-# rounded to halves. The optimizer step itself is excluded. Measured: forward+backward 3.0–3.2, jvp 3.8,
-# gn inner step 6.5–7.0, prox_linear 6.0–6.4, GGN-vector product 5.3–5.8.
-# Layerwise gn (6 blocks), re-measured after sharing the forward prefix and softmax(z₀) across blocks, as the ratio
-# layerwise / full gn from ``gn_step_cost.py`` (3.75 against 4.06–4.08 before, interleaved runs) times gn's 6.5:
-# ≈ 3.5 per block (before: 3.9–4.2). Breakdown (``--measure-fe``, F): shared prefix forward 0.8 + softmax 0.15, then
-# jvp / logit terms / transposed jvp per block: embedding 4.4/0.2/1.4, block 0 3.9/0.2/1.3, block 1 3.3/0.2/1.2,
-# block 2 2.5/0.2/0.8, block 3 + ln_f 1.6/0.2/0.6, lm_head 0.9/0.2/0.3 (that run's F was ~15% high for everything).
-# Matmul count alone would give gn ≈ 5 (primal 1 + tangent 2 + transposed 2); the rest is the tangent and
-# transposed work of the elementwise ops (norms, RoPE, GELU, attention softmax) and the logit-space arithmetic.
-# A frozen Linear in a layerwise block's tangent pass costs 2 matmuls + an add instead of 1 (PyTorch's jvp of mm
-# multiplies by a materialised zero tangent of the weight), which is why a block's jvp costs ≈ 3× its suffix forward.
-_FORWARD_EQUIVALENTS = {
-    "forward": 1.0,
-    "backward": 2.0,
-    "forward_backward": 3.0,
-    "jvp": 4.0,
-    "vjp": 2.0,
-    "gn": 6.5,
-    "prox_linear": 6.0,
-    "ggn_vector_product": 5.5,
-    "layerwise_gn_block": 3.5,
-}
-
-
-def forward_equivalents(kind: str) -> float:
-    """Cost of one operation in forward-pass equivalents of the same batch, for compute accounting.
-
-    Kinds: ``forward`` (1), ``backward``, ``forward_backward`` (an AdamW/Muon step's gradient), ``jvp`` (primal +
-    tangent), ``vjp`` (a reverse pass), ``gn`` and ``prox_linear`` (one full-GN inner step: jvp + transposed jvp
-    + logit-space work), ``ggn_vector_product`` (one CG iteration), ``layerwise_gn_block`` (one block of a layerwise
-    inner step, averaged over the micro preset's 6 blocks, shared prefix forward and softmax included; a layerwise
-    inner step costs about n_blocks times this, i.e. ≈ 0.6·n_blocks full-GN steps on micro, where the vocab-4096
-    logit layer that every block's suffix contains is a large share; ≈ 0.55·n_blocks with 8 layers).
-    The numbers are measured constants (see ``_FORWARD_EQUIVALENTS``), not FLOP counts.
-    """
-    try:
-        return _FORWARD_EQUIVALENTS[kind]
-    except KeyError:
-        raise ConfigError(f"forward_equivalents: unknown kind {kind!r}; choose one of "
-                          f"{', '.join(_FORWARD_EQUIVALENTS)}") from None

@@ -13,11 +13,13 @@ world_size)``); the helpers average what the trainers compute on their shards.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from gnlm.config import ConfigError
 
 __all__ = ["init", "is_initialized", "rank", "local_rank", "world_size", "is_main", "all_reduce_mean",
            "all_reduce_sum", "mean_of_floats", "barrier", "broadcast_object", "destroy"]
@@ -108,12 +110,12 @@ def mean_of_floats(values: Sequence[float], device: torch.device | str = "cpu") 
     """Average Python floats over ranks (one collective for the whole list); identity in one process."""
     if not is_initialized() or world_size() == 1:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(device))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device(device))
     all_reduce_mean(t)
     return t.tolist()
 
 
-def _comm_device(device: torch.device | str) -> torch.device:
+def comm_device(device: torch.device | str) -> torch.device:
     """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -137,3 +139,94 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def main_first(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result (or its ConfigError) to every rank."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = str(e)
+        except BaseException as e:
+            broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"))
+            raise
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise ConfigError(error)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sharded (FSDP2) state <-> full tensors in checkpoints
+
+
+def is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensors(obj: Any) -> Any:
+    """``obj`` with every DTensor (FSDP shard) replaced by the full tensor; a collective when any is sharded."""
+    if is_dtensor(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tensors(v) for v in obj)
+    return obj
+
+
+def shard_like(full: torch.Tensor, like: Any) -> Any:
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
+
+
+@torch.no_grad()
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` that also fills FSDP-sharded parameters from full tensors."""
+    current = model.state_dict()
+    if not any(is_dtensor(v) for v in current.values()):
+        model.load_state_dict(state)
+        return
+    missing = sorted(set(current) ^ set(state))
+    if missing:
+        raise ConfigError(f"the checkpoint does not fit this model (differing keys: {missing[:5]})")
+    for name, target in current.items():
+        src = state[name]
+        if is_dtensor(target):
+            target.to_local().copy_(shard_like(src, target).to_local())
+        else:
+            target.copy_(src)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``; for sharded parameters, the full state tensors are sharded again."""
+    optimizer.load_state_dict(state)
+    for p, st in list(optimizer.state.items()):
+        if not is_dtensor(p):
+            continue
+        for k, v in list(st.items()):
+            if isinstance(v, torch.Tensor) and not is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                st[k] = shard_like(v, p)
+
+
+def shard_ema_state(state: dict[str, Any], params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """EMA state with full tensors, sharded like ``params`` where those are FSDP shards."""
+    shadow = {n: shard_like(t, params[n]) if n in params and is_dtensor(params[n]) else t
+              for n, t in state["shadow"].items()}
+    return {**state, "shadow": shadow}
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the rest (embedding, final norm, lm_head), over all ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)

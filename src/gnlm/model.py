@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from gnlm.config import ConfigError
+from gnlm.config import ConfigError, from_dict
 
 
 @dataclass
@@ -82,8 +82,6 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 
 def resolve_model_config(raw: dict) -> ModelConfig:
     """Build a ModelConfig from a config mapping: the preset's values, then the keys given next to it."""
-    from gnlm.config import from_dict
-
     raw = dict(raw)
     preset = raw.get("preset")
     cfg = from_dict(ModelConfig, raw, prefix="model")

@@ -11,14 +11,13 @@ writes ``report.md`` and the figures beside them:
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gnlm.bench import Best, eval_curve, read_rows, summarize
+from gnlm.analysis import Best, eval_curve, read_rows, summarize
 from gnlm.config import ConfigError
 
 BASELINE_FAMILY = "baseline"
@@ -357,9 +356,3 @@ def write_report(results_dir: str | Path) -> Path:
     out = results_dir / "report.md"
     out.write_text("\n".join(md))
     return out
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    path = write_report(args.results_dir)
-    print(path)
-    return 0

@@ -9,11 +9,64 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gnlm.config import ConfigError, from_dict, load_yaml, merge, parse_overrides, to_dict
+import torch
+
+from gnlm.config import (
+    ConfigError,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_overrides,
+    to_dict,
+)
+from gnlm.curvature import blocks_from_patterns
 from gnlm.data import DataConfig
-from gnlm.gauss_newton import GNConfig
-from gnlm.model import ModelConfig, resolve_model_config
-from gnlm.optim import OptimConfig, ScheduleConfig
+from gnlm.model import GPT, ModelConfig, resolve_model_config
+from gnlm.optim import OptimConfig
+from gnlm.schedules import InnerScheduleConfig, ScheduleConfig
+
+
+def _default_inner_optim() -> OptimConfig:
+    # The paper's inner optimizer: Muon on hidden matrices + AdamW on the rest, b2 0.999, clip 1.0 per group.
+    return OptimConfig(name="muon", lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, clip=1.0, clip_per_group=True)
+
+
+@dataclass
+class GNConfig:
+    """Options of ``method: gn``. One outer step = ``inner_steps`` inner steps of ``inner_batch_size`` fresh
+    sequences each, then a line search on ``ls_batches`` more fresh batches."""
+
+    surrogate: Literal["gn", "prox_linear"] = "gn"
+    layerwise: bool = False
+    blocks: list[list[str]] | None = None
+    solver: Literal["first_order", "cg"] = "first_order"
+    inner_steps: int = 32
+    inner_batch_size: int = 32
+    inner_optim: OptimConfig = field(default_factory=_default_inner_optim)
+    inner_schedule: InnerScheduleConfig = field(default_factory=InnerScheduleConfig)
+    warm_start: bool = True
+    prox: float = 0.0
+    line_search: bool = True
+    ls_range: int = 5
+    ls_batches: int = 4
+    cg_iters: int = 20
+    cg_damping: float = 1e-3
+    checkpoint_every_inner: int = 0
+
+    def validate(self) -> None:
+        for name in ("inner_steps", "inner_batch_size", "ls_range", "ls_batches", "cg_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gn.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every_inner < 0:
+            raise ConfigError(f"gn.checkpoint_every_inner must be >= 0 (0 = off), got {self.checkpoint_every_inner}")
+        if self.prox < 0:
+            raise ConfigError(f"gn.prox must be >= 0, got {self.prox}")
+        if self.cg_damping < 0:
+            raise ConfigError(f"gn.cg_damping must be >= 0, got {self.cg_damping}")
+        if self.blocks is not None and not self.layerwise:
+            raise ConfigError("gn.blocks is set but gn.layerwise is false; set gn.layerwise=true to use the blocks")
+        if self.blocks is not None and (not self.blocks or any(not b for b in self.blocks)):
+            raise ConfigError("gn.blocks must be a non-empty list of non-empty lists of parameter-name patterns")
 
 
 @dataclass
@@ -79,11 +132,6 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.gn.blocks is not None:  # check the partition against the model's parameter names, no compute
-            import torch
-
-            from gnlm.curvature import blocks_from_patterns
-            from gnlm.model import GPT
-
             with torch.device("meta"):
                 names = [n for n, _ in GPT(self.model).named_parameters()]
             blocks_from_patterns(names, self.gn.blocks)

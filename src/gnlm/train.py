@@ -1,637 +1,103 @@
-"""Training runs: the pieces every trainer shares (run directory, data, evaluation, metrics, checkpoints) and
-the baseline training loop. The Gauss-Newton loop lives in ``gauss_newton.py`` and uses the same ``Run``.
+"""The baseline trainer (AdamW, Muon, SOAP or any ``torch.optim`` optimizer) and ``run_training``, the entry
+point of ``gnlm train`` that hands either trainer to the one loop (``run.run_loop``).
 
-Run directory layout::
-
-    config.yaml       the resolved config of the run
-    metrics.jsonl     one JSON row per logged step (and one per evaluation)
-    checkpoint.pt     the latest checkpoint (checkpoint.prev.pt: the one before)
-    summary.json      written when the run ends: final eval loss, target reached at step/tokens, diverged, time
-
-Under ``torchrun`` (see ``distributed.py``) every rank builds the same run; only rank 0 writes the directory
-(config, metrics, checkpoints, summary, progress bar) and every rank reads the checkpoint when resuming.
-Baselines wrap the model in DDP (or shard it with FSDP2, ``train.parallel=fsdp``); the GN trainer keeps the bare
-module on every rank and averages what it computes (torch.func does not run through the wrappers).
-
-A checkpoint holds everything a run needs to continue as if it had never stopped: parameters, optimizer state,
-run state (step, tokens, compute, schedule position), EMA, data-stream position and RNG states; for GN also φ, the
-inner optimizer and, for a checkpoint taken inside an outer step, the inner-loop position (the model then holds
-θₜ). Parameters and optimizer states are stored as full (unsharded) tensors, so a run can resume on any number of
-processes, with DDP or FSDP.
+Under ``torchrun`` baselines wrap the model in DDP (or shard it with FSDP2, ``train.parallel=fsdp``); the GN
+trainer keeps the bare module on every rank and averages what it computes (torch.func does not run through the
+wrappers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
+from gnlm import accounting
 from gnlm import distributed as dist
-from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, remove_stale_temp_files, save_checkpoint
-from gnlm.config import ConfigError
-from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepare_data
-from gnlm.model import GPT, loss_fn
-from gnlm.optim import EMA, build_optimizer, clip_grad_norm, lr_multiplier, set_lr
-from gnlm.runconfig import RunConfig, run_config_to_dict
-
-# Forward-pass equivalents per token: a backward costs about two forwards.
-BASELINE_STEP_FORWARDS = 3.0
-
-# Config keys that may change when a run is resumed (they do not change what the run computes).
-RESUMABLE_CHANGES = {
-    "train.steps", "train.progress", "train.checkpoint_every", "train.target_loss", "train.log_every",
-    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project",
-    "train.checkpoint_every_seconds", "train.parallel", "gn.checkpoint_every_inner",
-}
-
-# Optimizer-state copies of the parameters, for the free-disk-space estimate (SOAP's preconditioners: ~2 more).
-_STATE_COPIES = {"adamw": 2, "muon": 2, "soap": 4}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use train.device=cpu")
-    if device.type == "cuda" and dist.world_size() > 1:  # one GPU per process, chosen by torchrun's LOCAL_RANK
-        device = torch.device("cuda", dist.local_rank())
-    return device
-
-
-def check_parallel(cfg: RunConfig, world_size: int) -> None:
-    """Config checks that depend on the number of processes; one-line ConfigErrors before any compute."""
-    if cfg.method == "gn":
-        gn = cfg.gn
-        if gn.inner_batch_size % world_size:
-            raise ConfigError(f"gn.inner_batch_size ({gn.inner_batch_size}) is not divisible by the number of "
-                              f"processes ({world_size}); the global batch is split evenly over the processes")
-        return
-    b = cfg.train.batch_size
-    if b % world_size:
-        raise ConfigError(f"train.batch_size ({b}) is not divisible by the number of processes ({world_size}); "
-                          f"the global batch is split evenly over the processes")
-    local = b // world_size
-    micro = cfg.train.micro_batch_size
-    if micro is not None and micro < local and local % micro:
-        raise ConfigError(f"train.micro_batch_size ({micro}) must divide the per-process batch "
-                          f"({b} / {world_size} processes = {local})")
-    if cfg.train.parallel == "fsdp" and world_size > 1 and cfg.optim.name == "soap":
-        raise ConfigError("optim.name=soap does not run on FSDP-sharded (DTensor) parameters "
-                          "(pytorch_optimizer.SOAP mixes DTensors and tensors); use train.parallel=ddp for SOAP")
-
-
-def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
-    """About how many bytes one checkpoint takes: parameters + optimizer state (+ φ and EMA)."""
-    from gnlm.model import count_parameters
-
-    with torch.device("meta"):
-        n = count_parameters(GPT(cfg.model))
-    itemsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
-    if cfg.method == "gn":
-        copies = 2 + _STATE_COPIES.get(cfg.gn.inner_optim.name, 2)  # θ, φ, inner optimizer
-    else:
-        copies = 1 + _STATE_COPIES.get(cfg.optim.name, 2)
-    copies += 1 if cfg.train.ema_decay else 0
-    return n * itemsize * copies
-
-
-def check_free_space(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to start when the disk cannot hold two checkpoints (the new one is written before the old goes)."""
-    need = 2 * checkpoint_bytes_estimate(cfg)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise ConfigError(f"not enough free disk space in {run_dir}: checkpoints need about {need / 2**20:,.1f} MiB, "
-                          f"{free / 2**20:,.1f} MiB are free; free some space or choose another out_dir")
-
-
-def main_first(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only and hand its result (or its ConfigError) to every rank."""
-    result, error = None, None
-    if dist.is_main():
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = str(e)
-        except BaseException as e:
-            dist.broadcast_object((None, f"rank 0 failed: {type(e).__name__}: {e}"))
-            raise
-    result, error = dist.broadcast_object((result, error))
-    if error is not None:
-        raise ConfigError(error)
-    return result
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """Create (or check) the run directory; returns (path, resuming). Never deletes anything unless asked."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-    run_dir = Path(cfg.out_dir)
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not (resume or overwrite):
-        raise ConfigError(
-            f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it, "
-            f"or set out_dir=...")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out_dir {run_dir} is a file; choose a directory path")
-    resuming = False
-    if exists and resume:
-        saved_path = run_dir / "config.yaml"
-        if saved_path.exists():
-            saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-            now = _flatten(run_config_to_dict(cfg))
-            changed = sorted(k for k in set(saved) | set(now)
-                             if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                raise ConfigError(
-                    f"cannot resume {run_dir}: the config differs in {', '.join(changed[:5])}; "
-                    f"use the run's own config ({saved_path}) or start a new out_dir")
-        resuming = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
-    if exists and overwrite:
-        shutil.rmtree(run_dir)
-    elif exists:
-        remove_stale_temp_files(run_dir)  # a killed writer's leftovers; never read, but confusing
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
-    check_free_space(run_dir, cfg)
-    return run_dir, resuming
-
-
-def _parse_row(line: str) -> dict[str, Any] | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-class MetricsLogger:
-    """Appends JSON rows to ``metrics.jsonl``; mirrors scalars to TensorBoard / W&B when enabled."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # Drop rows logged after the checkpoint we resume from, so the file reads as one clean run (and a
-            # last line cut short by a killed process).
-            keep = [line for line in self.path.read_text().splitlines()
-                    if (row := _parse_row(line)) is not None and row.get("step", 0) <= resume_step]
-            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self.file = open(self.path, "a", buffering=1)
-        self.tb = self.wandb = None
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard needs tensorboard: pip install 'gnlm[log]'") from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if cfg.train.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("train.wandb needs wandb: pip install 'gnlm[log]'") from None
-            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir),
-                                    config=run_config_to_dict(cfg), resume="allow")
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=row["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-@torch.no_grad()
-def _eval_sums(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-               device: torch.device) -> tuple[float, int]:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, inputs.size(0), batch_size):
-        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-        total += loss_fn(model(x), y).item() * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    return total, count
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the fixed held-out set.
-
-    Under torchrun, when the set splits evenly, each rank evaluates its contiguous share and the sums are
-    all-reduced (the same number as one process, up to rounding); otherwise every rank evaluates everything."""
-    device = next(model.parameters()).device
-    n, w = inputs.size(0), dist.world_size()
-    if w == 1 or n % w:
-        total, count = _eval_sums(model, inputs, targets, batch_size, device)
-        return total / count
-    share = n // w
-    lo = dist.rank() * share
-    total, count = _eval_sums(model, inputs[lo:lo + share], targets[lo:lo + share], batch_size, device)
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist._comm_device(device))
-    dist.all_reduce_sum(sums)
-    return float(sums[0] / sums[1])
-
-
-@dataclass
-class Run:
-    """Everything a trainer needs, built from the config before any compute starts."""
-
-    cfg: RunConfig
-    dir: Path
-    data: PreparedData
-    model: GPT
-    stream: BatchStream
-    eval_inputs: torch.Tensor
-    eval_targets: torch.Tensor
-    device: torch.device
-    checkpoint: dict[str, Any] | None
-    logger: MetricsLogger | None = None
-    state: dict[str, Any] = field(default_factory=lambda: {
-        "step": 0, "tokens": 0, "forward_equivalents": 0.0, "wall_time": 0.0})
-
-    def evaluate(self, ema: EMA | None = None) -> float:
-        """Loss on the fixed held-out set, of the EMA weights when an EMA is given (as the paper evaluates)."""
-        if ema is None:
-            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
-        with ema.swap_into(self.model):
-            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
-
-    def evaluate_if_due(self, ema: EMA | None, row: dict[str, Any], summary: dict[str, Any]) -> None:
-        """Evaluate every ``train.eval_every`` steps and at the last step into ``row``; a non-finite eval loss
-        marks the run diverged in ``summary``."""
-        st = self.state
-        if st["step"] % self.cfg.train.eval_every and st["step"] != self.cfg.train.steps:
-            return
-        st["eval_loss"] = row["eval_loss"] = self.evaluate(ema)
-        if not math.isfinite(st["eval_loss"]):
-            summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
-
-    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.stream.next(n_sequences)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def log(self, **row: Any) -> None:
-        if self.logger is not None:
-            self.logger.log(row)
-
-    def save(self, extra: dict[str, Any]) -> None:
-        """Checkpoint the model, the run state, the data position and RNG states, plus trainer ``extra``.
-
-        Call it on every rank: sharded (FSDP) tensors are gathered to full tensors (a collective), then rank 0
-        writes the file."""
-        state = {
-            "model": self.model.state_dict(),
-            "state": dict(self.state),
-            "stream": self.stream.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-            **extra,
-        }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        state = full_tensors(state)
-        if dist.is_main():
-            save_checkpoint(self.dir / "checkpoint.pt", state)
-
-    def restore(self) -> dict[str, Any]:
-        """Load the checkpoint we resume from into the model, state and stream; returns it for the trainer."""
-        ckpt = self.checkpoint
-        assert ckpt is not None
-        load_model_state(self.model, ckpt["model"])
-        self.state.update(ckpt["state"])
-        self.stream.load_state_dict(ckpt["stream"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        return ckpt
-
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        summary = {"method": self.cfg.method, **summary, **{k: self.state[k] for k in
-                                                             ("step", "tokens", "forward_equivalents", "wall_time")}}
-        if dist.world_size() > 1:
-            summary["world_size"] = dist.world_size()
-        if dist.is_main():
-            atomic_write_bytes(self.dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        if self.logger is not None:
-            self.logger.close()
-        return summary
-
-
-def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
-    """Check everything, prepare data, build the model; load the checkpoint when resuming.
-
-    Under torchrun: the process group is started here; rank 0 checks/creates the run directory and prepares the
-    data while the others wait, then every rank opens the prepared data and (when resuming) reads the checkpoint.
-    """
-    dist.init(cfg.train.device)
-    check_parallel(cfg, dist.world_size())
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist; give a checkpoint path")
-    run_dir, resuming = main_first(lambda: prepare_run_dir(cfg, resume, overwrite))
-    progress = cfg.train.progress and dist.is_main()
-    data_dir = main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
-    data = load_prepared(data_dir)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
-            f"raise model.vocab_size or use a smaller tokenizer")
-    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences)
-    stream = BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
-                         rank=dist.rank(), world_size=dist.world_size())
-
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
-    if cfg.train.init_from is not None and not resuming:
-        init = load_checkpoint(cfg.train.init_from, map_location=device, verbose=dist.is_main())
-        try:
-            model.load_state_dict(init["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"train.init_from: the checkpoint does not fit this model ({first}); "
-                              f"use a checkpoint of the same model config") from None
-    checkpoint = (load_checkpoint(run_dir / "checkpoint.pt", map_location=device, verbose=dist.is_main())
-                  if resuming else None)
-    if dist.is_main():
-        atomic_write_bytes(run_dir / "config.yaml",
-                           yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False).encode())
-    run = Run(cfg=cfg, dir=run_dir, data=data, model=model, stream=stream, eval_inputs=eval_inputs,
-              eval_targets=eval_targets, device=device, checkpoint=checkpoint)
-    if dist.is_main():
-        run.logger = MetricsLogger(run_dir, cfg, resume_step=checkpoint["state"]["step"] if checkpoint else None)
-    dist.barrier()  # no rank starts before rank 0 has trimmed the metrics of a resumed run
-    return run
-
-
-# --------------------------------------------------------------------------------------------------------------
-# sharded (FSDP2) state <-> full tensors in checkpoints
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
-
-
-def full_tensors(obj: Any) -> Any:
-    """``obj`` with every DTensor (FSDP shard) replaced by the full tensor; a collective when any is sharded."""
-    if _is_dtensor(obj):
-        return obj.full_tensor()
-    if isinstance(obj, dict):
-        return {k: full_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(full_tensors(v) for v in obj)
-    return obj
-
-
-def _shard_like(full: torch.Tensor, like: Any) -> Any:
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
-
-
-@torch.no_grad()
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(state)`` that also fills FSDP-sharded parameters from full tensors."""
-    current = model.state_dict()
-    if not any(_is_dtensor(v) for v in current.values()):
-        model.load_state_dict(state)
-        return
-    missing = sorted(set(current) ^ set(state))
-    if missing:
-        raise ConfigError(f"the checkpoint does not fit this model (differing keys: {missing[:5]})")
-    for name, target in current.items():
-        src = state[name]
-        if _is_dtensor(target):
-            target.to_local().copy_(_shard_like(src, target).to_local())
-        else:
-            target.copy_(src)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state)``; for sharded parameters, the full state tensors are sharded again."""
-    optimizer.load_state_dict(state)
-    for p, st in list(optimizer.state.items()):
-        if not _is_dtensor(p):
-            continue
-        for k, v in list(st.items()):
-            if isinstance(v, torch.Tensor) and not _is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
-                st[k] = _shard_like(v, p)
-
-
-class CheckpointTimer:
-    """``train.checkpoint_every_seconds``: is a time-based checkpoint due? Rank 0's clock decides for all."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        if not self.seconds:
-            return False
-        due = dist.broadcast_object(time.monotonic() - self.last >= self.seconds)
-        if due:
-            self.last = time.monotonic()
-        return due
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
-
-
-def progress_bar(run: Run, total: int, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=run.state["step"], unit=unit, dynamic_ncols=True,
-                disable=not (run.cfg.train.progress and dist.is_main()), file=sys.stderr)
-
-
-def train_baseline(run: Run) -> dict[str, Any]:
-    """First-order (or any torch.optim) training: the loop every baseline in the benchmark runs."""
-    cfg, model, st = run.cfg, run.model, run.state
-    world = dist.world_size()
-    ddp = None
-    if world > 1 and cfg.train.parallel == "fsdp":
-        shard_model(model)  # in place: parameters become DTensor shards
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    forward = ddp if ddp is not None else model
-    params = dict(model.named_parameters())
-    optimizer = build_optimizer(params, cfg.optim)
-    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    if run.checkpoint is not None:
-        ckpt = run.restore()
-        load_optimizer_state(optimizer, ckpt["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(shard_ema_state(ckpt["ema"], params))
-    local_batch = cfg.train.batch_size // world
-    micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
-    n_micro = local_batch // micro
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
-    summary: dict[str, Any] = {"reached_target": False, "diverged": False}
-
-    if run.checkpoint is None:
-        st["eval_loss"] = run.evaluate(ema)
-        run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
-    bar = progress_bar(run, cfg.train.steps, "step")
-    model.train()
-    while st["step"] < cfg.train.steps:
-        if cfg.train.target_loss is not None and st.get("eval_loss", math.inf) <= cfg.train.target_loss:
-            break
-        t0 = time.perf_counter()
-        mult = lr_multiplier(cfg.schedule, st["step"], cfg.train.steps)
-        set_lr(optimizer, cfg.optim.lr, mult)
+from gnlm.gauss_newton import GNTrainer
+from gnlm.model import loss_fn
+from gnlm.optim import build_optimizer, clip_grad_norm, set_lr
+from gnlm.run import Run, StepResult, run_loop, setup_run
+from gnlm.runconfig import RunConfig
+from gnlm.schedules import lr_multiplier
+
+
+class BaselineTrainer:
+    """One optimizer step per step on ``train.batch_size`` sequences (accumulated over micro-batches)."""
+
+    unit = "step"
+
+    def __init__(self, run: Run):
+        cfg, model = run.cfg, run.model
+        self.run = run
+        self.ddp = None
+        if dist.world_size() > 1 and cfg.train.parallel == "fsdp":
+            dist.shard_model(model)  # in place: parameters become DTensor shards
+        elif dist.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                               else None)
+        self.forward = self.ddp if self.ddp is not None else model
+        self.params = dict(model.named_parameters())
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        run.start_ema(self.params)
+        if run.checkpoint is not None:
+            dist.load_optimizer_state(self.optimizer, run.restore()["optimizer"])
+        local_batch = cfg.train.batch_size // dist.world_size()
+        self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
+        self.n_micro = local_batch // self.micro
+        model.train()
+
+    def step(self) -> StepResult:
+        run, cfg = self.run, self.run.cfg
+        step = run.state["step"]
+        mult = lr_multiplier(cfg.schedule, step, cfg.train.steps)
+        set_lr(self.optimizer, cfg.optim.lr, mult)
         lr = cfg.optim.lr * mult
         x, y = run.next_batch(cfg.train.batch_size)  # this rank's shard of the global batch
-        loss_sum = 0.0
+        micro, loss_sum = self.micro, 0.0
         for j, i in enumerate(range(0, x.size(0), micro)):
             # Each rank's loss is the mean over its shard; DDP/FSDP average the gradients over the (equal) shards,
             # so the update is that of the mean loss over the global batch.
-            with _no_grad_sync(ddp, model, cfg, last=j == n_micro - 1):
-                loss = loss_fn(forward(x[i:i + micro]), y[i:i + micro]) * (x[i:i + micro].size(0) / x.size(0))
+            with self._no_grad_sync(last=j == self.n_micro - 1):
+                loss = loss_fn(self.forward(x[i:i + micro]), y[i:i + micro]) * (x[i:i + micro].size(0) / x.size(0))
                 loss.backward()
             loss_sum += loss.item()
-        if world > 1:
+        if dist.world_size() > 1:
             loss_sum = dist.mean_of_floats([loss_sum], run.device)[0]
+        tokens = cfg.train.batch_size * cfg.data.seq_len
         if not math.isfinite(loss_sum):
-            summary.update(diverged=True, message=f"training loss became {loss_sum} at step {st['step'] + 1}")
-            print(f"gnlm: run diverged: {summary['message']}; lower the learning rate", file=sys.stderr)
-            break
-        grad_norm = clip_grad_norm(optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(params)
-        dt = time.perf_counter() - t0
-        st["step"] += 1
-        st["tokens"] += tokens_per_step
-        st["forward_equivalents"] += BASELINE_STEP_FORWARDS * tokens_per_step
-        st["wall_time"] += dt
-        row = dict(step=st["step"], tokens=st["tokens"], loss=loss_sum, lr=lr, grad_norm=grad_norm,
-                   tokens_per_s=tokens_per_step / dt, wall_time=st["wall_time"],
-                   forward_equivalents=st["forward_equivalents"])
-        last = st["step"] == cfg.train.steps
-        run.evaluate_if_due(ema, row, summary)
-        if st["step"] % cfg.train.log_every == 0 or "eval_loss" in row:
-            run.log(**row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", eval=f"{st.get('eval_loss', math.nan):.3f}",
-                        tok_s=f"{tokens_per_step / dt:,.0f}")
-        if summary["diverged"]:
-            break
-        every = cfg.train.checkpoint_every and st["step"] % cfg.train.checkpoint_every == 0
-        if (every or timer.due()) and not last:
-            run.save(_baseline_extra(optimizer, ema))
-            timer.reset()
-    bar.close()
-    if not summary["diverged"]:
-        run.save(_baseline_extra(optimizer, ema))
-    return run.finish(target_summary(run, summary))
+            return StepResult(row={}, tokens=0, forward_equivalents=0.0,
+                              diverged=f"training loss became {loss_sum} at step {step + 1}")
+        grad_norm = clip_grad_norm(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(self.params)
+        return StepResult(row=dict(loss=loss_sum, lr=lr, grad_norm=grad_norm), tokens=tokens,
+                          forward_equivalents=accounting.baseline_step(tokens),
+                          postfix={"loss": f"{loss_sum:.3f}"})
 
+    def _no_grad_sync(self, last: bool):
+        """Skip the gradient all-reduce for all but the last micro-batch (the gradients accumulate locally)."""
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        if self.run.cfg.train.parallel == "fsdp" and dist.world_size() > 1:
+            self.run.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
-def shard_ema_state(state: dict[str, Any], params: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """EMA state with full tensors, sharded like ``params`` where those are FSDP shards."""
-    shadow = {n: _shard_like(t, params[n]) if n in params and _is_dtensor(params[n]) else t
-              for n, t in state["shadow"].items()}
-    return {**state, "shadow": shadow}
-
-
-def shard_model(model: torch.nn.Module) -> None:
-    """FSDP2: shard each transformer block, then the rest (embedding, final norm, lm_head), over all ranks."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in getattr(model, "blocks", []):
-        fully_shard(block)
-    fully_shard(model)
-
-
-def _no_grad_sync(ddp, model, cfg: RunConfig, last: bool):
-    """Skip the gradient all-reduce for all but the last micro-batch (the gradients accumulate locally)."""
-    if ddp is not None and not last:
-        return ddp.no_sync()
-    if cfg.train.parallel == "fsdp" and dist.world_size() > 1:
-        model.set_requires_gradient_sync(last)
-    return contextlib.nullcontext()
-
-
-def _baseline_extra(optimizer, ema) -> dict[str, Any]:
-    extra = {"optimizer": optimizer.state_dict()}
-    if ema is not None:
-        extra["ema"] = ema.state_dict()
-    return extra
-
-
-def target_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
-    """Add the eval loss and, if a target is set, where it was first reached (read back from the metrics)."""
-    summary["final_eval_loss"] = run.state.get("eval_loss")
-    target = run.cfg.train.target_loss
-    summary["target_loss"] = target
-    if target is not None and run.logger is not None:
-        run.logger.file.flush()
-        for line in run.logger.path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("eval_loss") is not None and row["eval_loss"] <= target:
-                summary.update(reached_target=True, target_step=row["step"], target_tokens=row["tokens"],
-                               target_forward_equivalents=row.get("forward_equivalents"),
-                               target_wall_time=row.get("wall_time"))
-                break
-    return summary
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Entry point of ``gnlm train``: dispatch on ``cfg.method`` (under torchrun on every rank)."""
+    """Entry point of ``gnlm train``: set the run up, then loop with the trainer of ``cfg.method`` (under
+    torchrun on every rank)."""
     run = setup_run(cfg, resume=resume, overwrite=overwrite)
     try:
-        if cfg.method == "gn":
-            from gnlm.gauss_newton import train_gn
-
-            return train_gn(run)
-        return train_baseline(run)
+        trainer = GNTrainer(run) if cfg.method == "gn" else BaselineTrainer(run)
+        return run_loop(run, trainer)
     finally:
         if run.logger is not None and not run.logger.file.closed:
             run.logger.close()

@@ -1,0 +1,39 @@
+"""Compute accounting: the forward-pass equivalents of each kind of step, in one place.
+
+One forward-pass equivalent (F) is the cost of one no-grad forward pass of the model over one token. The numbers
+are measured constants, not FLOP counts: how they were measured, and what each covers, is in BENCHMARKS.md
+("Compute accounting: forward-pass equivalents"). An optimizer's own update (Adam moments, Newton-Schulz) is not
+included.
+"""
+
+from __future__ import annotations
+
+# F per token of each operation, measured on the micro preset (BENCHMARKS.md, "Compute accounting").
+FORWARD_BACKWARD = 3.0  # a baseline step's gradient: forward + backward
+GN_INNER_STEP = {"gn": 6.5, "prox_linear": 6.0}  # a full-GN inner step: jvp + transposed jvp + logit-space work
+LAYERWISE_BLOCK = 3.5  # one block of a layerwise inner step (micro's 6 blocks averaged, shared prefix included)
+GGN_VECTOR_PRODUCT = 5.5  # one CG iteration of full GN
+LAYERWISE_PRODUCT_PER_BLOCK = 0.6  # a layerwise GGN-vector product ≈ 0.6 · n_blocks full ones
+
+
+def baseline_step(tokens: int) -> float:
+    """One baseline optimizer step on ``tokens`` tokens."""
+    return FORWARD_BACKWARD * tokens
+
+
+def gn_inner_steps(tokens: int, surrogate: str, n_blocks: int) -> float:
+    """First-order inner steps over ``tokens`` tokens in all; ``n_blocks`` > 1 is layerwise GN."""
+    per_token = n_blocks * LAYERWISE_BLOCK if n_blocks > 1 else GN_INNER_STEP[surrogate]
+    return tokens * per_token
+
+
+def cg_solve(tokens: int, products: int, layerwise_blocks: int) -> float:
+    """A CG solve over ``tokens`` tokens: one gradient (a GN step's work) plus ``products`` GGN-vector products;
+    ``layerwise_blocks`` is 0 for full GN."""
+    per_block = LAYERWISE_PRODUCT_PER_BLOCK * layerwise_blocks if layerwise_blocks else 1.0
+    return tokens * (GN_INNER_STEP["gn"] + GGN_VECTOR_PRODUCT * products * per_block)
+
+
+def line_search(tokens: int, candidates: int) -> float:
+    """A line search: ``candidates`` forward passes over its ``tokens`` tokens."""
+    return float(tokens * candidates)

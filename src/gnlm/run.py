@@ -1,0 +1,512 @@
+"""One run: its directory, data, model, metrics, evaluation and checkpoints, and the one training loop,
+:func:`run_loop`, that both trainers use. A trainer (``train.py``: baseline optimizers; ``gauss_newton.py``: the GN
+oracle) supplies only its step; everything around the step lives here and works the same for both.
+
+Run directory layout::
+
+    config.yaml       the resolved config of the run
+    metrics.jsonl     one JSON row per logged step (and one per evaluation)
+    checkpoint.pt     the latest checkpoint (checkpoint.prev.pt: the one before)
+    summary.json      written when the run ends: final eval loss, target reached at step/tokens, diverged, time
+
+Under ``torchrun`` (see ``distributed.py``) every rank builds the same run; only rank 0 writes the directory
+(config, metrics, checkpoints, summary, progress bar) and every rank reads the checkpoint when resuming.
+
+A checkpoint holds everything a run needs to continue as if it had never stopped: parameters, run state (step,
+tokens, compute, wall time), EMA, data-stream position and RNG states, plus the trainer's own state (optimizer;
+for GN φ, the inner optimizer and, for a checkpoint taken inside an outer step, the inner-loop position).
+Parameters and optimizer states are stored as full (unsharded) tensors, so a run can resume on any number of
+processes, with DDP or FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from gnlm import distributed as dist
+from gnlm.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
+from gnlm.config import ConfigError
+from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepare_data
+from gnlm.model import GPT, count_parameters, loss_fn
+from gnlm.optim import EMA
+from gnlm.runconfig import RunConfig, run_config_to_dict
+
+# Config keys that may change when a run is resumed (they do not change what the run computes).
+RESUMABLE_CHANGES = {
+    "train.steps", "train.progress", "train.checkpoint_every", "train.target_loss", "train.log_every",
+    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project",
+    "train.checkpoint_every_seconds", "train.parallel", "gn.checkpoint_every_inner",
+}
+
+# Optimizer-state copies of the parameters, for the free-disk-space estimate (SOAP's preconditioners: ~2 more).
+_STATE_COPIES = {"adamw": 2, "muon": 2, "soap": 4}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use train.device=cpu")
+    if device.type == "cuda" and dist.world_size() > 1:  # one GPU per process, chosen by torchrun's LOCAL_RANK
+        device = torch.device("cuda", dist.local_rank())
+    return device
+
+
+def check_parallel(cfg: RunConfig, world_size: int) -> None:
+    """Config checks that depend on the number of processes; one-line ConfigErrors before any compute."""
+    if cfg.method == "gn":
+        gn = cfg.gn
+        if gn.inner_batch_size % world_size:
+            raise ConfigError(f"gn.inner_batch_size ({gn.inner_batch_size}) is not divisible by the number of "
+                              f"processes ({world_size}); the global batch is split evenly over the processes")
+        return
+    b = cfg.train.batch_size
+    if b % world_size:
+        raise ConfigError(f"train.batch_size ({b}) is not divisible by the number of processes ({world_size}); "
+                          f"the global batch is split evenly over the processes")
+    local = b // world_size
+    micro = cfg.train.micro_batch_size
+    if micro is not None and micro < local and local % micro:
+        raise ConfigError(f"train.micro_batch_size ({micro}) must divide the per-process batch "
+                          f"({b} / {world_size} processes = {local})")
+    if cfg.train.parallel == "fsdp" and world_size > 1 and cfg.optim.name == "soap":
+        raise ConfigError("optim.name=soap does not run on FSDP-sharded (DTensor) parameters "
+                          "(pytorch_optimizer.SOAP mixes DTensors and tensors); use train.parallel=ddp for SOAP")
+
+
+def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
+    """About how many bytes one checkpoint takes: parameters + optimizer state (+ φ and EMA)."""
+    with torch.device("meta"):
+        n = count_parameters(GPT(cfg.model))
+    itemsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
+    if cfg.method == "gn":
+        copies = 2 + _STATE_COPIES.get(cfg.gn.inner_optim.name, 2)  # θ, φ, inner optimizer
+    else:
+        copies = 1 + _STATE_COPIES.get(cfg.optim.name, 2)
+    copies += 1 if cfg.train.ema_decay else 0
+    return n * itemsize * copies
+
+
+def check_free_space(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to start when the disk cannot hold two checkpoints (the new one is written before the old goes)."""
+    need = 2 * checkpoint_bytes_estimate(cfg)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(f"not enough free disk space in {run_dir}: checkpoints need about {need / 2**20:,.1f} MiB, "
+                          f"{free / 2**20:,.1f} MiB are free; free some space or choose another out_dir")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """Create (or check) the run directory; returns (path, resuming). Never deletes anything unless asked."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    run_dir = Path(cfg.out_dir)
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (resume or overwrite):
+        raise ConfigError(
+            f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it, "
+            f"or set out_dir=...")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out_dir {run_dir} is a file; choose a directory path")
+    resuming = False
+    if exists and resume:
+        saved_path = run_dir / "config.yaml"
+        if saved_path.exists():
+            saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+            now = _flatten(run_config_to_dict(cfg))
+            changed = sorted(k for k in set(saved) | set(now)
+                             if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {run_dir}: the config differs in {', '.join(changed[:5])}; "
+                    f"use the run's own config ({saved_path}) or start a new out_dir")
+        resuming = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
+    if exists and overwrite:
+        shutil.rmtree(run_dir)
+    elif exists:
+        remove_stale_temp_files(run_dir)  # a killed writer's leftovers; never read, but confusing
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
+    check_free_space(run_dir, cfg)
+    return run_dir, resuming
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+class MetricsLogger:
+    """Appends JSON rows to ``metrics.jsonl``; mirrors scalars to TensorBoard / W&B when enabled."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop rows logged after the checkpoint we resume from, so the file reads as one clean run (and a
+            # last line cut short by a killed process).
+            keep = [line for line in self.path.read_text().splitlines()
+                    if (row := _parse_row(line)) is not None and row.get("step", 0) <= resume_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a", buffering=1)
+        self.tb = self.wandb = None
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard needs tensorboard: pip install 'gnlm[log]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.train.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("train.wandb needs wandb: pip install 'gnlm[log]'") from None
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir),
+                                    config=run_config_to_dict(cfg), resume="allow")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+@torch.no_grad()
+def _eval_sums(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+               device: torch.device) -> tuple[float, int]:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, inputs.size(0), batch_size):
+        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
+        total += loss_fn(model(x), y).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total, count
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy over the fixed held-out set.
+
+    Under torchrun, when the set splits evenly, each rank evaluates its contiguous share and the sums are
+    all-reduced (the same number as one process, up to rounding); otherwise every rank evaluates everything."""
+    device = next(model.parameters()).device
+    n, w = inputs.size(0), dist.world_size()
+    if w == 1 or n % w:
+        total, count = _eval_sums(model, inputs, targets, batch_size, device)
+        return total / count
+    share = n // w
+    lo = dist.rank() * share
+    total, count = _eval_sums(model, inputs[lo:lo + share], targets[lo:lo + share], batch_size, device)
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist._comm_device(device))
+    dist.all_reduce_sum(sums)
+    return float(sums[0] / sums[1])
+
+
+class CheckpointTimer:
+    """``train.checkpoint_every_seconds``: is a time-based checkpoint due? Rank 0's clock decides for all."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        due = dist.broadcast_object(time.monotonic() - self.last >= self.seconds)
+        if due:
+            self.last = time.monotonic()
+        return due
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+
+@dataclass
+class StepResult:
+    """What a trainer's step reports to :func:`run_loop`.
+
+    ``row``: the step's own metrics (the loop adds step, tokens, compute, throughput, wall time and evaluation);
+    ``tokens`` and ``forward_equivalents``: what the step consumed; ``seconds_before``: time this step had already
+    spent before a resume (a GN step resumed inside its inner loop); ``postfix``: progress-bar fields;
+    ``diverged``: a message when the step found the run diverged (the step is then not counted)."""
+
+    row: dict[str, Any]
+    tokens: int
+    forward_equivalents: float
+    seconds_before: float = 0.0
+    postfix: dict[str, str] = field(default_factory=dict)
+    diverged: str | None = None
+
+
+class Trainer(Protocol):
+    """A training method as the loop sees it: one step at a time, and its state for checkpoints."""
+
+    unit: str  # what one step is called in the progress bar ("step", "outer step")
+
+    def step(self) -> StepResult: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Run:
+    """Everything a trainer needs, built from the config before any compute starts."""
+
+    cfg: RunConfig
+    dir: Path
+    data: PreparedData
+    model: GPT
+    stream: BatchStream
+    eval_inputs: torch.Tensor
+    eval_targets: torch.Tensor
+    device: torch.device
+    checkpoint: dict[str, Any] | None
+    logger: MetricsLogger | None = None
+    ema: EMA | None = None
+    timer: CheckpointTimer = field(default_factory=lambda: CheckpointTimer(0.0))
+    state: dict[str, Any] = field(default_factory=lambda: {
+        "step": 0, "tokens": 0, "forward_equivalents": 0.0, "wall_time": 0.0})
+
+    def start_ema(self, params: dict[str, torch.Tensor]) -> None:
+        """The EMA of ``params`` (``train.ema_decay``; off at 0), restored from the checkpoint when resuming.
+        Call it once the parameters are in their final form (after FSDP sharding)."""
+        if not self.cfg.train.ema_decay:
+            return
+        self.ema = EMA(params, self.cfg.train.ema_decay)
+        if self.checkpoint is not None:
+            self.ema.load_state_dict(dist.shard_ema_state(self.checkpoint["ema"], params))
+
+    def evaluate(self) -> float:
+        """Loss on the fixed held-out set, of the EMA weights when there is an EMA (as the paper evaluates)."""
+        if self.ema is None:
+            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
+        with self.ema.swap_into(self.model):
+            return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
+
+    def next_batch(self, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.stream.next(n_sequences)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def log(self, **row: Any) -> None:
+        if self.logger is not None:
+            self.logger.log(row)
+
+    def checkpoint_due(self) -> bool:
+        """Is a time-based checkpoint due (``train.checkpoint_every_seconds``)? The same answer on every rank."""
+        return self.timer.due()
+
+    def save(self, extra: dict[str, Any]) -> None:
+        """Checkpoint the model, the run state, the EMA, the data position and RNG states, plus trainer ``extra``.
+
+        Call it on every rank: sharded (FSDP) tensors are gathered to full tensors (a collective), then rank 0
+        writes the file."""
+        state = {
+            "model": self.model.state_dict(),
+            "state": dict(self.state),
+            "stream": self.stream.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            **extra,
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        state = dist.full_tensors(state)
+        if dist.is_main():
+            save_checkpoint(self.dir / "checkpoint.pt", state)
+        self.timer.reset()
+
+    def restore(self) -> dict[str, Any]:
+        """Load the checkpoint we resume from into the model, state and stream; returns it for the trainer."""
+        ckpt = self.checkpoint
+        assert ckpt is not None
+        dist.load_model_state(self.model, ckpt["model"])
+        self.state.update(ckpt["state"])
+        self.stream.load_state_dict(ckpt["stream"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        return ckpt
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        summary = {"method": self.cfg.method, **summary, **{k: self.state[k] for k in
+                                                             ("step", "tokens", "forward_equivalents", "wall_time")}}
+        if dist.world_size() > 1:
+            summary["world_size"] = dist.world_size()
+        if dist.is_main():
+            atomic_write_bytes(self.dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        if self.logger is not None:
+            self.logger.close()
+        return summary
+
+
+def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
+    """The training loop of every method: evaluation, logging, progress, target stop, divergence and
+    checkpoints around ``trainer.step()``. Returns the run's summary (also written to ``summary.json``).
+
+    A run stops at ``train.steps``, at the first evaluation at or below ``train.target_loss``, or when it diverges
+    (a step reports it, or the eval loss is non-finite); it is checkpointed every ``train.checkpoint_every`` steps,
+    every ``train.checkpoint_every_seconds`` and at the end (not after a divergence: the last good checkpoint stays).
+    """
+    cfg, st = run.cfg, run.state
+    summary: dict[str, Any] = {"reached_target": False, "diverged": False}
+    run.timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
+    if run.checkpoint is None:
+        st["eval_loss"] = run.evaluate()
+        run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
+    bar = tqdm(total=cfg.train.steps, initial=st["step"], unit=trainer.unit, dynamic_ncols=True,
+               disable=not (cfg.train.progress and dist.is_main()), file=sys.stderr)
+    while st["step"] < cfg.train.steps:
+        if cfg.train.target_loss is not None and st.get("eval_loss", math.inf) <= cfg.train.target_loss:
+            break
+        t0 = time.perf_counter()
+        out = trainer.step()
+        if out.diverged is not None:
+            summary.update(diverged=True, message=out.diverged)
+            break
+        dt = out.seconds_before + time.perf_counter() - t0
+        st["step"] += 1
+        st["tokens"] += out.tokens
+        st["forward_equivalents"] += out.forward_equivalents
+        st["wall_time"] += dt
+        row = {"step": st["step"], "tokens": st["tokens"], **out.row, "tokens_per_s": out.tokens / dt,
+               "wall_time": st["wall_time"], "forward_equivalents": st["forward_equivalents"]}
+        last = st["step"] == cfg.train.steps
+        if st["step"] % cfg.train.eval_every == 0 or last:
+            st["eval_loss"] = row["eval_loss"] = run.evaluate()
+            if not math.isfinite(st["eval_loss"]):
+                summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
+        if st["step"] % cfg.train.log_every == 0 or "eval_loss" in row:
+            run.log(**row)
+        bar.update(1)
+        bar.set_postfix(**out.postfix, eval=f"{st.get('eval_loss', math.nan):.3f}")
+        if summary["diverged"]:
+            break
+        every = cfg.train.checkpoint_every and st["step"] % cfg.train.checkpoint_every == 0
+        if (every or run.checkpoint_due()) and not last:
+            run.save(trainer.state_dict())
+    bar.close()
+    if summary["diverged"]:
+        if dist.is_main():
+            print(f"gnlm: run diverged: {summary['message']}; lower the learning rate", file=sys.stderr)
+    else:
+        run.save(trainer.state_dict())
+    return run.finish(target_summary(run, summary))
+
+
+def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
+    """Check everything, prepare data, build the model; load the checkpoint when resuming.
+
+    Under torchrun: the process group is started here; rank 0 checks/creates the run directory and prepares the
+    data while the others wait, then every rank opens the prepared data and (when resuming) reads the checkpoint.
+    """
+    dist.init(cfg.train.device)
+    check_parallel(cfg, dist.world_size())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist; give a checkpoint path")
+    run_dir, resuming = dist.main_first(lambda: prepare_run_dir(cfg, resume, overwrite))
+    progress = cfg.train.progress and dist.is_main()
+    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
+    data = load_prepared(data_dir)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"raise model.vocab_size or use a smaller tokenizer")
+    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences)
+    stream = BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
+                         rank=dist.rank(), world_size=dist.world_size())
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    if cfg.train.init_from is not None and not resuming:
+        init = load_checkpoint(cfg.train.init_from, map_location=device, verbose=dist.is_main())
+        try:
+            model.load_state_dict(init["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"train.init_from: the checkpoint does not fit this model ({first}); "
+                              f"use a checkpoint of the same model config") from None
+    checkpoint = (load_checkpoint(run_dir / "checkpoint.pt", map_location=device, verbose=dist.is_main())
+                  if resuming else None)
+    if dist.is_main():
+        atomic_write_bytes(run_dir / "config.yaml",
+                           yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False).encode())
+    run = Run(cfg=cfg, dir=run_dir, data=data, model=model, stream=stream, eval_inputs=eval_inputs,
+              eval_targets=eval_targets, device=device, checkpoint=checkpoint)
+    if dist.is_main():
+        run.logger = MetricsLogger(run_dir, cfg, resume_step=checkpoint["state"]["step"] if checkpoint else None)
+    dist.barrier()  # no rank starts before rank 0 has trimmed the metrics of a resumed run
+    return run
+
+
+def target_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """Add the eval loss and, if a target is set, where it was first reached (read back from the metrics)."""
+    summary["final_eval_loss"] = run.state.get("eval_loss")
+    target = run.cfg.train.target_loss
+    summary["target_loss"] = target
+    if target is not None and run.logger is not None:
+        run.logger.file.flush()
+        for line in run.logger.path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("eval_loss") is not None and row["eval_loss"] <= target:
+                summary.update(reached_target=True, target_step=row["step"], target_tokens=row["tokens"],
+                               target_forward_equivalents=row.get("forward_equivalents"),
+                               target_wall_time=row.get("wall_time"))
+                break
+    return summary
+
+
