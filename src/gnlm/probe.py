@@ -1,0 +1,734 @@
+r"""``gnlm probe``: how far is an optimizer's step from the Gauss-Newton step? (design.md; issue 10)
+
+The measure. On one batch at θ₀ let ℓ be the mean next-token cross-entropy, g = ∇ℓ(θ₀), G = JᵀHJ the batch's
+Gauss-Newton matrix (curvature.py), λ ≥ 0 a damping and M = G + λI. The GN model of the loss change along d is
+
+    q(d) = gᵀd + ½ dᵀMd,      best decrease Δq* = −min_d q(d) = ½ gᵀM⁻¹g   at the GN step d* = −M⁻¹g.
+
+* Direction efficiency ρ(d) = (gᵀd)² / (dᵀMd · gᵀM⁻¹g) if gᵀd < 0, else 0. It is the squared cosine between d and
+  d* in the M inner product, i.e. the fraction of Δq* that d reaches with its best step size
+  α(d) = −gᵀd / dᵀMd (reported as ``best_scale``: > 1 means the step was too short for the GN model). ρ ∈ [0, 1],
+  ρ = 1 only along d*, and ρ does not depend on the scale of d.
+* Step efficiency −q(d)/Δq* at the step as taken. With s = 1/α it equals ρ·(2s − s²): ρ when the step has the
+  model's best length, less when it is shorter or longer, negative when it overshoots more than twofold.
+
+References, per probe batch: the GN step d* (CG, :func:`gnlm.curvature.cg_solve`, relative residual reported), the
+layerwise GN step (CG on the block-diagonal M of ``gn.layerwise``'s partition; scored under the full M) and the
+gradient, taken at the GN model's best step size along it, −α g with α = gᵀg / gᵀMg (so its step efficiency equals
+its ρ).
+
+gᵀM⁻¹g is not known exactly: CG gives −gᵀd*, and every direction d gives the lower bound (gᵀd)²/dᵀMd (Cauchy-Schwarz
+in the M inner product, equality at d*). The estimate is the largest of these bounds, so no ρ exceeds 1 and every ρ
+is at most slightly high. For the CG iterate, gᵀM⁻¹g − (−gᵀd*) = rᵀM⁻¹r ≤ ‖r‖²/λ (r the residual, exact
+arithmetic), so ``gmg_rel_gap_bound`` = ‖r‖² / (λ · estimate) bounds the relative error of the estimate, and of
+every ρ (reported when λ > 0). It is far smaller than the relative residual (≤ 0.2% at residual 1e-2 in the README
+example), which is why the default CG tolerance is 1e-2. ρ(d*) ≈ 1 checks that CG and the separate M-products
+agree; it is not a convergence test (the residual and the bound are).
+
+Optimizer steps. Each optimizer is built with :func:`gnlm.optim.build_optimizer` (the paper's Muon/AdamW routing,
+clipping as in the baseline trainer) at the checkpoint's parameters θ₀ and takes ``warmup_steps`` steps on the
+training stream (from the checkpoint's stream position) to build its state. The parameters are then put back to
+θ₀, the state is kept: every optimizer and every reference is scored at the same θ₀ on the same batches, so the
+numbers compare directions and nothing else. For each probe batch the optimizer starts from that same state and
+takes one step with the batch's gradient g: d = θ_after − θ₀.
+
+Real loss. On a second fresh batch per probe batch, ℓ(θ₀ + η d) − ℓ(θ₀) for η on the line search's grid
+(:func:`gnlm.gauss_newton.line_search_etas`, ``gn.ls_range`` of the run), next to the GN model's prediction
+q(η d) from the probe batch. Every direction is taken at the scale it is reported at: an optimizer's actual step,
+d* and the layerwise step at their natural scale (what the GN trainer line-searches), the gradient at α.
+
+Data parallel (torchrun): every rank holds θ₀ and a shard of every batch; gradients, GGN-vector products (CG's
+``reduce``) and losses are averaged over the ranks, so every rank scores the same directions; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from gnlm import distributed as dist
+from gnlm.analysis import best_by_method_batch, read_rows, summarize_study
+from gnlm.checkpoint import atomic_write_bytes, load_checkpoint
+from gnlm.config import ConfigError, dumps_json
+from gnlm.curvature import (
+    blocks_from_patterns,
+    cg_solve,
+    default_blocks,
+    ggn_vector_product,
+    surrogate_grad,
+)
+from gnlm.data import BatchStream, load_prepared, prepare_data
+from gnlm.gauss_newton import line_search_etas
+from gnlm.model import GPT, loss_fn
+from gnlm.optim import OptimConfig, build_optimizer, clip_grad_norm
+from gnlm.run import resolve_device
+from gnlm.runconfig import RunConfig, build_run_config
+
+__all__ = ["ProbeResult", "direction_efficiency", "damped_product", "probe_directions", "step_direction",
+           "loss_along", "run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
+
+Params = dict[str, Tensor]
+Reduce = Callable[[list[Tensor]], Any]
+REFERENCES = ("gn", "layerwise", "gradient")
+_LABELS = {"gn": "GN step (CG)", "layerwise": "layerwise GN", "gradient": "gradient"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the measure (pure functions on dicts of tensors)
+
+
+def _dot(a: Params, b: Params) -> float:
+    return float(sum(torch.dot(a[k].reshape(-1).double(), b[k].reshape(-1).double()) for k in a))
+
+
+def direction_efficiency(g: Params, d: Params, md: Params, gmg: float) -> dict[str, float]:
+    r"""Scores of direction ``d`` given the gradient ``g``, ``md`` = M d and ``gmg`` = gᵀM⁻¹g.
+
+    Returns ``rho`` = (gᵀd)² / (dᵀMd · gᵀM⁻¹g) if gᵀd < 0 (else 0), ``step_efficiency`` = −q(d) / (½ gᵀM⁻¹g) with
+    q(d) = gᵀd + ½ dᵀMd, ``best_scale`` α = −gᵀd / dᵀMd (the GN model's best multiple of d; 0 if gᵀd ≥ 0),
+    ``gtd``, ``dmd``, ``q`` and ``norm`` = ‖d‖.
+    """
+    gtd, dmd = _dot(g, d), _dot(d, md)
+    descent = gtd < 0 and dmd > 0
+    q = gtd + 0.5 * dmd
+    return {"rho": gtd * gtd / (dmd * gmg) if descent and gmg > 0 else 0.0,
+            "step_efficiency": -q / (0.5 * gmg) if gmg > 0 else 0.0,
+            "best_scale": -gtd / dmd if descent else 0.0,
+            "gtd": gtd, "dmd": dmd, "q": q, "norm": math.sqrt(_dot(d, d))}
+
+
+def damped_product(model: nn.Module, params: Params, inputs: Tensor, targets: Tensor, d: Params, damping: float,
+                   reduce: Reduce | None = None) -> Params:
+    """M d = G d + λ d on one batch; ``reduce`` (data parallel) averages G d over the ranks first."""
+    gd = ggn_vector_product(model, params, inputs, targets, d)
+    if reduce is not None:
+        reduce(list(gd.values()))
+    return {k: gd[k] + damping * d[k] for k in gd}
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`probe_directions` measured on one batch.
+
+    ``references``: the directions ``gn`` (d*), ``layerwise`` (absent without blocks) and ``gradient`` (−α g);
+    ``scores``: :func:`direction_efficiency` of every reference and every given direction; ``gmg``: the estimate of
+    gᵀM⁻¹g used; ``cg``: per reference solve its ``iterations``, ``relative_residual``, ``converged``.
+    """
+
+    loss: float
+    grad: Params
+    gmg: float
+    gmg_rel_gap_bound: float | None
+    references: dict[str, Params]
+    scores: dict[str, dict[str, float]]
+    cg: dict[str, dict[str, Any]]
+
+
+def probe_directions(model: nn.Module, params: Params, inputs: Tensor, targets: Tensor,
+                     directions: dict[str, Params] | None = None, damping: float = 1e-3, cg_iters: int = 100,
+                     cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None, grad: Params | None = None,
+                     reduce: Reduce | None = None) -> ProbeResult:
+    r"""Score ``directions`` (name -> dict like ``params``) against the GN step of one batch at ``params``.
+
+    Solves (G + λI) d* = −g by CG (``cg_iters``, ``cg_tol`` relative to ‖g‖) and, with ``blocks`` (a partition of
+    the parameter names, e.g. :func:`gnlm.curvature.default_blocks`), the layerwise system with block-diagonal G;
+    then one M-product per direction. ``grad`` is g when the caller already has it (else it is computed).
+    ``reduce`` (data parallel, e.g. :func:`gnlm.distributed.all_reduce_mean`) averages gradients and products
+    over the ranks; ``inputs, targets`` are then this rank's shard. Works on any module mapping ids to logits.
+    """
+    directions = dict(directions or {})
+    clash = sorted(set(directions) & set(REFERENCES))
+    if clash:
+        raise ValueError(f"probe_directions: direction names {clash} are reserved for the references")
+    params = {k: v.detach() for k, v in params.items()}
+    if grad is None:
+        _, grad = surrogate_grad(model, params, params, inputs, targets, kind="gn")
+        if reduce is not None:
+            reduce(list(grad.values()))
+    d_star, info = cg_solve(model, params, inputs, targets, damping=damping, max_iters=cg_iters, tol=cg_tol,
+                            reduce=reduce)
+    cg = {"gn": _cg_summary(info)}
+    refs: dict[str, Params] = {"gn": d_star}
+    if blocks is not None:
+        refs["layerwise"], info_lw = cg_solve(model, params, inputs, targets, damping=damping, max_iters=cg_iters,
+                                              tol=cg_tol, blocks=blocks, reduce=reduce)
+        cg["layerwise"] = _cg_summary(info_lw)
+    products = {name: damped_product(model, params, inputs, targets, d, damping, reduce)
+                for name, d in {**refs, **directions}.items()}
+    neg_g = {k: -v for k, v in grad.items()}
+    mg = damped_product(model, params, inputs, targets, neg_g, damping, reduce)
+    alpha = _dot(grad, grad) / max(_dot(neg_g, mg), 1e-300)
+    refs["gradient"] = {k: alpha * v for k, v in neg_g.items()}
+    products["gradient"] = {k: alpha * v for k, v in mg.items()}
+    all_dirs = {**refs, **directions}
+    # gᵀM⁻¹g ≥ (gᵀd)²/dᵀMd for every d (equality at d*); CG's −gᵀd* is the same bound for an exact CG iterate
+    bounds = [-_dot(grad, d_star)]
+    for name, d in all_dirs.items():
+        gtd, dmd = _dot(grad, d), _dot(d, products[name])
+        if gtd < 0 and dmd > 0:
+            bounds.append(gtd * gtd / dmd)
+    gmg = max(bounds)
+    gap = info["residual_norm"] ** 2 / (damping * gmg) if damping > 0 and gmg > 0 else None
+    scores = {name: direction_efficiency(grad, d, products[name], gmg) for name, d in all_dirs.items()}
+    return ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs, scores=scores,
+                       cg=cg)
+
+
+def _cg_summary(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: info[k] for k in ("iterations", "relative_residual", "converged", "residual_norm")}
+
+
+def step_direction(model: nn.Module, optimizer: torch.optim.Optimizer, grad: Params, clip: float = 0.0,
+                   per_group: bool = False) -> Params:
+    """d = θ_after − θ₀ of one ``optimizer`` step with gradient ``grad`` (clipped like the baseline trainer:
+    :func:`gnlm.optim.clip_grad_norm`); the parameters are put back to θ₀, the optimizer keeps its new state."""
+    params = dict(model.named_parameters())
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = grad[n].detach().to(p.dtype).clone()  # clipping and the optimizer may write into it
+    clip_grad_norm(optimizer, clip, per_group=per_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        d = {n: p.detach() - theta0[n] for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(theta0[n])
+    return d
+
+
+@torch.no_grad()
+def loss_along(model: nn.Module, params0: Params, directions: dict[str, Params], inputs: Tensor, targets: Tensor,
+               etas: Sequence[float]) -> tuple[float, dict[str, list[float]]]:
+    """ℓ(θ₀) and ℓ(θ₀ + η d) − ℓ(θ₀) for every direction and η on one batch, averaged over the ranks; the
+    model's parameters are left at θ₀."""
+    params = dict(model.named_parameters())
+    values = [loss_fn(model(inputs), targets).item()]
+    for d in directions.values():
+        for eta in etas:
+            for n, p in params.items():
+                p.copy_(params0[n] + eta * d[n])
+            values.append(loss_fn(model(inputs), targets).item())
+    for n, p in params.items():
+        p.copy_(params0[n])
+    device = next(iter(params.values())).device
+    values = dist.mean_of_floats(values, device)
+    base, rest = values[0], values[1:]
+    k = len(etas)
+    return base, {name: [v - base for v in rest[i * k:(i + 1) * k]] for i, name in enumerate(directions)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sources: run directory, checkpoint, study results directory
+
+
+@dataclass
+class _Source:
+    kind: str  # "run" | "checkpoint" | "study" | "along"
+    config_path: Path
+    checkpoints: list[Path]
+    default_out: Path
+    study_dir: Path | None = None
+
+
+def _resolve_source(source: str | Path | None, along: str | Path | None) -> _Source:
+    what = "a run directory (config.yaml + checkpoint.pt), a checkpoint file or a study results directory"
+    study_dir = None
+    if source is not None:
+        src = Path(source)
+        if not src.exists():
+            raise ConfigError(f"SOURCE {src} does not exist; give {what}")
+        if src.is_dir() and (src / "study.yaml").exists():
+            study_dir = src
+    if along is not None:
+        run = Path(along)
+        if source is not None and study_dir is None:
+            raise ConfigError(f"with --along {run}, SOURCE must be a study results directory (it only supplies "
+                              f"learning rates), got {source}; drop SOURCE or give the study")
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--along {run}: not a run directory (no config.yaml); give a directory written by "
+                              "gnlm train")
+        ckpts = sorted(p for p in run.glob("*.pt") if p.is_file())
+        if not ckpts:
+            raise ConfigError(f"--along {run}: the run has no checkpoints (*.pt); train it with "
+                              "train.checkpoint_every=N to keep some")
+        return _Source("along", run / "config.yaml", ckpts, run / "probe", study_dir)
+    if source is None:
+        raise ConfigError(f"no SOURCE given; give {what}, or --along RUN_DIR")
+    src = Path(source)
+    if study_dir is not None:
+        ws = src / "warm_start"
+        if not (ws / "checkpoint.pt").is_file() or not (ws / "config.yaml").is_file():
+            raise ConfigError(f"study {src} has no shared warm start (warm_start/checkpoint.pt and config.yaml); "
+                              "finish its warm start with gnlm bench or probe one of its run directories")
+        return _Source("study", ws / "config.yaml", [ws / "checkpoint.pt"], src / "probe", study_dir)
+    if src.is_dir():
+        if not (src / "config.yaml").is_file():
+            raise ConfigError(f"SOURCE {src} is neither a run directory (no config.yaml) nor a study results "
+                              "directory (no study.yaml); give " + what)
+        if not (src / "checkpoint.pt").is_file() and not (src / "checkpoint.prev.pt").is_file():
+            raise ConfigError(f"run directory {src} has no checkpoint.pt; let the run finish (gnlm train) or give "
+                              "a checkpoint file")
+        return _Source("run", src / "config.yaml", [src / "checkpoint.pt"], src / "probe")
+    if not (src.parent / "config.yaml").is_file():
+        raise ConfigError(f"checkpoint {src}: no config.yaml beside it in {src.parent}, so the model and data are "
+                          "unknown; copy the run's config.yaml there")
+    return _Source("checkpoint", src.parent / "config.yaml", [src], src.parent / "probe")
+
+
+def _load_config(path: Path) -> RunConfig:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path} is not valid YAML; restore the run's config.yaml") from None
+    try:
+        return build_run_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _parse_list(text: str | Sequence[str], flag: str, example: str) -> list[str]:
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
+    if not items or any(not s for s in items):
+        raise ConfigError(f"{flag}: empty entry in {text!r}; give a comma-separated list such as {example}")
+    return items
+
+
+def _check_optimizer(name: str) -> str:
+    cfg = OptimConfig(name=name)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"--optimizers: {str(e).removeprefix('optim.name: ')}") from None
+    return cfg.name
+
+
+def _study_lrs(study: dict[str, Any], study_dir: Path, optimizers: list[str],
+               batch_tokens: int) -> dict[str, tuple[float, str]]:
+    """Best learning rate of each optimizer at ``batch_tokens`` from a study's runs.jsonl, where the study has a
+    method of that name (a plain built-in, or a label whose ``optimizer`` is that import path) run at that batch."""
+    rows = read_rows(study_dir / "runs.jsonl")
+    if study.get("targets"):  # declared targets: the lr selected on the primary target (summary.json's best_lr)
+        cells = summarize_study(study, rows, bootstrap=0)["cells"]
+        best = {(c["method"], c["batch_tokens"]): c["best_lr"] for c in cells.values()}
+    else:
+        best = {k: b.lr for k, b in best_by_method_batch(rows, study.get("kind", "steps_to_target")).items()}
+    out = {}
+    for opt in optimizers:
+        for m in study.get("methods", []):
+            name = m.get("name")
+            plain = name == opt and m.get("type") in (None, opt) and not m.get("optimizer")
+            if (plain or m.get("optimizer") == opt) and (name, batch_tokens) in best:
+                out[opt] = (best[(name, batch_tokens)], f"study best lr of {name} at batch {batch_tokens}")
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _summarize(per_batch: list[dict[str, float]], curves: list[list[float]],
+               predicted: list[list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("rho", "step_efficiency", "best_scale"):
+        out[key], out[f"{key}_std"] = _stats([s[key] for s in per_batch])
+    out["step_norm"] = statistics.fmean(s["norm"] for s in per_batch)
+    out["per_batch"] = {k: [s[k] for s in per_batch] for k in per_batch[0]}
+    out["real_loss_change"] = [statistics.fmean(c) for c in zip(*curves)]
+    out["predicted_loss_change"] = [statistics.fmean(c) for c in zip(*predicted)]
+    out["real_loss_change_per_batch"] = curves
+    return out
+
+
+def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, OptimConfig], n_seq: int,
+                 probe_batches: int, warmup_steps: int, damping: float, cg_iters: int, cg_tol: float,
+                 device: torch.device, bar) -> dict[str, Any]:
+    """Every number of one checkpoint: optimizer steps, references, real-loss curves over the probe batches."""
+    ckpt = load_checkpoint(ckpt_path, map_location=device, verbose=dist.is_main())
+    model = GPT(cfg.model).to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"checkpoint {ckpt_path} does not fit the model of its config.yaml ({first}); "
+                          "give the run's own checkpoint") from None
+    step = ckpt.get("state", {}).get("step")
+    stream = BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
+                         rank=dist.rank(), world_size=dist.world_size())
+    if "stream" in ckpt:
+        stream.load_state_dict(ckpt["stream"])
+    del ckpt
+    reduce = dist.all_reduce_mean if dist.world_size() > 1 else None
+    params = dict(model.named_parameters())
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    blocks = (blocks_from_patterns(list(params), cfg.gn.blocks) if cfg.gn.blocks is not None
+              else default_blocks(model))
+    etas = line_search_etas(cfg.gn.ls_range)
+
+    def to_device(b):
+        return b[0].to(device), b[1].to(device)
+
+    warm = [to_device(stream.next(n_seq)) for _ in range(warmup_steps)]
+    batches = [(to_device(stream.next(n_seq)), to_device(stream.next(n_seq))) for _ in range(probe_batches)]
+
+    def loss_grad(x: Tensor, y: Tensor) -> Params:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        grads = {n: p.grad.detach() for n, p in params.items()}
+        model.zero_grad(set_to_none=True)
+        if reduce is not None:
+            reduce(list(grads.values()))
+        return grads
+
+    optimizers: dict[str, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
+    for name, ocfg in opt_cfgs.items():  # build each optimizer's state along the training stream, then back to θ₀
+        opt = build_optimizer(params, ocfg)
+        for x, y in warm:
+            grads = loss_grad(x, y)
+            for n, p in params.items():
+                p.grad = grads[n]
+            clip_grad_norm(opt, ocfg.clip, per_group=ocfg.clip_per_group)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta0[n])
+        optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
+
+    names = [*REFERENCES, *opt_cfgs]
+    scores: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    real: dict[str, list[list[float]]] = {n: [] for n in names}
+    predicted: dict[str, list[list[float]]] = {n: [] for n in names}
+    per_batch: dict[str, list[Any]] = {k: [] for k in ("loss", "real_loss_base", "gmg", "gmg_rel_gap_bound",
+                                                       "cg_iterations", "cg_rel_residual",
+                                                       "layerwise_cg_iterations", "layerwise_cg_rel_residual")}
+    converged = {"gn": True, "layerwise": True}
+    for k, ((x, y), (xl, yl)) in enumerate(batches):
+        g = loss_grad(x, y)
+        steps = {}
+        for name, (opt, snapshot) in optimizers.items():  # every probe starts from the same warmed-up state
+            opt.load_state_dict(copy.deepcopy(snapshot))
+            steps[name] = step_direction(model, opt, g, opt_cfgs[name].clip, opt_cfgs[name].clip_per_group)
+        res = probe_directions(model, theta0, x, y, steps, damping=damping, cg_iters=cg_iters, cg_tol=cg_tol,
+                               blocks=blocks, grad=g, reduce=reduce)
+        base, changes = loss_along(model, theta0, {**res.references, **steps}, xl, yl, etas)
+        for name in names:
+            sc = res.scores[name]
+            scores[name].append(sc)
+            real[name].append(changes[name])
+            predicted[name].append([eta * sc["gtd"] + 0.5 * eta * eta * sc["dmd"] for eta in etas])
+        per_batch["loss"].append(res.loss)
+        per_batch["real_loss_base"].append(base)
+        per_batch["gmg"].append(res.gmg)
+        per_batch["gmg_rel_gap_bound"].append(res.gmg_rel_gap_bound)
+        for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
+            info = res.cg[ref]
+            per_batch[f"{prefix}cg_iterations"].append(info["iterations"])
+            per_batch[f"{prefix}cg_rel_residual"].append(info["relative_residual"])
+            if not info["converged"]:
+                converged[ref] = False
+                if dist.is_main():
+                    bar.write(f"gnlm probe: warning: CG for the {_LABELS[ref]} stopped after {info['iterations']} "
+                              f"iterations at relative residual {info['relative_residual']:.2e} > {cg_tol:g} "
+                              f"(checkpoint step {step}, probe batch {k + 1}); its ρ and every ρ measured against it "
+                              "are approximate: raise --cg-iters or --damping", file=sys.stderr)
+        bar.update(1)
+
+    point: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step,
+                             "loss": statistics.fmean(per_batch["loss"])}
+    point["optimizers"] = {name: _summarize(scores[name], real[name], predicted[name]) for name in opt_cfgs}
+    point["references"] = {ref: _summarize(scores[ref], real[ref], predicted[ref]) for ref in REFERENCES}
+    for ref in REFERENCES:
+        point[f"{ref}_rho"] = point["references"][ref]["rho"]
+        point[f"{ref}_rho_std"] = point["references"][ref]["rho_std"]
+    gaps = [v for v in per_batch["gmg_rel_gap_bound"] if v is not None]
+    point["gmg_rel_gap_bound"] = max(gaps) if gaps else None
+    point["cg_rel_residual"] = max(per_batch["cg_rel_residual"])
+    point["cg_iterations"] = per_batch["cg_iterations"]
+    point["cg_converged"] = converged["gn"]
+    point["layerwise_cg_rel_residual"] = max(per_batch["layerwise_cg_rel_residual"])
+    point["layerwise_cg_iterations"] = per_batch["layerwise_cg_iterations"]
+    point["layerwise_cg_converged"] = converged["layerwise"]
+    point["layerwise_blocks"] = len(blocks)
+    point["per_batch"] = per_batch
+    return point
+
+
+def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] = "adamw,muon,soap",
+              lrs: str | Sequence[float] | None = None, batch_tokens: int | None = None, probe_batches: int = 4,
+              warmup_steps: int = 10, damping: float = 1e-3, cg_iters: int = 100, cg_tol: float = 1e-2,
+              out: str | Path | None = None, along: str | Path | None = None, device: str | None = None,
+              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Probe every optimizer at a checkpoint (or at every checkpoint of ``along``); write ``probe.json``,
+    ``probe.md`` and ``probe.png`` into ``out`` (default: ``probe/`` in the source directory) and return the dict.
+
+    ``source``: a run directory, a checkpoint file (its directory's config.yaml gives model and data) or a study
+    results directory (its warm start is probed; its best-lr table at ``batch_tokens`` gives learning rates).
+    Learning rates: ``lrs`` (one per optimizer), else the study's best, else the run's own ``optim.lr`` for the
+    optimizer it was trained with, else :class:`gnlm.optim.OptimConfig`'s default (each choice is reported).
+    ``batch_tokens`` (default: the study's smallest batch, or the run's batch) is the size of every warm-up step,
+    probe batch and real-loss batch. ``device`` and ``threads`` default to the run's ``train.device`` and
+    ``train.threads``. Every input is checked (one-line :class:`ConfigError`) before compute.
+    """
+    t_start = time.perf_counter()
+    src = _resolve_source(source, along)
+    names = [_check_optimizer(n) for n in _parse_list(optimizers, "--optimizers", "adamw,muon,soap")]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--optimizers: {','.join(names)} names an optimizer twice; list each once")
+    lr_list = None
+    if lrs is not None:
+        lr_items = _parse_list(lrs, "--lrs", "3e-3,2e-2,3e-3") if isinstance(lrs, str) else [str(v) for v in lrs]
+        try:
+            lr_list = [float(v) for v in lr_items]
+        except ValueError:
+            raise ConfigError(f"--lrs: {lrs!r} is not a list of numbers; give one learning rate per optimizer, "
+                              "e.g. --lrs 3e-3,2e-2,3e-3") from None
+        if len(lr_list) != len(names):
+            raise ConfigError(f"--lrs gives {len(lr_list)} learning rates for {len(names)} optimizers "
+                              f"({','.join(names)}); give one per optimizer, in the same order")
+        if not all(math.isfinite(v) and v > 0 for v in lr_list):
+            raise ConfigError(f"--lrs: every learning rate must be a positive number, got {lrs!r}")
+    for flag, value, low in (("--probe-batches", probe_batches, 1), ("--warmup-steps", warmup_steps, 0),
+                             ("--cg-iters", cg_iters, 1), ("--threads", 1 if threads is None else threads, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"--damping must be >= 0, got {damping}; e.g. --damping 1e-3")
+    if not cg_tol > 0:
+        raise ConfigError(f"--cg-tol must be > 0, got {cg_tol}; e.g. --cg-tol 1e-2")
+    cfg = _load_config(src.config_path)
+    seq = cfg.data.seq_len
+    study = (yaml.safe_load((src.study_dir / "study.yaml").read_text()) or {}) if src.study_dir else None
+    if batch_tokens is None:
+        study_batches = (study or {}).get("batch_tokens") or []
+        batch_tokens = min(study_batches) if study_batches else cfg.train.batch_size * seq
+    if batch_tokens < 1 or batch_tokens % seq:
+        raise ConfigError(f"--batch-tokens {batch_tokens} is not a positive multiple of data.seq_len ({seq}); "
+                          f"give e.g. --batch-tokens {seq * max(1, batch_tokens // seq)}")
+    n_seq = batch_tokens // seq
+
+    dist.init(device or cfg.train.device)
+    world = dist.world_size()
+    if n_seq % world:
+        raise ConfigError(f"--batch-tokens {batch_tokens} = {n_seq} sequences do not split evenly over {world} "
+                          "processes; choose a batch whose sequence count the process count divides")
+    if lr_list is not None:
+        chosen = {n: (lr, "--lrs") for n, lr in zip(names, lr_list)}
+    else:
+        from_study = _study_lrs(study, src.study_dir, names, batch_tokens) if src.study_dir else {}
+        chosen = {}
+        for n in names:
+            if n in from_study:
+                chosen[n] = from_study[n]
+            elif cfg.method == "baseline" and cfg.optim.name == n:
+                chosen[n] = (cfg.optim.lr, "the run's optim.lr")
+            else:
+                chosen[n] = (OptimConfig().lr, "OptimConfig default")
+            if dist.is_main():
+                print(f"gnlm probe: {n}: lr {chosen[n][0]:g} ({chosen[n][1]}); pass --lrs to choose",
+                      file=sys.stderr)
+    opt_cfgs = {n: OptimConfig(name=n, lr=lr) for n, (lr, _) in chosen.items()}
+    for ocfg in opt_cfgs.values():
+        ocfg.validate()
+    out_dir = Path(out) if out is not None else src.default_out
+    if dist.is_main():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the output directory {out_dir} ({e.strerror}); give --out DIR") from None
+    if threads or cfg.train.threads:
+        torch.set_num_threads(threads or cfg.train.threads)
+    dev = resolve_device(device or cfg.train.device)
+    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress and dist.is_main()).dir))
+    data = load_prepared(data_dir)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}; the config does not describe this data")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(src.checkpoints) * probe_batches, unit="batch", desc="gnlm probe", dynamic_ncols=True,
+               disable=not (progress and dist.is_main()), file=sys.stderr)
+    points = []
+    for path in src.checkpoints:
+        points.append(_probe_point(cfg, path, data, opt_cfgs, n_seq, probe_batches, warmup_steps, damping, cg_iters,
+                                   cg_tol, dev, bar))
+    bar.close()
+    unique: dict[Any, dict[str, Any]] = {}
+    for p in points:  # a corrupt checkpoint.pt falls back to checkpoint.prev.pt: the same step twice
+        unique.setdefault(p["step"], p)
+    points = sorted(unique.values(), key=lambda p: (p["step"] is None, p["step"] or 0))
+    for p in points:
+        for n, entry in p["optimizers"].items():
+            entry["lr"], entry["lr_source"] = chosen[n]
+    result: dict[str, Any] = {
+        **points[-1], "source": str(source if source is not None else along), "source_kind": src.kind,
+        "config": str(src.config_path), "batch_tokens": batch_tokens, "probe_batches": probe_batches,
+        "warmup_steps": warmup_steps, "damping": damping, "cg_iters": cg_iters, "cg_tol": cg_tol,
+        "etas": line_search_etas(cfg.gn.ls_range), "world_size": world,
+        "real_loss_scales": {"optimizers": "the actual step", "gn": "d* (natural scale)",
+                             "layerwise": "the layerwise GN step (natural scale)",
+                             "gradient": "-alpha*g, alpha = g'g / g'Mg (the GN model's best step along -g)"},
+    }
+    if src.kind == "along":
+        result["along"] = points
+    result["wall_time"] = time.perf_counter() - t_start
+    if dist.is_main():
+        result["files"] = {k: str(out_dir / f"probe.{k}") for k in ("json", "md", "png")}
+        atomic_write_bytes(out_dir / "probe.json", (dumps_json(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out_dir / "probe.md", (markdown(result) + "\n").encode())
+        _plot(out_dir / "probe.png", result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# table and figure
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _rows(point: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = [(n, f"{e['lr']:g} ({e['lr_source']})", e) for n, e in point["optimizers"].items()]
+    return rows + [(_LABELS[r], "—", point["references"][r]) for r in ("layerwise", "gradient", "gn")]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The Markdown report of a :func:`run_probe` result (printed by ``gnlm probe`` and written as probe.md)."""
+    etas = result["etas"]
+    gap = result["gmg_rel_gap_bound"]
+    cg = (f"{max(result['cg_iterations'])} iterations (max {result['cg_iters']}), relative residual "
+          f"≤ {result['cg_rel_residual']:.1e} (tol {result['cg_tol']:g})"
+          + ("" if result["cg_converged"] else " — NOT CONVERGED")
+          + (f"; gᵀM⁻¹g, hence every ρ, within {gap:.1%}" if gap is not None else ""))
+    lw = (f"{max(result['layerwise_cg_iterations'])} iterations, relative residual "
+          f"≤ {result['layerwise_cg_rel_residual']:.1e}" + ("" if result["layerwise_cg_converged"]
+                                                           else " — NOT CONVERGED"))
+    lines = [
+        "## gnlm probe", "",
+        (f"Source `{result['source']}` ({result['source_kind']}), checkpoint step {result['step']}, training loss "
+         f"{result['loss']:.4f}; batch {result['batch_tokens']:,} tokens, {result['probe_batches']} probe batches, "
+         f"{result['warmup_steps']} warm-up steps, damping λ = {result['damping']:g}."), "",
+        f"GN step by CG: {cg}. Layerwise GN ({result['layerwise_blocks']} blocks): {lw}.", "",
+        (f"ρ = (gᵀd)²/(dᵀMd·gᵀM⁻¹g) (1 = the GN direction); step efficiency = −q(d)/Δq* at the step as taken; "
+         f"best scale = the GN model's best multiple of the step; GN-model Δ = q(d), the change the model predicts "
+         f"for the step; real Δloss = the change on fresh batches at η = 1 and at the best "
+         f"η ∈ {{{', '.join(f'{e:.3g}' for e in etas)}}} (η scales the step)."), "",
+        "| direction | lr | ρ | step efficiency | best scale | GN-model Δ | real Δloss (η=1) | best real Δloss (η) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, lr, e in _rows(result):
+        curve = e["real_loss_change"]
+        i = min(range(len(curve)), key=lambda j: curve[j])
+        lines.append(f"| {label} | {lr} | {_pm(e['rho'], e['rho_std'])} | "
+                     f"{_pm(e['step_efficiency'], e['step_efficiency_std'])} | {e['best_scale']:.3g} | "
+                     f"{e['predicted_loss_change'][0]:+.4f} | {curve[0]:+.4f} | {curve[i]:+.4f} ({etas[i]:.3g}) |")
+    if "along" in result:
+        opts = list(result["optimizers"])
+        lines += ["", "ρ along the run:", "",
+                  "| step | " + " | ".join([*opts, "layerwise GN", "gradient", "GN (CG)"]) + " |",
+                  "|---" * (len(opts) + 4) + "|"]
+        for p in result["along"]:
+            cells = [p["optimizers"][n]["rho"] for n in opts] + [p["layerwise_rho"], p["gradient_rho"], p["gn_rho"]]
+            lines.append(f"| {p['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    opts = list(result["optimizers"])
+    points = result.get("along", [result])
+    values = [v for p in points for v in [*(p["optimizers"][n]["rho"] for n in opts), p["gradient_rho"]]]
+    if "along" in result:
+        steps = [p["step"] if p["step"] is not None else i for i, p in enumerate(points)]
+        for i, n in enumerate(opts):
+            ax.plot(steps, [p["optimizers"][n]["rho"] for p in points], "o-", color=f"C{i}", label=n)
+        for ref, style in (("layerwise", "--"), ("gradient", ":")):
+            ax.plot(steps, [p[f"{ref}_rho"] for p in points], style, color="k", marker=".", label=_LABELS[ref])
+        ax.set_xlabel("training step of the checkpoint")
+        ax.set_title("Direction efficiency ρ along the run (1 = GN direction)")
+    else:
+        rho = [result["optimizers"][n]["rho"] for n in opts]
+        std = [result["optimizers"][n]["rho_std"] for n in opts]
+        ax.bar(opts, rho, yerr=std, capsize=4, color=[f"C{i}" for i in range(len(opts))])
+        for ref, style in (("gn", "-"), ("layerwise", "--"), ("gradient", ":")):
+            ax.axhline(result[f"{ref}_rho"], color="k", ls=style, label=f"{_LABELS[ref]} ({result[f'{ref}_rho']:.3f})")
+        ax.set_title(f"Direction efficiency ρ at step {result['step']} (1 = GN direction; "
+                     f"batch {result['batch_tokens']:,} tokens)", fontsize=10)
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")  # the optimizers and the gradient sit orders of magnitude below the oracle
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_ylabel("ρ (mean over probe batches)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="a run directory, a checkpoint file or a study results directory (its warm start)")
+    p.add_argument("--optimizers", default="adamw,muon,soap",
+                   help="comma-separated: adamw, muon, soap or import paths like torch.optim.SGD")
+    p.add_argument("--lrs", default=None, help="one learning rate per optimizer, comma-separated (default: the "
+                   "study's best lr at --batch-tokens, else the run's or the optimizer's default lr)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per warm-up step, probe batch and real-loss batch (default: the run's batch or the "
+                        "study's smallest)")
+    p.add_argument("--probe-batches", type=int, default=4, help="number of probe batches K (default 4)")
+    p.add_argument("--warmup-steps", type=int, default=10,
+                   help="optimizer steps from the checkpoint that build its state before probing (default 10)")
+    p.add_argument("--damping", type=float, default=1e-3, help="λ in M = G + λI (default 1e-3)")
+    p.add_argument("--cg-iters", type=int, default=100, help="CG iterations per solve at most (default 100)")
+    p.add_argument("--cg-tol", type=float, default=1e-2, help="CG tolerance on ‖r‖/‖g‖ (default 1e-2)")
+    p.add_argument("--out", default=None, help="output directory (default: probe/ in the source directory)")
+    p.add_argument("--along", default=None, metavar="RUN_DIR",
+                   help="probe every checkpoint (*.pt) of this run: ρ against training step")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's train.device)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's train.threads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``gnlm probe``: print the Markdown table; files as :func:`run_probe` writes them."""
+    try:
+        result = run_probe(source=args.source, optimizers=args.optimizers, lrs=args.lrs,
+                           batch_tokens=args.batch_tokens, probe_batches=args.probe_batches,
+                           warmup_steps=args.warmup_steps, damping=args.damping, cg_iters=args.cg_iters,
+                           cg_tol=args.cg_tol, out=args.out, along=args.along, device=args.device,
+                           threads=args.threads, progress=not args.no_progress)
+        if dist.is_main():
+            print(markdown(result))
+            print(f"\nwrote {', '.join(result['files'].values())} ({result['wall_time']:.0f} s)", file=sys.stderr)
+        dist.barrier()
+    finally:
+        dist.destroy()
+    return 0

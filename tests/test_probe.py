@@ -1,0 +1,257 @@
+"""`gnlm probe` (issue 10): the direction efficiency against dense ground truth, and the command end to end.
+
+Ground truth (float64, tiny models): the parameters flattened into one vector, the dense Jacobian J of the logits
+(``torch.func.jacrev``), the dense Hessian H of the mean cross-entropy w.r.t. the logits (``torch.func.hessian``),
+G = Jᵀ H J, M = G + λI and dense solves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev
+
+from gnlm.cli import main
+from gnlm.curvature import default_blocks, math_attention
+from gnlm.model import GPT, ModelConfig
+from gnlm.probe import direction_efficiency, probe_directions, step_direction
+
+DT = torch.float64
+LAM = 1e-2
+
+
+class TinyMLP(nn.Module):
+    """Embedding -> tanh MLP -> lm_head: a 2-layer MLP language model (each token on its own)."""
+
+    def __init__(self, vocab: int = 7, d: int = 4, hidden: int = 6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.fc1(self.emb(idx))))
+
+
+MLP_BLOCKS = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["head.weight"]]
+
+
+def make(kind: str):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, vocab, blocks = TinyMLP(), 7, MLP_BLOCKS
+    else:
+        model = GPT(ModelConfig(d_model=4, n_layers=1, n_heads=2, d_ff=8, vocab_size=5, max_seq_len=4))
+        vocab, blocks = 5, default_blocks(model)
+    model = model.to(DT).eval()
+    x, y = torch.randint(0, vocab, (2, 4)), torch.randint(0, vocab, (2, 4))
+    return model, x, y, blocks
+
+
+class Dense:
+    """Dense g, G and M = G + λI of a model at its parameters on one batch, and (un)flattening."""
+
+    def __init__(self, model, x, y, lam=LAM):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        self.names = list(params)
+        self.shapes = [params[k].shape for k in self.names]
+        self.sizes = [params[k].numel() for k in self.names]
+        with math_attention(model):
+            z0 = functional_call(model, params, (x,)).reshape(-1)
+            J = jacrev(lambda th: functional_call(model, self.unflat(th), (x,)).reshape(-1))(self.flat(params))
+        V = model(x).shape[-1]
+
+        def ce(z):
+            return F.cross_entropy(z.reshape(-1, V), y.reshape(-1))
+
+        self.g = J.T @ grad(ce)(z0)
+        self.G = J.T @ hessian(ce)(z0) @ J
+        self.M = self.G + lam * torch.eye(len(self.g), dtype=DT)
+        self.gmg = float(self.g @ torch.linalg.solve(self.M, self.g))
+
+    def flat(self, d):
+        return torch.cat([d[k].reshape(-1) for k in self.names])
+
+    def unflat(self, v):
+        return {k: t.reshape(s) for k, t, s in zip(self.names, v.split(self.sizes), self.shapes)}
+
+    def rho(self, d):
+        gd = float(self.g @ d)
+        return gd * gd / (float(d @ self.M @ d) * self.gmg) if gd < 0 else 0.0
+
+    def block_diagonal(self, blocks):
+        owner = torch.empty(len(self.g), dtype=torch.long)
+        start = 0
+        for name, size in zip(self.names, self.sizes):
+            owner[start:start + size] = next(b for b, names in enumerate(blocks) if name in names)
+            start += size
+        return torch.where(owner[:, None] == owner[None, :], self.G, 0.0) + LAM * torch.eye(len(self.g), dtype=DT)
+
+
+def score(dense, d_flat):
+    return direction_efficiency(dense.unflat(dense.g), dense.unflat(d_flat), dense.unflat(dense.M @ d_flat),
+                                dense.gmg)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+def test_dense_gn_step_scores_one(kind):
+    model, x, y, _ = make(kind)
+    dense = Dense(model, x, y)
+    d_star = -torch.linalg.solve(dense.M, dense.g)
+    s = score(dense, d_star)
+    assert abs(s["rho"] - 1.0) < 1e-8
+    assert abs(s["step_efficiency"] - 1.0) < 1e-8
+    assert abs(s["best_scale"] - 1.0) < 1e-8
+    assert score(dense, -d_star)["rho"] == 0.0
+
+
+@pytest.mark.parametrize("kind,layerwise", [("mlp", True), ("gpt", False)])  # a layerwise CG on the GPT: ~10 s
+def test_probe_directions_match_the_dense_formulas(kind, layerwise):
+    model, x, y, blocks = make(kind)
+    dense = Dense(model, x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(len(dense.g), generator=gen, dtype=DT)
+    r = -r if float(dense.g @ r) > 0 else r  # a descent direction, so that ρ is not clamped to 0
+    dirs = {"random": dense.unflat(r), "random_scaled": dense.unflat(3.7 * r), "ascent": dense.unflat(-r)}
+    res = probe_directions(model, params, x, y, dirs, damping=LAM, cg_iters=10 * len(dense.g), cg_tol=1e-13,
+                           blocks=blocks if layerwise else None)
+    assert res.cg["gn"]["converged"]
+    assert abs(res.gmg / dense.gmg - 1.0) < 1e-9
+    assert abs(res.scores["gn"]["rho"] - 1.0) < 1e-8
+    assert abs(res.scores["gradient"]["rho"] - dense.rho(-dense.g)) < 1e-9
+    assert abs(res.scores["gradient"]["step_efficiency"] - res.scores["gradient"]["rho"]) < 1e-9  # taken at α
+    assert abs(res.scores["random"]["rho"] - dense.rho(r)) < 1e-9
+    assert abs(res.scores["random_scaled"]["rho"] - res.scores["random"]["rho"]) < 1e-12
+    assert res.scores["ascent"]["rho"] == 0.0
+    if not layerwise:
+        assert "layerwise" not in res.references
+        return
+    assert res.cg["layerwise"]["converged"]
+    d_lw = -torch.linalg.solve(dense.block_diagonal(blocks), dense.g)
+    got = dense.flat(res.references["layerwise"])
+    assert float((got - d_lw).norm() / d_lw.norm()) < 1e-8
+    assert abs(res.scores["layerwise"]["rho"] - dense.rho(d_lw)) < 1e-9
+    assert 0.0 < res.scores["layerwise"]["rho"] < 1.0
+
+
+class DenseStep(torch.optim.Optimizer):
+    """Test optimizer: θ ← θ + sign · M⁻¹ ∇ℓ with a dense M (sign −1: the exact GN step, +1: its opposite)."""
+
+    def __init__(self, params, m_inv: torch.Tensor, sign: float):
+        super().__init__(params, {"lr": 1.0})
+        self.m_inv, self.sign = m_inv, sign
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        ps = [p for group in self.param_groups for p in group["params"]]
+        update = self.m_inv @ torch.cat([p.grad.reshape(-1) for p in ps])
+        for p, u in zip(ps, update.split([p.numel() for p in ps])):
+            p.add_(self.sign * u.reshape(p.shape))
+
+
+def test_an_optimizer_taking_the_exact_gn_step_scores_one_and_its_opposite_zero():
+    model, x, y, blocks = make("mlp")
+    dense = Dense(model, x, y)
+    m_inv = torch.linalg.inv(dense.M)
+    g = dense.unflat(dense.g)
+    steps = {}
+    for name, sign in (("newton", -1.0), ("anti_newton", 1.0)):
+        theta0 = dense.flat({k: v.detach().clone() for k, v in model.named_parameters()})
+        steps[name] = step_direction(model, DenseStep(model.parameters(), m_inv, sign), g)
+        assert torch.equal(dense.flat(dict(model.named_parameters())), theta0)  # the step is undone
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    res = probe_directions(model, params, x, y, steps, damping=LAM, cg_iters=500, cg_tol=1e-13, blocks=blocks)
+    assert abs(res.scores["newton"]["rho"] - 1.0) < 1e-8
+    assert abs(res.scores["newton"]["step_efficiency"] - 1.0) < 1e-8
+    assert res.scores["anti_newton"]["rho"] == 0.0
+    assert res.scores["anti_newton"]["step_efficiency"] < -2.9  # q(−d*) = 3·Δq*: the model predicts an increase
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    run = root / "run"
+    rc = main(["train", f"out_dir={run}", "model=nano", "model.vocab_size=512", "data.vocab_size=512",
+               "data.seq_len=32", "train.steps=4", "train.batch_size=4", "train.eval_every=4",
+               "train.checkpoint_every=2", "data.eval_sequences=4", "train.progress=false", "train.threads=1"])
+    assert rc == 0
+    return run
+
+
+PROBE = ["--probe-batches", "2", "--warmup-steps", "2", "--batch-tokens", "64", "--cg-iters", "8", "--no-progress"]
+
+
+def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
+    out = tiny_run.parent / "probe_out"
+    assert main(["probe", str(tiny_run), "--optimizers", "adamw,muon", "--lrs", "3e-3,2e-2", "--out", str(out),
+                 *PROBE]) == 0
+    captured = capsys.readouterr()
+    assert "| adamw |" in captured.out and "| layerwise GN |" in captured.out
+    assert "warning: CG" in captured.err  # 8 iterations do not reach the tolerance, and it is said
+    result = json.loads((out / "probe.json").read_text())
+    for key in ("optimizers", "layerwise_rho", "gradient_rho", "gn_rho", "damping", "cg_rel_residual",
+                "cg_iterations", "cg_converged", "etas", "references", "per_batch"):
+        assert key in result, key
+    assert result["cg_converged"] is False and result["damping"] == 1e-3
+    for name, lr in (("adamw", 3e-3), ("muon", 2e-2)):
+        entry = result["optimizers"][name]
+        assert entry["lr"] == lr and entry["lr_source"] == "--lrs"
+        assert 0.0 <= entry["rho"] <= 1.0 and entry["rho_std"] >= 0.0 and "step_efficiency" in entry
+        assert len(entry["per_batch"]["rho"]) == 2 and len(entry["real_loss_change"]) == len(result["etas"])
+    assert 0.0 < result["gn_rho"] <= 1.0
+    assert (out / "probe.md").read_text().startswith("## gnlm probe")
+    assert (out / "probe.png").stat().st_size > 0
+
+
+def test_probe_along_a_run_scores_every_checkpoint(tiny_run):
+    assert main(["probe", "--along", str(tiny_run), "--optimizers", "adamw", *PROBE[:2], "--warmup-steps", "0",
+                 "--batch-tokens", "64", "--cg-iters", "4", "--no-progress"]) == 0
+    result = json.loads((tiny_run / "probe" / "probe.json").read_text())
+    assert [p["step"] for p in result["along"]] == [2, 4]
+    assert result["step"] == 4 and result["optimizers"]["adamw"]["lr_source"] == "the run's optim.lr"
+
+
+def test_probe_of_a_study_uses_its_warm_start_and_best_lrs(tiny_run, capsys):
+    study = tiny_run.parent / "study"
+    (study / "warm_start").mkdir(parents=True)
+    for name in ("config.yaml", "checkpoint.pt"):
+        shutil.copy(tiny_run / name, study / "warm_start" / name)
+    (study / "study.yaml").write_text(yaml.safe_dump({
+        "name": "t", "kind": "steps_to_target", "batch_tokens": [64, 128],
+        "methods": [{"name": "adamw", "type": None, "optimizer": None}, {"name": "muon"}]}))
+    rows = [{"method": m, "batch_tokens": b, "lr": lr, "seed": 0, "reached": True, "steps": steps,
+             "final_eval_loss": 5.0, "diverged": False}
+            for m, b, lr, steps in (("adamw", 64, 1e-3, 9), ("adamw", 64, 1e-2, 5), ("muon", 128, 0.02, 3))]
+    (study / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["probe", str(study), "--optimizers", "adamw,muon", "--probe-batches", "1", "--warmup-steps", "1",
+                 "--cg-iters", "4", "--no-progress"]) == 0
+    assert "muon: lr 0.003 (OptimConfig default)" in capsys.readouterr().err  # no muon run at batch 64
+    result = json.loads((study / "probe" / "probe.json").read_text())
+    assert result["source_kind"] == "study" and result["batch_tokens"] == 64  # the study's smallest batch
+    assert result["optimizers"]["adamw"]["lr"] == 1e-2
+    assert result["optimizers"]["adamw"]["lr_source"] == "study best lr of adamw at batch 64"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{root}/missing"], "does not exist"),
+    (["{root}"], "neither a run directory"),
+    (["{run}", "--optimizers", "adamx"], "did you mean 'adamw'"),
+    (["{run}", "--optimizers", "adamw,muon", "--lrs", "1e-3"], "1 learning rates for 2 optimizers"),
+    (["{run}", "--batch-tokens", "50"], "multiple of data.seq_len"),
+    (["{run}/metrics.jsonl", "--along", "{run}"], "must be a study results directory"),
+    (["{root}/empty_run"], "has no checkpoint.pt"),
+])
+def test_bad_input_is_one_line_before_compute(tiny_run, capsys, args, message):
+    root = tiny_run.parent
+    (root / "empty_run").mkdir(exist_ok=True)
+    (root / "empty_run" / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    assert main(["probe", *(a.format(root=root, run=tiny_run) for a in args)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
