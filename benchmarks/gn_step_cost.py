@@ -1,24 +1,34 @@
 """Cost of one GN inner step against one AdamW step (time and peak memory). Not a test.
 
-Three steps on the same model, batch and attention backend ("math" for all, since GN needs it):
+Steps on the same model, batch and attention backend ("math" for all, since GN needs it):
   adamw      forward + backward + AdamW step on θ
-  gn         surrogate_grad (full GN: one jvp + one transposed jvp) + AdamW step on φ
+  gn         surrogate_grad (full GN: a primal, a tangent and a transposed-tangent pass) + AdamW step on φ
   layerwise  surrogate_grad with default_blocks (n_layers + 2 blocks) + AdamW step on φ
 
-Time: the three are interleaved, ``--rounds`` times after 2 warm-up rounds; the median is reported.
+Two cases, measured side by side in one run: the main one (``--preset``, default micro, batch 8×128) and the CPU
+study's GN inner step (``--nano``: the nano preset at the batch of ``configs/cpu-full.yaml``, 8 sequences of 64
+tokens, vocab 512), where fixed per-step costs weigh most. ``--nano none`` skips the second case.
+
+Time: all steps of both cases are interleaved, ``--rounds`` times after 2 warm-up rounds; the median is reported.
+On CPU with one thread the clock is the thread's CPU time (``time.thread_time``), so that other processes on a
+shared machine do not count; otherwise wall time with a device synchronisation.
 Peak memory: each step kind runs in a fresh subprocess that builds the batch, notes its memory, then builds the
 model, the optimizer and the GN state (θ₀, φ) and runs 2 steps. Reported: peak minus the noted baseline, i.e.
 parameters + optimizer/solver state + the step's transient peak. On CUDA this is ``torch.cuda.max_memory_allocated``;
-on CPU it is the peak resident set size (VmHWM, reset through ``/proc/self/clear_refs`` after the baseline) with glibc's mmap threshold fixed at
-64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors go back to the OS and the RSS tracks live tensors.
+on CPU it is the peak resident set size (VmHWM, reset through ``/proc/self/clear_refs`` after the baseline) with
+glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors go back to the OS and the
+RSS tracks live tensors.
 
-``--measure-fe`` also prints the forward-pass equivalents that ``gnlm.accounting`` uses (BENCHMARKS.md, "Compute accounting").
+Goals (issue 12): GN ≤ 1.75× AdamW on the main case, ≤ 3× on the nano case, layerwise ≤ blocks/3 × full GN.
+``--fused`` gives every step a fused AdamW (the inner-optimizer lever); ``--compile`` compiles the GN steps'
+``surrogate_grad`` with ``torch.compile`` (its first calls, in the warm-up, compile). ``--measure-fe`` also prints the
+forward-pass equivalents that ``gnlm.accounting`` uses (BENCHMARKS.md, "Compute accounting").
 
-The LAST line printed is one JSON object (gn_vs_adamw_time, gn_vs_adamw_memory, layerwise_vs_gn_time, blocks, ...).
+The LAST line printed is one JSON object (gn_vs_adamw_time, layerwise_vs_gn_time, blocks, nano, goals, ...).
 
-    python benchmarks/gn_step_cost.py                       # micro preset on CPU, batch 8×128, 1 thread
-    python benchmarks/gn_step_cost.py --device cuda --preset 45m --batch 8 --seq 1024
-    python benchmarks/gn_step_cost.py --layers 8 --measure-fe    # a deeper micro; per-block costs too
+    python benchmarks/gn_step_cost.py                       # micro + nano on CPU, 1 thread
+    python benchmarks/gn_step_cost.py --device cuda --preset 45m --batch 8 --seq 1024 --nano none
+    python benchmarks/gn_step_cost.py --layers 8 --measure-fe    # a deeper micro
 """
 
 from __future__ import annotations
@@ -31,26 +41,50 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
+GOAL_GN, GOAL_NANO_GN, GOAL_LAYERWISE_PER_BLOCK = 1.75, 3.0, 1 / 3
 
-def build(args, kind: str):
-    from gnlm.curvature import default_blocks, surrogate_grad
-    from gnlm.model import GPT, get_preset, loss_fn
+
+def cases(args) -> list[SimpleNamespace]:
+    """The main case and, unless ``--nano none``, the nano case (name, preset, batch, seq, vocab, layers, kinds)."""
+    out = [SimpleNamespace(name="main", preset=args.preset, batch=args.batch, seq=args.seq, vocab=0,
+                           layers=args.layers, kinds=["adamw", "gn", "layerwise"])]
+    if args.nano != "none":
+        batch, seq = (int(v) for v in args.nano.split("x"))
+        out.append(SimpleNamespace(name="nano", preset="nano", batch=batch, seq=seq, vocab=args.nano_vocab, layers=0,
+                                   kinds=["adamw", "gn", "layerwise"]))
+    return out
+
+
+def make_model(args, case):
+    from gnlm.model import GPT, get_preset
 
     torch.manual_seed(0)
-    dev = torch.device(args.device)
-    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len),
-                     **({"n_layers": args.layers} if args.layers else {}))
-    model = GPT(cfg).to(dev)
+    over = {"max_seq_len": max(case.seq, get_preset(case.preset).max_seq_len)}
+    if case.layers:
+        over["n_layers"] = case.layers
+    if case.vocab:
+        over["vocab_size"] = case.vocab
+    model = GPT(get_preset(case.preset, **over)).to(args.device)
     model.attention = "math"
-    V = cfg.vocab_size
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, V, (args.batch, args.seq), generator=gen).to(dev)
-    y = torch.randint(0, V, (args.batch, args.seq), generator=gen).to(dev)
+    V = model.cfg.vocab_size
+    x = torch.randint(0, V, (case.batch, case.seq), generator=gen).to(args.device)
+    y = torch.randint(0, V, (case.batch, case.seq), generator=gen).to(args.device)
+    return model, x, y
+
+
+def build(args, case, kind: str):
+    from gnlm.curvature import default_blocks, surrogate_grad
+    from gnlm.model import loss_fn
+
+    model, x, y = make_model(args, case)
+    adamw = {"lr": 1e-4, **({"fused": True} if args.fused else {})}
     if kind == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), **adamw)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -61,18 +95,29 @@ def build(args, kind: str):
     theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     model.requires_grad_(False)
     phi = {k: v.detach().clone().requires_grad_(True) for k, v in theta0.items()}
-    opt = torch.optim.AdamW(phi.values(), lr=1e-4)
+    opt = torch.optim.AdamW(phi.values(), **adamw)
     blocks = default_blocks(model) if kind == "layerwise" else None
 
+    def grad(p0, p):
+        return surrogate_grad(model, p0, p, x, y, kind="gn", blocks=blocks)
+
+    grad = torch.compile(grad) if args.compile else grad
+
     def step():
-        _, grads = surrogate_grad(model, theta0, {k: p.detach() for k, p in phi.items()}, x, y, kind="gn",
-                                  blocks=blocks)
+        _, grads = grad(theta0, {k: p.detach() for k, p in phi.items()})
         for k, p in phi.items():
             p.grad = grads[k]
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, blocks
+
+
+def clock(args):
+    """The thread's CPU time on a one-thread CPU run (immune to other processes), else synchronised wall time."""
+    if args.device == "cpu" and args.threads == 1:
+        return time.thread_time
+    return lambda: (sync(args), time.perf_counter())[1]
 
 
 def sync(args):
@@ -105,7 +150,9 @@ def memory_child(args) -> None:
         base = current_rss()
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
             f.write("5")
-    step, _ = build(args, args.memory_child)
+    case = SimpleNamespace(preset=args.preset, batch=args.batch, seq=args.seq, vocab=args.nano_vocab,
+                           layers=args.layers)
+    step, _ = build(args, case, args.memory_child)
     for _ in range(2):
         step()
     sync(args)
@@ -113,31 +160,22 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_bytes": peak - base}))
 
 
-def measure_memory(args, kind: str) -> float:
+def measure_memory(args, case, kind: str) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--device", args.device, "--preset", args.preset, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--threads", str(args.threads), "--layers", str(args.layers or 0),
-           "--memory-child", kind]
+    cmd = [sys.executable, __file__, "--device", args.device, "--preset", case.preset, "--batch", str(case.batch),
+           "--seq", str(case.seq), "--threads", str(args.threads), "--layers", str(case.layers or 0),
+           "--nano-vocab", str(case.vocab or 0), "--memory-child", kind] + (["--fused"] if args.fused else []) \
+        + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 
-def measure_fe(args) -> None:
-    """Forward-pass equivalents of the building blocks (median times / forward time)."""
-    from torch.func import functional_call, jvp
-
-    from gnlm.curvature import default_blocks, ggn_vector_product, math_attention, surrogate_grad
+def measure_fe(args, case) -> None:
+    """Forward-pass equivalents of the operations ``gnlm.accounting`` counts (median times / forward time)."""
+    from gnlm.curvature import default_blocks, ggn_vector_product, surrogate_grad
     from gnlm.model import loss_fn
 
-    from gnlm.model import GPT, get_preset
-
-    torch.manual_seed(0)
-    cfg = get_preset(args.preset, max_seq_len=max(args.seq, get_preset(args.preset).max_seq_len),
-                     **({"n_layers": args.layers} if args.layers else {}))
-    model = GPT(cfg).to(args.device)
-    model.attention = "math"
-    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
-    y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
+    model, x, y = make_model(args, case)
     p0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     d = {k: 1e-3 * torch.randn_like(v) for k, v in p0.items()}
     phi = {k: p0[k] + d[k] for k in p0}
@@ -151,75 +189,28 @@ def measure_fe(args) -> None:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    def jv():
-        with math_attention(model), torch.no_grad():
-            jvp(lambda p: functional_call(model, p, (x,)), (p0,), (d,))
-
-    ops = {"forward": fwd, "forward_backward": fwdbwd, "jvp": jv,
+    ops = {"forward": fwd, "forward_backward": fwdbwd,
            "gn": lambda: surrogate_grad(model, p0, phi, x, y, kind="gn"),
            "prox_linear": lambda: surrogate_grad(model, p0, phi, x, y, kind="prox_linear"),
            "ggn_vector_product": lambda: ggn_vector_product(model, p0, x, y, d),
-           "layerwise_gn": lambda: surrogate_grad(model, p0, phi, x, y, kind="gn", blocks=blocks)}
+           "layerwise_gn": lambda: surrogate_grad(model, p0, phi, x, y, kind="gn", blocks=blocks),
+           "layerwise_ggn_vector_product": lambda: ggn_vector_product(model, p0, x, y, d, blocks=blocks)}
+    now = clock(args)
     times = {k: [] for k in ops}
     for r in range(7):
         for k, fn in ops.items():
-            sync(args)
-            t = time.perf_counter()
+            t = now()
             fn()
-            sync(args)
             if r >= 2:
-                times[k].append(time.perf_counter() - t)
-    f = statistics.median(times["forward"])
-    print("forward-pass equivalents (median time / forward time):")
-    for k, v in times.items():
-        print(f"  {k:<20} {1000 * statistics.median(v):8.1f} ms  {statistics.median(v) / f:5.2f} F")
-    print(f"  layerwise_gn per block: {statistics.median(times['layerwise_gn']) / f / len(blocks):5.2f} F "
-          f"({len(blocks)} blocks)")
-    per_block(model, p0, d, x, y, blocks, f, args)
-
-
-def per_block(model, p0, d, x, y, blocks, f, args) -> None:
-    """Where a layerwise gn step goes: the shared prefix forward, then per block its jvp (from its recorded input),
-    logit-space terms and transposed jvp. Uses curvature.py's internals (a benchmark, not an API)."""
-    from gnlm.curvature import _Linearization, _LogitBase, math_attention
-
-    times: dict[str, list[float]] = {}
-
-    def tick(k, t0):
-        sync(args)
-        times.setdefault(k, []).append(time.perf_counter() - t0)
-
-    for r in range(6):
-        with math_attention(model), torch.no_grad():
-            t0 = time.perf_counter()
-            lin = _Linearization(model, p0, x, blocks)
-            tick("shared forward prefix", t0)
-            base = None
-            for i, names in enumerate(blocks):
-                t0 = time.perf_counter()
-                z0, u, pull = lin.block(names, d)
-                tick(f"block {i} jvp", t0)
-                t0 = time.perf_counter()
-                if base is None:
-                    base = _LogitBase(z0, y, "gn")
-                    tick("shared logit base", t0)
-                t0 = time.perf_counter()
-                _, w = base.terms(u)
-                tick(f"block {i} logit terms", t0)
-                t0 = time.perf_counter()
-                pull(w)
-                tick(f"block {i} transposed jvp", t0)
-                del z0, u, pull, w
-    med = {k: statistics.median(v[1:]) / f for k, v in times.items()}
-    print("layerwise gn per block (F; jvp / logit terms / transposed jvp / total):")
-    for k in ("shared forward prefix", "shared logit base"):
-        print(f"  {k:<24} {med[k]:5.2f}")
-    for i, names in enumerate(blocks):
-        parts = [med[f"block {i} {p}"] for p in ("jvp", "logit terms", "transposed jvp")]
-        label = ".".join(names[0].split(".")[:2 if names[0].startswith("blocks.") else 1])
-        label += " +ln_f" if "ln_f.weight" in names else ""
-        print(f"  block {i} {label:<17} {parts[0]:5.2f} {parts[1]:5.2f} {parts[2]:5.2f} {sum(parts):6.2f}")
-    print(f"  sum                      {sum(med.values()):5.2f}")
+                times[k].append(now() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"forward-pass equivalents (median time / forward time), preset {case.preset}, batch {case.batch}x{case.seq}:")
+    for k, v in med.items():
+        print(f"  {k:<30} {1000 * v:8.1f} ms  {v / med['forward']:5.2f} F")
+    nb = len(blocks)
+    print(f"  layerwise_gn per block: {med['layerwise_gn'] / med['forward'] / nb:5.2f} F ({nb} blocks); "
+          f"layerwise GGN-vector product / full: {med['layerwise_ggn_vector_product'] / med['ggn_vector_product']:.2f}"
+          f" = {med['layerwise_ggn_vector_product'] / med['ggn_vector_product'] / nb:.2f} per block")
 
 
 def main() -> None:
@@ -228,51 +219,75 @@ def main() -> None:
     ap.add_argument("--preset", default="micro")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--layers", type=int, default=0, help="override the preset's n_layers (0: keep it)")
+    ap.add_argument("--nano", default="8x64", help="BATCHxSEQ of the nano case, or none")
+    ap.add_argument("--nano-vocab", type=int, default=512, help="the nano case's vocabulary (cpu-full's)")
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fused", action="store_true", help="fused AdamW in every step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the GN steps' surrogate_grad (the "
+                    "warm-up rounds hold the compilation)")
     ap.add_argument("--measure-fe", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args)
     torch.set_num_threads(args.threads)
+    todo = cases(args)
     if args.measure_fe:
-        measure_fe(args)
+        measure_fe(args, todo[0])
 
-    kinds = ["adamw", "gn", "layerwise"]
-    steps, blocks = {}, None
-    for k in kinds:
-        steps[k], b = build(args, k)
-        blocks = b or blocks
-    times = {k: [] for k in kinds}
+    steps, blocks = {}, {}
+    for case in todo:
+        for k in case.kinds:
+            steps[case.name, k], b = build(args, case, k)
+            blocks[case.name] = b or blocks.get(case.name)
+    now = clock(args)
+    times = {key: [] for key in steps}
     for r in range(args.rounds + 2):
-        for k in kinds:
-            sync(args)
-            t = time.perf_counter()
-            steps[k]()
-            sync(args)
+        for key, step in steps.items():
+            t = now()
+            step()
             if r >= 2:
-                times[k].append(time.perf_counter() - t)
+                times[key].append(now() - t)
     del steps
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    mem = {k: measure_memory(args, k) for k in kinds}
-    nb = len(blocks)
-    print(f"preset {args.preset}, batch {args.batch}x{args.seq}, device {args.device}, threads {args.threads}, "
-          f"math attention, median of {args.rounds} interleaved rounds")
-    print(f"{'step':<12}{'time ms':>10}{'x adamw':>9}{'peak MiB':>10}{'x adamw':>9}")
-    for k in kinds:
-        print(f"{k:<12}{med[k]:>10.1f}{med[k] / med['adamw']:>9.2f}{mem[k]:>10.1f}{mem[k] / mem['adamw']:>9.2f}")
-    print(f"layerwise / full GN time: {med['layerwise'] / med['gn']:.2f} with {nb} blocks (target <= {nb / 2:.1f})")
-    print(json.dumps({
-        "gn_vs_adamw_time": round(med["gn"] / med["adamw"], 3),
-        "gn_vs_adamw_memory": round(mem["gn"] / mem["adamw"], 3),
-        "layerwise_vs_gn_time": round(med["layerwise"] / med["gn"], 3),
-        "layerwise_vs_adamw_memory": round(mem["layerwise"] / mem["adamw"], 3),
-        "blocks": nb, "device": args.device, "preset": args.preset, "batch": args.batch, "seq": args.seq,
-        "threads": args.threads, "time_ms": {k: round(v, 1) for k, v in med.items()},
-        "peak_mib": {k: round(v, 1) for k, v in mem.items()},
-    }))
+    med = {key: statistics.median(v) * 1000 for key, v in times.items()}
+    mem = {(case.name, k): measure_memory(args, case, k) for case in todo for k in case.kinds}
+    print(f"device {args.device}, threads {args.threads}, math attention, {'fused ' if args.fused else ''}AdamW, "
+          f"{'compiled ' if args.compile else ''}GN, "
+          f"median of {args.rounds} interleaved rounds, "
+          f"{'CPU time' if now is time.thread_time else 'wall time'}")
+    result: dict = {}
+    for case in todo:
+        name, nb = case.name, len(blocks[case.name])
+        t = {k: med[name, k] for k in case.kinds}
+        m = {k: mem[name, k] for k in case.kinds}
+        vocab = f", vocab {case.vocab}" if case.vocab else ""
+        print(f"\n{case.preset}{vocab}, batch {case.batch}x{case.seq}")
+        print(f"{'step':<12}{'time ms':>10}{'x adamw':>9}{'peak MiB':>10}{'x adamw':>9}")
+        for k in case.kinds:
+            print(f"{k:<12}{t[k]:>10.2f}{t[k] / t['adamw']:>9.2f}{m[k]:>10.1f}{m[k] / m['adamw']:>9.2f}")
+        print(f"layerwise / full GN time: {t['layerwise'] / t['gn']:.2f} with {nb} blocks")
+        result[name] = {
+            "gn_vs_adamw_time": round(t["gn"] / t["adamw"], 3),
+            "gn_vs_adamw_memory": round(m["gn"] / m["adamw"], 3),
+            "layerwise_vs_gn_time": round(t["layerwise"] / t["gn"], 3),
+            "layerwise_vs_adamw_memory": round(m["layerwise"] / m["adamw"], 3),
+            "blocks": nb, "preset": case.preset, "batch": case.batch, "seq": case.seq,
+            "time_ms": {k: round(v, 2) for k, v in t.items()}, "peak_mib": {k: round(v, 1) for k, v in m.items()},
+        }
+        if case.vocab:
+            result[name]["vocab"] = case.vocab
+    main_ = result.pop("main")
+    goals = {f"gn <= {GOAL_GN} x adamw": main_["gn_vs_adamw_time"] <= GOAL_GN,
+             f"layerwise <= blocks/3 = {main_['blocks'] / 3:.2f} x gn":
+                 main_["layerwise_vs_gn_time"] <= main_["blocks"] * GOAL_LAYERWISE_PER_BLOCK}
+    if "nano" in result:
+        goals[f"nano gn <= {GOAL_NANO_GN} x adamw"] = result["nano"]["gn_vs_adamw_time"] <= GOAL_NANO_GN
+    print("\ngoals: " + ", ".join(f"{k}: {'met' if v else 'not met'}" for k, v in goals.items()))
+    print(json.dumps({**main_, **result, "goals": goals, "device": args.device, "threads": args.threads,
+                      "fused_adamw": args.fused, "compiled_gn": args.compile,
+                      "clock": "cpu" if now is time.thread_time else "wall"}))
 
 
 if __name__ == "__main__":

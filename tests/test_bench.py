@@ -138,7 +138,8 @@ def test_expand_runs_maps_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
     g = by["gn/b1024/lr0.01/s0"]
     assert g.config["method"] == "gn" and g.config["gn"]["inner_steps"] == 1024 // (2 * 128)
     assert g.config["gn"]["inner_optim"]["lr"] == 0.01 and g.config["gn"]["inner_optim"]["name"] == "muon"
-    assert g.line_search_tokens_per_step == g.config["gn"]["ls_batches"] * 2 * 128
+    assert g.config["gn"]["ls_batches"] == "auto"  # the paper's line search: another full outer batch
+    assert g.line_search_tokens_per_step == 1024
     assert by["gn_layerwise/b1024/lr0.001/s0"].config["gn"]["layerwise"] is True
     assert "gn_layerwise/b256/lr0.01/s0" in by
     s = by["sgdm/b256/lr0.1/s0"].config
@@ -164,7 +165,7 @@ def test_budget_study_sets_steps_from_the_token_budget_counting_line_search(tmp_
     ({"methods": [{"name": "adamw", "lrs": []}]}, "empty learning-rate grid at batch 256"),
     ({"methods": [{"name": "adamw", "lrs": [1e-3, 3e-3]}, {"name": "gn", "lrs": [1e-2]}]},
      "unequal tuning effort at batch 256"),
-    ({"target_loss": None}, "needs target_loss"),
+    ({"target_loss": None}, "needs targets"),
     ({"batch_tokens": [300]}, "not a multiple of data.seq_len (128)"),
     ({"methods": [{"name": "gn", "lrs": [1e-3], "overrides": {"gn.inner_stepz": 3}}]}, "did you mean 'gn.inner_steps'?"),
 ])
@@ -276,9 +277,6 @@ def test_cli_bench_and_report(tmp_path, capsys):
     from gnlm.cli import build_parser
 
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    if "bench" not in sub.choices:
-        bench.add_bench_parsers(sub)
     study = tmp_path / "s.yaml"
     study.write_text(json.dumps({
         "name": "cli", "base": {"model": "nano", "data": {"eval_sequences": 4}, "train": {"eval_batch_size": 4}},
@@ -292,7 +290,8 @@ def test_cli_bench_and_report(tmp_path, capsys):
     assert args.func(args) == 0 and (res / "report.md").exists()
 
 
-@pytest.mark.parametrize("preset", ["paper-45m", pytest.param("paper-150m", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["paper-45m", "paper-150m"])
 def test_paper_presets_run_two_outer_steps_on_a_local_stand_in(tmp_path, preset, small_docs):
     """The paper configs' GN run, unchanged but for the data (a local JSON-lines stand-in for C4 and a local
     SentencePiece model for the T5 tokenizer, which need the network) and sizes that fit a CPU test."""
@@ -325,3 +324,75 @@ def _train_spm(docs, prefix):
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(prefix), vocab_size=1000,
                                    model_type="bpe", byte_fallback=True, minloglevel=2)
+
+
+# ------------------------------------------------------------------------------- declared targets and lr search
+
+
+def test_targets_are_declared_and_checked(tmp_path):
+    study = _study(tmp_path, target_loss=None, targets=[6.8, 7.2, 7.0], primary_target=7.0)
+    assert study.targets == [7.2, 7.0, 6.8] and study.deepest_target == 6.8
+    spec = expand_runs(study, tmp_path / "res")[0]
+    assert spec.config["train"]["target_loss"] == 6.8 and spec.targets == (7.2, 7.0, 6.8)  # runs stop at the deepest
+    for changes, message in [({"targets": [7.0, 6.9]}, "at least three"),
+                             ({"targets": [7.2, 7.0, 6.8], "primary_target": 6.5}, "primary_target must be one of"),
+                             ({"targets": [7.2, 7.0, 6.8], "primary_target": 7.0, "target_loss": 7.0}, "not both")]:
+        with pytest.raises(ConfigError, match=message):
+            _study(tmp_path, **{"target_loss": None, **changes})
+
+
+def test_fixed_inner_steps_grow_the_inner_batch(tmp_path):
+    study = _study(tmp_path, gn_inner_steps=2, batch_tokens=[256, 1024])
+    by = {s.run_id: s.config["gn"] for s in expand_runs(study, tmp_path / "res") if s.family == "gn"}
+    assert (by["gn/b256/lr0.01/s0"]["inner_steps"], by["gn/b256/lr0.01/s0"]["inner_batch_size"]) == (2, 1)
+    assert (by["gn/b1024/lr0.01/s0"]["inner_steps"], by["gn/b1024/lr0.01/s0"]["inner_batch_size"]) == (2, 4)
+
+
+def test_lr_search_plan_extends_at_the_edge_then_runs_the_reported_seeds(tmp_path):
+    study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [0.01, 0.03]}], batch_tokens=[256],
+                   lr_budget=4, selection_seed=0, seeds=[1, 2])
+    res = tmp_path / "res"
+    specs, final = bench.plan_runs(study, res, [])
+    assert [s.run_id for s in specs] == ["adamw/b256/lr0.01/s0", "adamw/b256/lr0.03/s0"] and not final
+
+    def row(spec, steps):
+        return {"run_id": spec.run_id, "lr": spec.lr, "status": "finished", "final_eval_loss": 6.0,
+                "crossings": {"7": {"step": steps, "step_interp": steps}}}
+
+    rows = [row(specs[0], 3.0), row(specs[1], 2.0)]  # best on the top edge: extend upwards by the grid's ratio
+    specs, final = bench.plan_runs(study, res, rows)
+    assert specs[-1].run_id == "adamw/b256/lr0.09/s0" and not final
+    rows.append(row(specs[-1], 2.5))  # now bracketed: 0.03 wins; the reported seeds run at it
+    specs, final = bench.plan_runs(study, res, rows)
+    assert [s.run_id for s in specs[-2:]] == ["adamw/b256/lr0.03/s1", "adamw/b256/lr0.03/s2"] and final
+    with pytest.raises(ConfigError, match="needs selection_seed"):
+        _study(tmp_path, lr_budget=4)
+    with pytest.raises(ConfigError, match="not log-spaced"):
+        _study(tmp_path, methods=[{"name": "adamw", "lrs": [0.01, 0.02, 0.1]}], lr_budget=4, selection_seed=0,
+               seeds=[1])
+
+
+def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
+    res = tmp_path / "res"
+    study = _study(tmp_path, target_loss=None, targets=[7.6, 7.3, 7.0], primary_target=7.3, batch_tokens=[256],
+                   selection_seed=0, seeds=[1], lr_budget=3,
+                   methods=[{"name": "adamw", "lrs": [1e-3, 3e-3]},
+                            {"name": "adamw_no_warmup", "type": "adamw", "control_of": "adamw",
+                             "overrides": {"schedule.warmup_steps": 0}}],
+                   base={"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
+                         "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 2},
+                         "schedule": {"name": "constant", "warmup_steps": 2}})
+    rows = run_study(study, res)
+    ids = [r["run_id"] for r in rows]
+    assert ids[:2] == ["adamw/b256/lr0.001/s0", "adamw/b256/lr0.003/s0"]
+    assert len([i for i in ids if i.endswith("/s0")]) == 3  # the budget: one more lr beyond the better edge
+    best = next(r for r in rows if r["method"] == "adamw" and r["seed"] == 1)["lr"]
+    assert f"adamw_no_warmup/b256/lr{best:g}/s1" in ids and len(ids) == 5
+    assert all(set(r["crossings"]) == {"7.6", "7.3", "7"} and r["curve"]["eval_loss"] for r in rows)
+    summary = json.loads((res / "summary.json").read_text())
+    cell = summary["cells"]["adamw/256"]
+    assert cell["trials"] == 3 and cell["best_lr"] == best and cell["seeds"] == 1
+    assert set(cell["per_target"]) == {"7.6", "7.3", "7"} and summary["primary_target"] == 7.3
+    assert summary["cells"]["adamw_no_warmup/256"]["control_of"] == "adamw"
+    report = (res / "report.md").read_text()
+    assert "### target 7.3 (primary)" in report and "### Controls" in report

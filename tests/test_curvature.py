@@ -22,6 +22,7 @@ from gnlm.curvature import (
     math_attention,
     surrogate_grad,
 )
+from gnlm.model import GPT, ModelConfig
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -43,20 +44,27 @@ class TinyLM(nn.Module):
         return self.head(x + self.fc2(torch.tanh(self.fc1(x))))
 
 
-def tiny_gpt(n_layers: int = 1, attention: str = "math"):
-    from gnlm.model import GPT, ModelConfig
+class FuncGPT(GPT):
+    """gnlm's GPT without its hand-written linearisation (``gn_stages``): curvature.py uses torch.func instead."""
 
+    gn_stages = None
+
+
+def tiny_gpt(n_layers: int = 1, attention: str = "math", cls: type = GPT):
     cfg = ModelConfig(d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, vocab_size=11, max_seq_len=5,
                       initializer_range=1.0, attention=attention)
-    return GPT(cfg)
+    return cls(cfg)
 
 
 def make(kind: str, seed: int = 0):
+    """``kind``: mlp | gpt | gpt2 (layers), with ``-func`` the GPT linearised by torch.func instead of its
+    hand-written rules (same parameters)."""
     torch.manual_seed(seed)
     if kind == "mlp":
         model, vocab = TinyLM(), 7
     else:
-        model, vocab = tiny_gpt(n_layers=2 if kind == "gpt2" else 1), 11
+        cls = FuncGPT if kind.endswith("-func") else GPT
+        model, vocab = tiny_gpt(n_layers=2 if kind.startswith("gpt2") else 1, cls=cls), 11
     model = model.to(DT).eval()
     x = torch.randint(0, vocab, (2, 5))
     y = torch.randint(0, vocab, (2, 5))
@@ -115,7 +123,7 @@ def plus(a, b, s=1.0):
     return {k: a[k] + s * b[k] for k in a}
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp", "gpt2", "gpt2-func"])
 def test_ggn_vector_product_matches_dense(kind):
     model, params, x, y = make(kind)
     dense = Dense(model, params, x, y)
@@ -124,7 +132,7 @@ def test_ggn_vector_product_matches_dense(kind):
     assert rel(dense.flat(gv), dense.G @ dense.flat(v)) < 1e-8
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+@pytest.mark.parametrize("kind", ["mlp", "gpt", "gpt-func"])
 def test_gn_surrogate_grad_matches_dense(kind):
     model, params0, x, y = make(kind)
     dense = Dense(model, params0, x, y)
@@ -137,7 +145,7 @@ def test_gn_surrogate_grad_matches_dense(kind):
 
 
 @pytest.mark.parametrize("kind", ["gn", "prox_linear"])
-@pytest.mark.parametrize("model_kind", ["mlp", "gpt"])
+@pytest.mark.parametrize("model_kind", ["mlp", "gpt", "gpt-func"])
 def test_surrogate_grad_equals_finite_differences(kind, model_kind):
     model, params0, x, y = make(model_kind)
     phi = plus(params0, random_like(params0, 0.1))
@@ -216,34 +224,9 @@ def test_cg_solve_on_several_batches_averages_them():
     assert info2["iterations"] <= 1
 
 
-def test_adam_on_gn_surrogate_approaches_dense_gn_step():
-    """The paper's inner loop (a first-order optimizer on the GN model, here one repeated batch) converges to the
-    GN step; with the prox term λ its minimiser is exactly −(G + λI)⁻¹ g."""
-    model, params0, x, y = make("mlp")
-    dense = Dense(model, params0, x, y)
-    lam = 1e-2
-    star = -torch.linalg.solve(dense.G + lam * torch.eye(dense.G.shape[0], dtype=DT), dense.g)
-    phi = {k: v.clone().requires_grad_(True) for k, v in params0.items()}
-    steps = 1500
-    opt = torch.optim.Adam(phi.values(), lr=3e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-5)
-    errs = []
-    for i in range(steps):
-        _, grads = surrogate_grad(model, params0, {k: p.detach() for k, p in phi.items()}, x, y, kind="gn",
-                                  prox=lam)
-        for k, p in phi.items():
-            p.grad = grads[k]
-        opt.step()
-        sched.step()
-        if (i + 1) % 500 == 0:
-            errs.append(rel(dense.flat({k: phi[k].detach() - params0[k] for k in phi}), star))
-    print(f"Adam on the GN surrogate: relative error to the dense GN step after 500/1000/1500 steps: {errs}")
-    assert errs[-1] < 2e-2
-    assert errs[-1] < errs[0]
-
-
-def test_layerwise_gradients_match_dense_block_diagonal():
-    model, params0, x, y = make("gpt")
+@pytest.mark.parametrize("kind", ["gpt", "gpt-func"])
+def test_layerwise_gradients_match_dense_block_diagonal(kind):
+    model, params0, x, y = make(kind)
     blocks = default_blocks(model)
     dense = Dense(model, params0, x, y)
     Gbd = dense.G * dense.block_mask(blocks)
@@ -264,8 +247,9 @@ def test_layerwise_gradients_match_dense_block_diagonal():
     assert abs(float(l_full - l_none)) < 1e-12 and rel(dense.flat(g_full), dense.flat(g_none)) < 1e-12
 
 
-def test_layerwise_prox_linear_matches_finite_differences():
-    model, params0, x, y = make("gpt")
+@pytest.mark.parametrize("kind", ["gpt", "gpt-func"])
+def test_layerwise_prox_linear_matches_finite_differences(kind):
+    model, params0, x, y = make(kind)
     blocks = default_blocks(model)
     phi = plus(params0, random_like(params0, 0.1))
     _, grads = surrogate_grad(model, params0, phi, x, y, kind="prox_linear", prox=0.2, blocks=blocks)
@@ -289,36 +273,61 @@ def test_layerwise_cg_matches_dense_block_diagonal_solve():
     assert err <= 1e-3
 
 
-class PlainGPT(nn.Module):
-    """gnlm's GPT hidden behind a module without ``gn_stages``: curvature.py must take its generic path."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, idx):
-        return self.gpt(idx)
-
-
 @pytest.mark.parametrize("kind", ["gn", "prox_linear"])
-def test_stages_fast_path_equals_generic_path(kind):
-    """Starting each block at its recorded input (GPT.gn_stages) gives what linearising from the ids gives."""
+def test_hand_written_linearisation_equals_torch_func(kind):
+    """GPT's hand-written stage rules (one primal shared by all blocks) give what torch.func gives from the ids,
+    for the default partition, full GN, and partitions whose blocks share stages or skip some."""
     model, params0, x, y = make("gpt2")
-    plain = PlainGPT(model)
-    pp = lambda d: {f"gpt.{k}": v for k, v in d.items()}  # noqa: E731
-    blocks = default_blocks(model)
+    func, _, _, _ = make("gpt2-func")
+    names = list(params0)
     delta = random_like(params0, 0.05)
-    for bl in (blocks, None, [["wte.weight", "lm_head.weight"], [n for n in params0 if n[:3] not in ("wte", "lm_")]]):
-        bp = None if bl is None else [[f"gpt.{n}" for n in b] for b in bl]
+    partitions = [default_blocks(model), None,
+                  [["wte.weight", "lm_head.weight"], [n for n in names if n[:3] not in ("wte", "lm_")]],
+                  [[n for n in names if ".attn." in n],
+                   [n for n in names if n.startswith("blocks.") and ".attn." not in n],
+                   ["wte.weight", "ln_f.weight"], ["lm_head.weight"]]]
+    for bl in partitions:
         l1, g1 = surrogate_grad(model, params0, plus(params0, delta), x, y, kind=kind, prox=0.1, blocks=bl)
-        l2, g2 = surrogate_grad(plain, pp(params0), pp(plus(params0, delta)), x, y, kind=kind, prox=0.1, blocks=bp)
+        l2, g2 = surrogate_grad(func, params0, plus(params0, delta), x, y, kind=kind, prox=0.1, blocks=bl)
         assert abs(float(l1 - l2)) < 1e-13
-        for k in params0:
-            torch.testing.assert_close(g1[k], g2[f"gpt.{k}"], rtol=1e-12, atol=1e-14)
         gv1 = ggn_vector_product(model, params0, x, y, delta, blocks=bl)
-        gv2 = ggn_vector_product(plain, pp(params0), x, y, pp(delta), blocks=bp)
+        gv2 = ggn_vector_product(func, params0, x, y, delta, blocks=bl)
         for k in params0:
-            torch.testing.assert_close(gv1[k], gv2[f"gpt.{k}"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(g1[k], g2[k], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(gv1[k], gv2[k], rtol=1e-12, atol=1e-14)
+
+
+def test_counted_flops_of_the_hand_written_linearisation():
+    """Every product is counted (FlopCounterMode skips in-place products such as addmm_): full GN is a primal, a
+    tangent and a transposed pass, 1 + 2 + 2 forwards, plus the logit-space pᵀu (2NV); layerwise GN with frozen
+    weights at one product each costs less than torch.func's."""
+    from gnlm.accounting import count_flops
+
+    model, params0, x, y = make("gpt2")
+    func, _, _, _ = make("gpt2-func")
+    phi = plus(params0, random_like(params0))
+    forward, _ = count_flops(lambda: model(x))
+    n, V = x.numel(), model.cfg.vocab_size
+    for m in (model, func):
+        gn, _ = count_flops(lambda m=m: surrogate_grad(m, params0, phi, x, y))
+        assert gn == 5 * forward + 2 * n * V
+    blocks = default_blocks(model)
+    layerwise, _ = count_flops(lambda: surrogate_grad(model, params0, phi, x, y, blocks=blocks))
+    layerwise_func, _ = count_flops(lambda: surrogate_grad(func, params0, phi, x, y, blocks=blocks))
+    assert layerwise < 0.7 * layerwise_func
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-func"])
+def test_bf16_autocast_stays_close_to_float32(kind):
+    model, params0, x, y = make(kind)
+    model = model.float()
+    p32 = {k: v.float() for k, v in params0.items()}
+    phi = plus(p32, random_like(p32, 0.05))
+    for bl in (None, default_blocks(model)):
+        l32, g32 = surrogate_grad(model, p32, phi, x, y, blocks=bl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            l16, g16 = surrogate_grad(model, p32, phi, x, y, blocks=bl)
+        assert abs(float(l16 - l32)) < 1e-2 and all(rel(g16[k], g32[k]) < 0.1 for k in p32)
 
 
 def test_default_blocks_partition_the_gpt():

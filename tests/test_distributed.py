@@ -58,7 +58,11 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# DDP with EMA and full GN run in the default test run; the other cases (micro-batches, layerwise, CG) are slow.
+FAST_CASES = ("muon_ema", "gn_full")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_two_process_run_equals_one_process_run(tmp_path, case):
     args = [*COMMON, *CASES[case]]
     one = run_training(load_run_config(None, [f"out_dir={tmp_path / 'one'}", *args]))
@@ -125,6 +129,7 @@ def test_fsdp_two_process_run_equals_one_process_run_and_resumes(tmp_path, optim
     assert rel(two["final_eval_loss"], one["final_eval_loss"]) < 1e-5, (two["final_eval_loss"], one["final_eval_loss"])
 
 
+@pytest.mark.slow
 def test_bench_under_torchrun_records_the_same_study(tmp_path):
     """`gnlm bench` runs unchanged under torchrun: rank 0 writes the results, every rank trains each run."""
     study = {

@@ -104,20 +104,56 @@ def test_initial_loss_is_finite_and_learnable():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_gn_stages_chain_to_forward():
+def gn_stage_setup():
     torch.manual_seed(0)
     model = GPT(get_preset("nano", n_layers=2)).double()
     model.attention = "math"
     x = torch.randint(0, 4096, (2, 16))
-    params = dict(model.named_parameters())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return model, x, params
+
+
+def test_gn_stages_chain_to_forward():
+    model, x, params = gn_stage_setup()
     stages = model.gn_stages()
     assert [p for p, _ in stages] == ["wte.", "blocks.0.", "blocks.1.", "ln_f.", "lm_head."]
     h = x
     with torch.no_grad():
-        for prefix, fn in stages:
-            h = fn(h, {k: v for k, v in params.items() if k.startswith(prefix)})
+        for prefix, linearize in stages:
+            h, _ = linearize(h, {k: v for k, v in params.items() if k.startswith(prefix)})
         assert torch.equal(h, model(x))
         # the stage reads the parameters it is given, not the module's
-        w = {"lm_head.weight": 2 * params["lm_head.weight"]}
-        h_in = stages[-2][1](stages[-3][1](stages[-4][1](stages[-5][1](x, params), params), params), params)
-        torch.testing.assert_close(stages[-1][1](h_in, w), 2 * model(x))
+        h_in = x
+        for _, linearize in stages[:-1]:
+            h_in, _ = linearize(h_in, params)
+        torch.testing.assert_close(stages[-1][1](h_in, {"lm_head.weight": 2 * params["lm_head.weight"]})[0],
+                                   2 * model(x))
+
+
+def test_gn_stage_tangent_maps_match_torch_func_jvp():
+    """Each stage's hand-written tangent map against torch.func.jvp of the stage: an input tangent with frozen
+    weights, parameter tangents alone, and both together."""
+    from torch.func import jvp
+
+    model, x, params = gn_stage_setup()
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    h = x
+    for prefix, linearize in model.gn_stages():
+        own = {k: v for k, v in params.items() if k.startswith(prefix)}
+        h_out, stage_jvp = linearize(h, own)
+
+        def f(h_, p_, linearize=linearize, own=own):
+            return linearize(h_, {**own, **p_})[0]
+
+        some = {k: rand(v) for k, v in list(own.items())[::2]}  # half of the parameters move, the rest are frozen
+        at = {k: own[k] for k in some}
+        _, want = jvp(lambda p_, h=h: f(h, p_), (at,), (some,))
+        torch.testing.assert_close(stage_jvp(None, some), want, rtol=1e-10, atol=1e-12)
+        if prefix != "wte.":  # the ids have no tangent
+            h_t = rand(h)
+            _, want = jvp(lambda h_: f(h_, {}), (h,), (h_t,))
+            torch.testing.assert_close(stage_jvp(h_t, {}), want, rtol=1e-10, atol=1e-12)
+            _, want = jvp(f, (h, at), (h_t, some))
+            torch.testing.assert_close(stage_jvp(h_t, some), want, rtol=1e-10, atol=1e-12)
+        h = h_out

@@ -46,42 +46,56 @@ def assert_clean(run_dir: Path, step: int) -> None:
     assert read_checkpoint(run_dir / "checkpoint.pt")["state"]["step"] == step
 
 
-def kill_at_random_moment(run_dir: Path, args: list[str], seed: int, window: float) -> bool:
-    """Start `gnlm train` in a subprocess, wait for its first checkpoint, SIGKILL it a random time later.
-    Returns whether it was still running when killed."""
+def checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:
+    """Identifies the current checkpoint.pt: every write renames a new file into place (new inode and mtime)."""
+    try:
+        st = (run_dir / "checkpoint.pt").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def kill_at_random_checkpoint(run_dir: Path, args: list[str], seed: int, total: int) -> None:
+    """Start `gnlm train` in a subprocess and SIGKILL it right after its k-th checkpoint write, k random in
+    [1, total − 2], plus a random delay of up to 20 ms (so the kill also lands mid-step or mid-write). The run
+    must still be alive when the signal is sent: a kill that lands after the end would test nothing."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    rng = random.Random(seed)
+    k = rng.randint(1, total - 2)
     proc = subprocess.Popen([sys.executable, "-m", "gnlm", "train", f"out_dir={run_dir}", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "checkpoint.pt").exists():
-            assert proc.poll() is None, proc.stderr.read()
+        deadline, seen, last = time.monotonic() + 300, 0, None
+        while seen < k:
+            assert proc.poll() is None, f"the run ended before checkpoint {k}: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        time.sleep(random.Random(seed).uniform(0, window))
-        alive = proc.poll() is None
+            stamp = checkpoint_stamp(run_dir)
+            if stamp != last:
+                seen, last = seen + 1, stamp
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.02))
+        assert proc.poll() is None, "the run finished before the kill; give it more steps"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        return alive
+        assert proc.wait(30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("kind,args,steps,window", [
-    ("baseline", BASELINE, 40, 1.2),
-    ("gn", GN, 4, 2.5),
+@pytest.mark.parametrize("kind,args,steps,checkpoints", [
+    ("baseline", BASELINE, 40, 40),
+    ("gn", GN, 4, 4 * 5 + 1),  # 5 inside each outer step (checkpoint_every_inner=1, 6 inner steps) + the final
 ], ids=["baseline", "gn"])
-def test_kill_minus_9_then_resume_gives_the_uninterrupted_metrics(tmp_path, kind, args, steps, window):
+def test_kill_minus_9_then_resume_gives_the_uninterrupted_metrics(tmp_path, kind, args, steps, checkpoints):
     seed = int(os.environ.get("GNLM_KILL_SEED", random.randrange(10**6)))
     print(f"kill seed {seed}")
     args = [*args, f"train.steps={steps}"]
     full = run_training(cfg_of(tmp_path / "full", args))
     killed = tmp_path / "killed"
-    alive = kill_at_random_moment(killed, args, seed, window)
+    kill_at_random_checkpoint(killed, args, seed, checkpoints)
     ckpt = read_checkpoint(killed / "checkpoint.pt")
-    print(f"{kind}: killed={alive} at outer step {ckpt['state']['step']}, inner {ckpt.get('inner_position')}")
+    print(f"{kind}: killed at outer step {ckpt['state']['step']}, inner {ckpt.get('inner_position')}")
     assert main(["train", f"out_dir={killed}", *args, "--resume"]) == 0
     assert rows(killed) == rows(tmp_path / "full")
     assert json.loads((killed / "summary.json").read_text())["final_eval_loss"] == full["final_eval_loss"]
@@ -104,7 +118,7 @@ def test_gn_resume_from_the_middle_of_the_inner_loop_is_bit_identical(tmp_path, 
             raise Killed
 
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_then_die)
-    monkeypatch.setattr("gnlm.train.save_checkpoint", save_then_die)
+    monkeypatch.setattr("gnlm.run.save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run_training(cfg_of(tmp_path / "cut", args))
     monkeypatch.undo()
@@ -179,7 +193,7 @@ def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch
     import shutil as _shutil
 
     usage = _shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("gnlm.train.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr("gnlm.run.shutil.disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(ConfigError, match=r"not enough free disk space in .*: checkpoints need about .* MiB"):
         run_training(cfg_of(tmp_path / "run", [*BASELINE, "train.steps=2"]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -192,7 +206,7 @@ def test_unwritable_out_dir_is_reported_before_training(tmp_path):
         run_training(cfg_of(blocker / "run", [*BASELINE, "train.steps=1"]))
 
 
-def test_gn_outer_step_with_only_non_finite_candidates_is_skipped_and_logged(tmp_path, monkeypatch, capsys):
+def nan_surrogate_grads(monkeypatch):
     real = gn_mod.surrogate_grad
 
     def nan_grads(*a, **kw):
@@ -200,8 +214,12 @@ def test_gn_outer_step_with_only_non_finite_candidates_is_skipped_and_logged(tmp
         return loss, {k: torch.full_like(v, float("nan")) for k, v in grads.items()}
 
     monkeypatch.setattr(gn_mod, "surrogate_grad", nan_grads)
+
+
+def test_gn_outer_step_with_only_non_finite_candidates_is_skipped_and_logged(tmp_path, monkeypatch, capsys):
+    nan_surrogate_grads(monkeypatch)
     summary = run_training(cfg_of(tmp_path / "run", [*GN, "train.steps=2", "gn.checkpoint_every_inner=0",
-                                                     "gn.inner_optim.name=adamw"]))
+                                                     "gn.inner_optim.name=adamw", "gn.line_search_skip=true"]))
     metrics = rows(tmp_path / "run")
     assert [r.get("skipped") for r in metrics[1:]] == [True, True]
     assert all(r["eta"] == 0.0 for r in metrics[1:])
@@ -209,6 +227,16 @@ def test_gn_outer_step_with_only_non_finite_candidates_is_skipped_and_logged(tmp
     assert metrics[-1]["eval_loss"] == metrics[0]["eval_loss"]  # θ never moved
     assert not summary["diverged"]
     assert "the step was skipped" in capsys.readouterr().err
+
+
+def test_gn_direction_non_finite_at_every_step_size_ends_the_run_as_diverged(tmp_path, monkeypatch, capsys):
+    nan_surrogate_grads(monkeypatch)
+    run_dir = tmp_path / "run"
+    summary = run_training(cfg_of(run_dir, [*GN, "train.steps=3", "gn.checkpoint_every_inner=0",
+                                            "gn.inner_optim.name=adamw"]))
+    assert summary["diverged"] and "every line-search step size gives a non-finite loss" in summary["message"]
+    assert summary["step"] == 0 and [r["step"] for r in rows(run_dir)] == [0]
+    assert "gnlm: run diverged" in capsys.readouterr().err
 
 
 def test_stale_temp_files_of_a_killed_writer_are_removed_on_resume(tmp_path):
@@ -228,7 +256,7 @@ def test_time_based_checkpoints_inside_gn_outer_steps(tmp_path, monkeypatch):
         saved.append((state["state"]["step"], (state.get("inner_position") or {}).get("k")))
         real_save(path, state)
 
-    monkeypatch.setattr("gnlm.train.save_checkpoint", counting_save)
+    monkeypatch.setattr("gnlm.run.save_checkpoint", counting_save)
     args = [*GN, "train.steps=2", "gn.checkpoint_every_inner=0", "gn.inner_steps=3",
             "train.checkpoint_every_seconds=1e-9"]
     run_training(cfg_of(tmp_path / "run", args))

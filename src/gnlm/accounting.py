@@ -1,4 +1,6 @@
-"""Compute accounting: the forward-pass equivalents of each kind of step, in one place.
+"""Compute accounting, in one place: FLOPs counted on the real step functions (:func:`count_flops`; each unit of
+a run — a baseline step, a GN inner step, a line-search forward, a GGN-vector product — once per run, by
+:class:`FlopMeter`), and the older forward-pass equivalents of each kind of step.
 
 One forward-pass equivalent (F) is the cost of one no-grad forward pass of the model over one token. The numbers
 are measured constants, not FLOP counts: how they were measured, and what each covers, is in BENCHMARKS.md
@@ -7,6 +9,38 @@ included.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch.utils.flop_counter import FlopCounterMode
+
+T = TypeVar("T")
+
+
+class FlopMeter:
+    """FLOPs of a run's repeated units of work, each counted once (the first time it runs) and then reused: the
+    shapes of a run's steps do not change, and counting every call would slow the Python dispatch of each op."""
+
+    def __init__(self) -> None:
+        self.per_call: dict[str, int] = {}
+
+    def __call__(self, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn()``; the first call of each ``key`` is counted."""
+        if key in self.per_call:
+            return fn()
+        self.per_call[key], result = count_flops(fn)
+        return result
+
+
+def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
+    """Run ``fn()`` and count the floating-point operations of its matrix products (matmuls, attention,
+    convolutions; 2 per multiply-add) with ``torch.utils.flop_counter.FlopCounterMode``: the forward, backward,
+    jvp and transposed-jvp products, and an optimizer's own (Muon's Newton–Schulz, SOAP's eigenbases); elementwise
+    work is not counted. Returns (FLOPs, fn's result)."""
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
 
 # F per token of each operation, measured on the micro preset (BENCHMARKS.md, "Compute accounting").
 FORWARD_BACKWARD = 3.0  # a baseline step's gradient: forward + backward

@@ -5,7 +5,9 @@ learning rate × seed, :func:`expand_runs`), trains a shared AdamW warm start on
 (:func:`run_study`) and writes a results directory::
 
     study.yaml        the resolved study (a different study in the same directory is refused)
-    runs.jsonl        one row per finished run, appended atomically (line + flush + fsync)
+    runs.jsonl        one row per finished run, appended atomically under runs.jsonl.lock (line + flush + fsync)
+    locks/            one claim file per run, held while it runs (launch.py): no run runs twice, even from two processes
+    slurm/            --launcher slurm: submitit's job folders and logs, jobs.jsonl (run -> Slurm job id)
     warm_start/       the shared AdamW warm start (a normal run directory; every run starts from its checkpoint)
     runs/<method>/b<batch tokens>/lr<lr>/s<seed>/   one run directory each (config, metrics.jsonl, summary.json)
     report.md, *.png  written by ``gnlm report`` (report.py) at the end
@@ -15,7 +17,8 @@ checkpoint when it has one and restarted otherwise.
 
 Batch sizes are in tokens. A baseline at batch B takes ``train.batch_size = B / seq_len`` sequences per step; a
 Gauss-Newton method takes ``gn.inner_steps = B / (gn.inner_batch_size · seq_len)`` inner steps per outer step,
-and its line-search tokens (``gn.ls_batches · gn.inner_batch_size · seq_len`` per outer step) come on top and are
+and its line-search tokens (``gn.ls_batches · gn.inner_batch_size · seq_len`` per outer step; by default another
+outer batch of B tokens) come on top and are
 reported separately. "Steps" are optimizer steps for baselines and outer steps for GN: what the paper counts.
 
 The analysis of the rows (steps to target, best learning rate, critical batch) is in ``analysis.py``.
@@ -29,18 +32,21 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from gnlm import distributed as dist
-from gnlm.analysis import read_rows
+from gnlm import launch
+from gnlm.analysis import next_lr, read_rows, selection_key, target_crossing, target_key
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import (
     ConfigError,
+    dumps_json,
     from_dict,
     load_yaml,
     merge,
@@ -49,6 +55,7 @@ from gnlm.config import (
 )
 from gnlm.optim import resolve_optimizer_class
 from gnlm.report import write_report
+from gnlm.run import BOOKKEEPING_KEYS, RESUMABLE_CHANGES, config_differences, has_checkpoint
 from gnlm.runconfig import RunConfig, build_run_config
 from gnlm.train import run_training
 
@@ -65,6 +72,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "gn_layerwise_prox_linear": {"method": "gn", "gn": {"surrogate": "prox_linear", "layerwise": True}},
 }
 WARM_START_SEED = 10_000  # the warm start reads other batches than the runs (stream seed = data.seed + train.seed)
+PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (launch.Placement), not what it computes
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -80,6 +88,10 @@ class MethodConfig:
     ``lrs``: the learning-rate grid (GN: the inner learning rate ``gn.inner_optim.lr``); ``lrs_by_batch`` replaces
     it at given batch sizes (keys: batch tokens). ``overrides``: dotted RunConfig keys for this method only, e.g.
     ``{gn.warm_start: false, train.eval_every: 1}``.
+    ``control_of``: a control of another method (needs the study's ``selection_seed``): no grid of its own, it runs
+    the reported seeds at the lr selected for that method, with its ``overrides`` (e.g. no warm-up), and is
+    reported apart from the comparison. ``batches``: run this method at these batch sizes only (default: all).
+    ``max_steps``: this method's step budget (default: the study's), e.g. fewer outer steps for GN.
     """
 
     name: str
@@ -89,6 +101,9 @@ class MethodConfig:
     lrs: list[float] = field(default_factory=list)
     lrs_by_batch: dict[int, list[float]] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    control_of: str | None = None
+    batches: list[int] | None = None
+    max_steps: int | None = None
 
     @property
     def builtin(self) -> str:
@@ -126,8 +141,20 @@ class WarmStartConfig:
 class StudyConfig:
     """A benchmark study.
 
-    ``kind``: ``steps_to_target`` (every run stops at ``target_loss`` or after ``max_steps`` steps) or ``budget``
-    (every run trains on ``token_budget`` tokens; what counts is the final validation loss).
+    ``kind``: ``steps_to_target`` (every run stops at its deepest target or after ``max_steps`` steps) or
+    ``budget`` (every run trains on ``token_budget`` tokens; what counts is the final validation loss).
+    ``targets``: the declared target losses (at least three, so that no single target carries the conclusion) and
+    ``primary_target``, one of them, on which learning rates are selected and the critical batch is fitted; steps
+    to every target are read off each run's logged curve. ``target_loss: x`` is short for one target x (a quick
+    check, not a study to publish). Declare them before running: a results directory refuses a changed study.
+    ``lr_budget``: learning-rate search. Each method starts from its declared grid (log-spaced) and, while its best
+    lr at a batch size sits on an edge of what was tried, gets the next point beyond that edge (same spacing),
+    until it has tried ``lr_budget`` lrs; every method gets the same budget. None: the declared grid only.
+    ``selection_seed``: select each (method, batch)'s lr on this seed alone, then run ``seeds`` at the selected lr
+    only (so that the selection does not flatter the reported medians). None: every lr runs on every seed and is
+    judged by the median over seeds.
+    ``gn_inner_steps``: fix N, the inner steps per outer step, at every batch size (the inner batch grows
+    instead: ``gn.inner_batch_size = B / (N · seq_len)``), to separate more data per step from more inner steps.
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
     ``critical_fraction``: the critical batch size of a method is the smallest batch B from which on every
     doubling of the batch cuts the steps to target by less than this fraction (see :func:`critical_batch`).
@@ -144,6 +171,11 @@ class StudyConfig:
     warm_start: WarmStartConfig | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     target_loss: float | None = None
+    targets: list[float] = field(default_factory=list)
+    primary_target: float | None = None
+    lr_budget: int | None = None
+    selection_seed: int | None = None
+    gn_inner_steps: int | None = None
     max_steps: int = 100
     token_budget: int | None = None
     count_line_search_tokens: bool = True
@@ -173,18 +205,84 @@ class StudyConfig:
             raise ConfigError(f"critical_fraction must lie in (0, 1) (0.2 = 'less than 20% fewer steps per doubling'), "
                               f"got {self.critical_fraction}")
         if self.kind == "steps_to_target":
-            if self.target_loss is None or not self.target_loss > 0:
-                raise ConfigError("a steps_to_target study needs target_loss > 0; set e.g. target_loss: 4.5")
+            self._check_targets()
         else:
             if self.token_budget is None:
                 raise ConfigError("a budget study needs token_budget (tokens per run); set e.g. token_budget: 2000000")
             if self.token_budget < max(self.batch_tokens):
                 raise ConfigError(f"token_budget ({self.token_budget}) is smaller than the largest batch "
                                   f"({max(self.batch_tokens)}); raise it")
+        if self.selection_seed is not None and self.selection_seed in self.seeds:
+            raise ConfigError(f"selection_seed {self.selection_seed} is also in seeds {self.seeds}; report seeds other "
+                              f"than the one learning rates are selected on")
+        if self.gn_inner_steps is not None and self.gn_inner_steps < 1:
+            raise ConfigError(f"gn_inner_steps must be >= 1 (or unset), got {self.gn_inner_steps}")
         self._check_grids()
+        if self.lr_budget is not None:
+            if self.selection_seed is None:
+                raise ConfigError("lr_budget needs selection_seed: the learning-rate search runs on one seed; set e.g. "
+                                  "selection_seed: 0 and seeds: [1, 2, 3]")
+            self._check_lr_search()
+
+    def _check_targets(self) -> None:
+        if self.target_loss is not None and self.targets:
+            raise ConfigError("give either target_loss (one target) or targets: [...] with primary_target, not both")
+        if self.target_loss is not None:
+            self.targets, self.primary_target = [self.target_loss], self.target_loss
+            self.target_loss = None
+        if not self.targets:
+            raise ConfigError("a steps_to_target study needs targets: [...] (at least three, with primary_target) "
+                              "or one target_loss; set e.g. targets: [4.6, 4.5, 4.4] and primary_target: 4.5")
+        if any(not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)) for t in self.targets):
+            raise ConfigError(f"targets must be positive losses, got {self.targets}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"targets has duplicates: {self.targets}")
+        if len(self.targets) == 2:
+            raise ConfigError(f"targets: declare at least three target losses (got {self.targets}) so that no single "
+                              f"target carries the conclusion, or one target_loss for a quick check")
+        self.targets = sorted((float(t) for t in self.targets), reverse=True)
+        if self.primary_target is None or float(self.primary_target) not in self.targets:
+            raise ConfigError(f"primary_target must be one of targets {self.targets}, got {self.primary_target}")
+        self.primary_target = float(self.primary_target)
+
+    @property
+    def deepest_target(self) -> float | None:
+        """Where the runs of a steps_to_target study stop (the lowest declared target)."""
+        return min(self.targets) if self.targets else None
+
+    def _check_lr_search(self) -> None:
+        if self.lr_budget < 2:
+            raise ConfigError(f"lr_budget must be >= 2 (lrs tried per method and batch size), got {self.lr_budget}")
+        for m in [m for m in self.methods if m.control_of is None]:
+            for b in self.batch_tokens:
+                grid = sorted(m.grid(b))
+                if len(grid) > self.lr_budget:
+                    raise ConfigError(f"methods.{m.name}: the declared grid at batch {b} has {len(grid)} lrs, more than "
+                                      f"lr_budget {self.lr_budget}; shrink the grid or raise the budget")
+                lr_ratio(grid, f"methods.{m.name} at batch {b}")
+
+    def _check_controls(self) -> None:
+        names = {m.name for m in self.methods if m.control_of is None}
+        for m in self.methods:
+            if m.batches is not None and not set(m.batches) <= set(self.batch_tokens):
+                raise ConfigError(f"methods.{m.name}.batches {m.batches} must be among batch_tokens {self.batch_tokens}")
+            if m.control_of is None:
+                continue
+            if m.control_of not in names:
+                raise ConfigError(f"methods.{m.name}.control_of: {m.control_of!r} is not a (non-control) method of the "
+                                  f"study; use one of {sorted(names)}")
+            if self.selection_seed is None:
+                raise ConfigError(f"methods.{m.name}: a control runs at the lr selected for {m.control_of}, which needs "
+                                  f"selection_seed; set e.g. selection_seed: 0")
+            if m.lrs or m.lrs_by_batch:
+                raise ConfigError(f"methods.{m.name}: a control takes the lr selected for {m.control_of}; remove its lrs")
+
+    def methods_at(self, batch: int) -> list[MethodConfig]:
+        return [m for m in self.methods if m.batches is None or batch in m.batches]
 
     def _check_grids(self) -> None:
-        for m in self.methods:
+        self._check_controls()
+        for m in [m for m in self.methods if m.control_of is None]:
             for key in m.lrs_by_batch:
                 if key not in self.batch_tokens:
                     raise ConfigError(f"methods.{m.name}.lrs_by_batch: {key} is not one of batch_tokens "
@@ -201,11 +299,23 @@ class StudyConfig:
         if self.allow_unequal_grids:
             return
         for b in self.batch_tokens:
-            sizes = {m.name: len(m.grid(b)) for m in self.methods}
+            sizes = {m.name: len(m.grid(b)) for m in self.methods_at(b) if m.control_of is None}
             if len(set(sizes.values())) > 1:
                 listing = ", ".join(f"{k} {v}" for k, v in sizes.items())
                 raise ConfigError(f"unequal tuning effort at batch {b}: learning-rate grid sizes {listing}; give every "
                                   f"method the same number of learning rates or set allow_unequal_grids: true")
+
+
+def lr_ratio(grid: list[float], where: str = "lrs") -> float:
+    """The constant ratio between neighbours of a log-spaced learning-rate grid (the lr search's step)."""
+    grid = sorted(grid)
+    if len(grid) < 2:
+        raise ConfigError(f"{where}: an lr search needs a declared grid of at least two log-spaced lrs, got {grid}")
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    if max(ratios) > min(ratios) * 1.2:
+        raise ConfigError(f"{where}: the lr grid {grid} is not log-spaced (neighbour ratios {[f'{r:.3g}' for r in ratios]}); "
+                          f"use a constant ratio, e.g. [0.001, 0.003, 0.01]")
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
 def _check_method(m: MethodConfig) -> None:
@@ -237,8 +347,17 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     return study_from_dict(raw)
 
 
+# Top-level keys of a `gnlm train` config (RunConfig) that a study never has.
+_TRAIN_CONFIG_KEYS = {"method", "out_dir", "model", "data", "optim", "schedule", "train", "gn"}
+
+
 def study_from_dict(raw: dict[str, Any]) -> StudyConfig:
     raw = dict(raw)
+    train_keys = sorted(_TRAIN_CONFIG_KEYS & set(raw))
+    if "methods" not in raw and train_keys:
+        raise ConfigError(f"this is a gnlm train config (top-level {', '.join(train_keys)}), not a study; run it with "
+                          f"gnlm train, or give gnlm bench a study (methods, batch_tokens, base: ...; see the quick "
+                          f"preset)")
     if isinstance(raw.get("methods"), list):
         # `- adamw` is short for `- {name: adamw}`
         raw["methods"] = [{"name": m} if isinstance(m, str) else m for m in raw["methods"]]
@@ -280,6 +399,7 @@ class RunSpec:
     seed: int
     config: dict[str, Any]
     line_search_tokens_per_step: int = 0
+    targets: tuple[float, ...] = ()
 
     @property
     def run_dir(self) -> str:
@@ -326,12 +446,21 @@ def method_config(study: StudyConfig, m: MethodConfig, batch_tokens: int, lr: fl
     seq = probe.data.seq_len
     ls_per_step = 0
     if probe.method == "gn":
-        per_inner = probe.gn.inner_batch_size * seq
-        if batch_tokens % per_inner:
-            raise ConfigError(f"{where}: the batch ({batch_tokens} tokens) is not a multiple of gn.inner_batch_size "
-                              f"× seq_len = {per_inner}; choose batch_tokens that are")
-        step_raw = {"gn": {"inner_steps": batch_tokens // per_inner, "inner_optim": {"lr": lr}}}
-        ls_per_step = probe.gn.ls_batches * per_inner if probe.gn.line_search else 0
+        if study.gn_inner_steps is not None:  # N fixed: the inner batch grows with the batch
+            inner_steps = study.gn_inner_steps
+            if batch_tokens % (inner_steps * seq):
+                raise ConfigError(f"{where}: the batch ({batch_tokens} tokens) is not a multiple of gn_inner_steps × "
+                                  f"seq_len = {inner_steps * seq}; choose batch_tokens that are")
+            inner_batch = batch_tokens // (inner_steps * seq)
+        else:
+            inner_batch = probe.gn.inner_batch_size
+            if batch_tokens % (inner_batch * seq):
+                raise ConfigError(f"{where}: the batch ({batch_tokens} tokens) is not a multiple of "
+                                  f"gn.inner_batch_size × seq_len = {inner_batch * seq}; choose batch_tokens that are")
+            inner_steps = batch_tokens // (inner_batch * seq)
+        step_raw = {"gn": {"inner_steps": inner_steps, "inner_batch_size": inner_batch, "inner_optim": {"lr": lr}}}
+        ls_batches = inner_steps if probe.gn.ls_batches == "auto" else probe.gn.ls_batches
+        ls_per_step = ls_batches * inner_batch * seq if probe.gn.line_search else 0
     else:
         if batch_tokens % seq:
             raise ConfigError(f"{where}: the batch ({batch_tokens} tokens) is not a multiple of data.seq_len ({seq})")
@@ -340,7 +469,7 @@ def method_config(study: StudyConfig, m: MethodConfig, batch_tokens: int, lr: fl
         per_step = batch_tokens + (ls_per_step if study.count_line_search_tokens else 0)
         steps, target = max(1, study.token_budget // per_step), None
     else:
-        steps, target = study.max_steps, study.target_loss
+        steps, target = m.max_steps or study.max_steps, study.deepest_target
     run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / f"lr{lr:g}" / f"s{seed}"
     train = {"steps": steps, "target_loss": target, "seed": seed, "progress": False,
              "init_from": str(warm_start_path(results_dir)) if study.warm_start else None}
@@ -356,13 +485,56 @@ def expand_runs(study: StudyConfig, results_dir: str | Path = "results") -> list
     specs = []
     for seed in study.seeds:
         for b in study.batch_tokens:
-            for m in study.methods:
-                for lr in m.grid(b):
-                    cfg, ls = method_config(study, m, b, lr, seed, results_dir)
-                    specs.append(RunSpec(run_id=f"{m.name}/b{b}/lr{lr:g}/s{seed}", method=m.name, family=m.family,
-                                         batch_tokens=b, lr=float(lr), seed=seed, config=cfg,
-                                         line_search_tokens_per_step=ls))
+            for m in study.methods_at(b):
+                specs += [_spec(study, m, b, lr, seed, results_dir) for lr in m.grid(b)]
     return specs
+
+
+def _spec(study: StudyConfig, m: MethodConfig, b: int, lr: float, seed: int, results_dir: str | Path) -> RunSpec:
+    cfg, ls = method_config(study, m, b, lr, seed, results_dir)
+    return RunSpec(run_id=f"{m.name}/b{b}/lr{lr:g}/s{seed}", method=m.name, family=m.family, batch_tokens=b,
+                   lr=float(lr), seed=seed, config=cfg, line_search_tokens_per_step=ls, targets=tuple(study.targets))
+
+
+def plan_runs(study: StudyConfig, results_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[list[RunSpec], bool]:
+    """The runs the study needs, given the rows recorded so far, and whether that list is final.
+
+    Without ``selection_seed`` it is :func:`expand_runs` (final). With it, per method and batch size: the declared
+    grid on the selection seed, extended by :func:`analysis.next_lr` while ``lr_budget`` allows (each extension
+    waits for the rows of the lrs before it), then ``seeds`` at the selected lr (:func:`analysis.selection_key` on
+    the primary target). The plan is a function of the rows, so a restarted study plans the same runs."""
+    if study.selection_seed is None:
+        return expand_runs(study, results_dir), True
+    by_id = {r["run_id"]: r for r in rows}
+    target = study.primary_target
+    specs: list[RunSpec] = []
+    final = True
+    selected: dict[tuple[str, int], float] = {}
+    for b in study.batch_tokens:
+        for m in [m for m in study.methods_at(b) if m.control_of is None]:
+            lrs = sorted(m.grid(b))
+            ratio = lr_ratio(lrs) if study.lr_budget is not None and len(lrs) > 1 else None
+            while True:
+                cell = [_spec(study, m, b, lr, study.selection_seed, results_dir) for lr in lrs]
+                specs += [c for c in cell if c.run_id not in {s.run_id for s in specs}]
+                if any(c.run_id not in by_id for c in cell):
+                    final = False
+                    break
+                results = {c.lr: by_id[c.run_id] for c in cell}
+                nxt = next_lr(results, ratio, study.lr_budget, target) if ratio is not None else None
+                if nxt is None:
+                    best = min(lrs, key=lambda lr: (*selection_key(results[lr], target), lr))
+                    selected[(m.name, b)] = best
+                    specs += [_spec(study, m, b, best, seed, results_dir) for seed in study.seeds]
+                    break
+                lrs.append(float(f"{nxt:.6g}"))
+        for m in [m for m in study.methods_at(b) if m.control_of is not None]:
+            lr = selected.get((m.control_of, b))
+            if lr is None:
+                final = False
+            else:
+                specs += [_spec(study, m, b, lr, seed, results_dir) for seed in study.seeds]
+    return specs, final
 
 
 def warm_start_config(study: StudyConfig, results_dir: str | Path) -> dict[str, Any]:
@@ -385,23 +557,26 @@ def warm_start_config(study: StudyConfig, results_dir: str | Path) -> dict[str, 
 # ---------------------------------------------------------------------------------------------- results files
 
 
-def _finite_or_none(v: Any) -> Any:
-    return v if not isinstance(v, float) or math.isfinite(v) else None
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line durably: a reader (or a restarted study) sees whole rows only."""
-    line = json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+def append_row(path: Path, row: dict[str, Any], once: bool = False) -> bool:
+    """Append one JSON line durably, under the file's lock (``<path>.lock``; several processes append): a reader
+    (or a restarted study) sees whole rows only. ``once``: not when a row of the same run_id is there already.
+    Returns whether the row was written."""
+    line = dumps_json(row) + "\n"
+    with FileLock(str(path) + ".lock"):
+        if once and any(r.get("run_id") == row["run_id"] for r in read_rows(path)):
+            return False
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    return True
 
 
 def _repair_rows_file(path: Path) -> None:
     """Drop a torn last line so that new rows start on a line of their own."""
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in read_rows(path)).encode())
+    with FileLock(str(path) + ".lock"):
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            atomic_write_bytes(path, "".join(dumps_json(r) + "\n" for r in read_rows(path)).encode())
 
 
 def _normalized(d: Any) -> Any:
@@ -447,8 +622,32 @@ def row_from_summary(spec: RunSpec, summary: dict[str, Any], results_dir: Path) 
         "final_eval_loss": summary.get("final_eval_loss"), "diverged": bool(summary.get("diverged")),
         "steps_run": summary.get("step"), "tokens_run": summary.get("tokens"),
         "total_wall_time": summary.get("wall_time"), "error": summary.get("message") if summary.get("diverged") else None,
+        "diverged_reason": summary.get("diverged_reason") if summary.get("diverged") else None,
+        "skipped_steps": summary.get("skipped_steps", 0), "best_eval_loss": summary.get("best_eval_loss"),
         "run_dir": os.path.relpath(spec.run_dir, results_dir),
+        **curve_fields(spec),
     }
+
+
+CURVE_KEYS = ("step", "eval_loss", "tokens", "flops", "wall_time")
+
+
+def curve_fields(spec: RunSpec) -> dict[str, Any]:
+    """What a study row keeps of the run's metrics, so that runs.jsonl alone recomputes every number: the eval curve
+    (columns of the evaluation rows), the crossing of every declared target (:func:`analysis.target_crossing`),
+    the FLOPs per step and, for GN, the inner steps per outer step and the line search's η per outer step."""
+    path = Path(spec.run_dir) / "metrics.jsonl"
+    metrics = read_rows(path) if path.exists() else []
+    evals = [r for r in metrics if r.get("eval_loss") is not None]
+    out: dict[str, Any] = {
+        "curve": {k: [r.get(k) for r in evals] for k in CURVE_KEYS},
+        "crossings": {target_key(t): target_crossing(metrics, t) for t in spec.targets},
+        "flops_per_step": next((r["flops"] / r["step"] for r in metrics if r.get("flops") and r.get("step")), None),
+    }
+    if spec.family == "gn":
+        out["inner_steps"] = next((r["inner_steps"] for r in metrics if "inner_steps" in r), None)
+        out["etas"] = [r["eta"] for r in metrics if "eta" in r]
+    return out
 
 
 def error_row(spec: RunSpec, err: BaseException, results_dir: Path) -> dict[str, Any]:
@@ -457,7 +656,8 @@ def error_row(spec: RunSpec, err: BaseException, results_dir: Path) -> dict[str,
             "lr": spec.lr, "seed": spec.seed, "status": "error", "reached": False, "steps": None, "tokens": None,
             "line_search_tokens": None, "forward_equivalents": None, "wall_time": None, "final_eval_loss": None,
             "diverged": False, "steps_run": None, "tokens_run": None, "total_wall_time": None,
-            "error": f"{type(err).__name__}: {first}"[:500], "run_dir": os.path.relpath(spec.run_dir, results_dir)}
+            "error": f"{type(err).__name__}: {first}"[:500], "diverged_reason": None, "skipped_steps": 0,
+            "best_eval_loss": None, "run_dir": os.path.relpath(spec.run_dir, results_dir)}
 
 
 def _run_plan(spec: RunSpec, results_dir: Path) -> tuple[str, Any]:
@@ -466,10 +666,13 @@ def _run_plan(spec: RunSpec, results_dir: Path) -> tuple[str, Any]:
     run_dir = Path(spec.run_dir)
     saved_path = run_dir / "config.yaml"
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
-    same = saved is not None and not _diff_keys(_normalized(saved), _normalized(spec.config))
+    # Bookkeeping keys (where the directory lives, threads, device, checkpoint cadence: run.BOOKKEEPING_KEYS, a
+    # superset of PLACEMENT_KEYS) never make a run directory another run's.
+    same = saved is not None and not config_differences(saved, spec.config, BOOKKEEPING_KEYS | PLACEMENT_KEYS)
     if same and (run_dir / "summary.json").exists():
         return "row", row_from_summary(spec, json.loads((run_dir / "summary.json").read_text()), results_dir)
-    return "train", same and ((run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists())
+    resumable = saved is not None and not config_differences(saved, spec.config, RESUMABLE_CHANGES | PLACEMENT_KEYS)
+    return "train", resumable and has_checkpoint(run_dir)
 
 
 def execute_run(spec: RunSpec, results_dir: Path) -> dict[str, Any]:
@@ -488,30 +691,77 @@ def execute_run(spec: RunSpec, results_dir: Path) -> dict[str, Any]:
         return error_row(spec, e, results_dir)
 
 
+def record_run(spec: RunSpec, results_dir: str | Path, placement: launch.Placement | None = None) -> dict[str, Any]:
+    """One run as a launcher's task (``launch.py``), in whichever process it lands, holding the run's claim: its
+    row when runs.jsonl has one already, else train it (:func:`execute_run`) and append its row. ``placement`` (a
+    worker of the local pool): the run's CPU threads and GPU."""
+    results_dir = Path(results_dir)
+    rows_path = results_dir / "runs.jsonl"
+    found = dist.main_first(lambda: next((r for r in read_rows(rows_path) if r.get("run_id") == spec.run_id), None))
+    if found is not None:
+        return found
+    if placement is not None:
+        spec = replace(spec, config=merge(spec.config, {"train": placement.train_overrides(spec.config["train"])}))
+    row = execute_run(spec, results_dir)
+    if dist.is_main():
+        append_row(rows_path, row, once=True)
+    return row
+
+
 def run_warm_start(study: StudyConfig, results_dir: Path) -> dict[str, Any]:
     """Train (or reuse) the shared warm start; returns its summary."""
     cfg_dict = warm_start_config(study, results_dir)
     wdir = results_dir / "warm_start"
 
-    def finished() -> dict[str, Any] | None:
+    def plan() -> tuple[dict[str, Any] | None, bool]:
+        """(its summary when it finished, whether to resume its checkpoint)."""
         summary_path, saved_path = wdir / "summary.json", wdir / "config.yaml"
-        if summary_path.exists() and saved_path.exists() and warm_start_path(results_dir).exists():
-            saved = yaml.safe_load(saved_path.read_text())
-            if not _diff_keys(_normalized(saved), _normalized(cfg_dict)):
-                return json.loads(summary_path.read_text())
-        return None
+        saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+        if saved is None:
+            return None, False
+        if (summary_path.exists() and warm_start_path(results_dir).exists()
+                and not config_differences(saved, cfg_dict, BOOKKEEPING_KEYS)):
+            return json.loads(summary_path.read_text()), False
+        return None, has_checkpoint(wdir) and not config_differences(saved, cfg_dict)
 
-    done = dist.main_first(finished)
+    done, resume = dist.main_first(plan)
     if done is not None:
         return done
     ws = study.warm_start
     if dist.is_main():
-        print(f"gnlm bench: warm start: AdamW lr {ws.lr:g}, {ws.tokens // ws.batch_tokens} steps of "
+        how = "resuming its checkpoint" if resume else "training"
+        print(f"gnlm bench: warm start ({how}): AdamW lr {ws.lr:g}, {ws.tokens // ws.batch_tokens} steps of "
               f"{ws.batch_tokens:,} tokens -> {wdir}", file=sys.stderr)
-    summary = run_training(build_run_config(cfg_dict), overwrite=True)
+    # An interrupted warm start continues from its checkpoint like every run; anything else there is replaced.
+    summary = run_training(build_run_config(cfg_dict), resume=resume, overwrite=not resume)
     if summary.get("diverged"):
         raise ConfigError(f"the warm start diverged ({summary.get('message')}); lower warm_start.lr")
     return summary
+
+
+FAILED_ROWS = "runs.failed.jsonl"
+
+
+def set_aside_failed_rows(rows_path: Path) -> int:
+    """Move the rows with status "error" from runs.jsonl to runs.failed.jsonl (appended: every failure stays on
+    record), so that their runs count as not run and run again; returns how many moved. Under runs.jsonl's lock,
+    and runs.jsonl is replaced atomically only after the failed rows are safely in runs.failed.jsonl."""
+    with FileLock(str(rows_path) + ".lock"):
+        rows = read_rows(rows_path)
+        failed = [r for r in rows if r.get("status") == "error"]
+        if failed:
+            with open(rows_path.with_name(FAILED_ROWS), "a") as f:
+                f.write("".join(dumps_json(r) + "\n" for r in failed))
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write_bytes(rows_path, "".join(dumps_json(r) + "\n" for r in rows
+                                                  if r.get("status") != "error").encode())
+    return len(failed)
+
+
+def failed_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of runs that failed (status "error"; a diverged run is a result, not a failure)."""
+    return [r for r in rows if r.get("status") == "error"]
 
 
 def _fmt_row(row: dict[str, Any], kind: str) -> str:
@@ -519,7 +769,9 @@ def _fmt_row(row: dict[str, Any], kind: str) -> str:
     if row["status"] == "error":
         result = f"FAILED ({row['error']})"
     elif row["diverged"]:
-        result = "diverged"
+        result = f"diverged ({row.get('error') or row.get('diverged_reason') or 'no reason recorded'})"
+    elif row.get("skipped_steps") and row.get("skipped_steps") == row.get("steps_run"):
+        result = f"every one of its {row['steps_run']} steps was skipped (the model never moved)"
     elif kind == "budget":
         result = f"final eval loss {row['final_eval_loss']:.4f} after {row['steps_run']} steps"
     elif row["reached"]:
@@ -531,58 +783,108 @@ def _fmt_row(row: dict[str, Any], kind: str) -> str:
     return f"{head}: {result}" + (f" [{t:.1f} s]" if t is not None else "")
 
 
+def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[RunSpec], bar: Any, finished: int,
+              total: int, main: bool) -> bool:
+    """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here."""
+    rows_path = results_dir / "runs.jsonl"
+    by_id = {s.run_id: s for s in todo}
+    tasks = [launch.Task(s.run_id, record_run, (s, results_dir), str(launch.lock_path(results_dir, s.run_id)))
+             for s in todo]
+    progress, left, recorded = launch.Progress(launcher.slots), len(tasks), 0
+    for out in launcher.run(tasks):  # each task appends its row itself; here: failures of its process, display
+        row = out.result
+        if out.task is not None:
+            left -= 1
+            progress.add(out.seconds)
+            if out.error is not None:  # its process died (pool worker, Slurm job): the run failed
+                row = error_row(by_id[out.task.key], out.error, results_dir)
+                if main:
+                    append_row(rows_path, row, once=True)
+        bar.set_postfix_str(progress.text(left, launcher.running), refresh=out.task is None)
+        if out.task is None or not main:
+            continue
+        if row is None:
+            tqdm.write(f"{out.task.key}: another gnlm bench process on {results_dir} is running it; skipped",
+                       file=sys.stderr)
+            continue
+        finished += 1
+        recorded += 1
+        bar.update(1)
+        line = f"[{finished}/{total}] {_fmt_row(row, study.kind)}"
+        if study.progress:
+            tqdm.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+    return dist.broadcast_object(recorded > 0)
+
+
 def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None = None,
-              report: bool = True) -> list[dict[str, Any]]:
-    """Run (or continue) a study; returns all rows of runs.jsonl. ``max_runs`` stops after that many new runs."""
+              report: bool = True, launch_cfg: launch.LaunchConfig | None = None,
+              retry_failed: bool = False) -> list[dict[str, Any]]:
+    """Run (or continue) a study; returns all rows of runs.jsonl. ``max_runs`` stops after that many new runs
+    (0: nothing is trained, the warm start neither). ``launch_cfg``: where the runs run (``launch.py``; default: one
+    after another in this process). ``retry_failed``: run again the runs recorded with status "error" (their rows
+    move to runs.failed.jsonl, see :func:`set_aside_failed_rows`)."""
     results_dir = Path(results_dir)
-    specs = expand_runs(study, results_dir)  # every config checked before anything is trained or written
+    specs, _ = plan_runs(study, results_dir, [])  # every config checked before anything is trained or written
     rows_path = results_dir / "runs.jsonl"
     dist.init(str(study.base.get("train", {}).get("device", "auto")))
+    launcher = launch.make_launcher(launch_cfg, results_dir, study.name)
 
     def prepare_results_dir() -> None:
         check_results_dir(study, results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(results_dir / "study.yaml", yaml.safe_dump(to_dict(study), sort_keys=False).encode())
         _repair_rows_file(rows_path)
+        if retry_failed and (n := set_aside_failed_rows(rows_path)):
+            print(f"gnlm bench: --retry-failed: {n} failed run(s) will run again (their rows moved to "
+                  f"{rows_path.with_name(FAILED_ROWS)})", file=sys.stderr)
 
     dist.main_first(prepare_results_dir)  # under torchrun: rank 0 writes the results directory, every rank trains
 
-    if study.warm_start is not None:
-        ws = run_warm_start(study, results_dir)
+    if max_runs == 0 and dist.is_main():
+        print("gnlm bench: --max-runs 0: nothing is trained (the warm start neither)", file=sys.stderr)
+    if study.warm_start is not None and max_runs != 0:  # trained once, before any run (on Slurm as a job of its own)
+        ws = launcher.call(launch.Task("warm_start", run_warm_start, (study, results_dir),
+                                       str(launch.lock_path(results_dir, "warm_start")), wait=True))
         loss = ws.get("final_eval_loss")
-        if study.kind == "steps_to_target" and loss is not None and loss <= study.target_loss:
-            raise ConfigError(f"target_loss {study.target_loss} is already met by the warm start (eval loss "
-                              f"{loss:.4f}); set target_loss below {loss:.4f}")
+        if study.kind == "steps_to_target" and loss is not None and loss <= max(study.targets):
+            raise ConfigError(f"target {max(study.targets)} is already met by the warm start (eval loss {loss:.4f}); "
+                              f"declare targets below {loss:.4f}")
 
-    done = dist.main_first(lambda: {r["run_id"] for r in read_rows(rows_path)})
-    todo = [s for s in specs if s.run_id not in done]
     main = dist.is_main()
-    if main:
-        print(f"gnlm bench: study {study.name!r}: {len(specs)} runs, {len(specs) - len(todo)} already finished; "
-              f"results in {results_dir}", file=sys.stderr)
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="run", dynamic_ncols=True, file=sys.stderr,
-               disable=not (study.progress and main), desc="study")
-    started = 0
+    finished, started, first_wave = 0, 0, True
+    bar = tqdm(total=len(specs), initial=0, unit="run", dynamic_ncols=True, file=sys.stderr,
+               disable=not (study.progress and main), desc="study", bar_format=launch.BAR_FORMAT)
     try:
-        for spec in todo:
-            if max_runs is not None and started >= max_runs:
+        while True:  # waves: an lr search plans its next runs from the rows of the previous ones
+            recorded = dist.main_first(lambda: read_rows(rows_path))
+            specs, final = plan_runs(study, results_dir, recorded)
+            done = {r["run_id"] for r in recorded}
+            todo = [s for s in specs if s.run_id not in done]
+            finished = len(specs) - len(todo)
+            bar.total, bar.n = len(specs), finished
+            bar.refresh()
+            if first_wave and main:
+                more = "" if final else " so far (the learning-rate search adds runs as results come in)"
+                print(f"gnlm bench: study {study.name!r}: {len(specs)} runs{more}, {finished} already finished; "
+                      f"results in {results_dir}", file=sys.stderr)
+                if launcher.slots > 1:
+                    print(f"gnlm bench: {launcher.describe()}", file=sys.stderr)
+            first_wave = False
+            if max_runs is not None:
+                todo = todo[:max(0, max_runs - started)]
+            if not todo:
                 break
-            started += 1
-            row = execute_run(spec, results_dir)
-            if not main:
-                continue
-            append_row(rows_path, row)
-            bar.update(1)
-            line = f"[{len(specs) - len(todo) + started}/{len(specs)}] {_fmt_row(row, study.kind)}"
-            if study.progress:
-                tqdm.write(line, file=sys.stdout)
-            else:
-                print(line, flush=True)
+            started += len(todo)
+            if not _run_wave(study, results_dir, launcher, todo, bar, finished, len(specs), main):
+                break  # every run of the wave was taken by another gnlm bench process: nothing more to plan here
     finally:
         bar.close()
     dist.barrier()
     rows = read_rows(rows_path)
-    if report and main and len({r["run_id"] for r in rows}) >= len(specs):
+    specs, final = plan_runs(study, results_dir, rows)
+    if report and main and final and {s.run_id for s in specs} <= {r["run_id"] for r in rows}:
         path = write_report(results_dir)
         print(f"gnlm bench: report written to {path}", file=sys.stderr)
     return rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -12,16 +11,18 @@ from pathlib import Path
 
 import torch
 
-from gnlm import bench
+from gnlm import __version__, bench
 from gnlm import distributed as dist
+from gnlm import launch
 from gnlm.checkpoint import CheckpointError
-from gnlm.config import ConfigError
+from gnlm.config import ConfigError, dumps_json
 from gnlm.data import describe as describe_data
 from gnlm.data import prepare_data
 from gnlm.model import GPT, get_preset
 from gnlm.model import describe as describe_model
 from gnlm.probe import add_probe_arguments, cmd_probe
 from gnlm.report import write_report
+from gnlm.run import has_checkpoint
 from gnlm.runconfig import load_run_config
 from gnlm.train import run_training
 
@@ -35,11 +36,28 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 def cmd_train(args) -> int:
     """One run; under ``torchrun --nproc_per_node=N -m gnlm train ...`` every process runs this, data parallel."""
     path, overrides = _split_config_and_overrides(args.items)
+    report = os.environ.get("RANK", "0") == "0"
+    if path is None and not overrides:
+        raise ConfigError("gnlm train needs a config: gnlm train CONFIG [key.sub=value ...] (e.g. configs/train.yaml "
+                          "of the repository), or key.sub=value overrides of the built-in defaults")
     cfg = load_run_config(path, overrides)
+    if path is None and report:
+        print(f"gnlm: no config file given: the built-in defaults (runconfig.RunConfig) with {len(overrides)} "
+              f"override(s), out_dir {cfg.out_dir}", file=sys.stderr)
+    home = Path(path).parent if path is not None and Path(path).name == "config.yaml" else None
+    if (args.resume and home is not None and not any(o.startswith("out_dir=") for o in overrides)
+            and (has_checkpoint(home) or (home / "metrics.jsonl").exists())
+            and home.resolve() != Path(cfg.out_dir).resolve()):
+        # The run's own config.yaml, in a run directory that was moved: the run lives where its config is now.
+        if report:
+            print(f"gnlm: resuming {home}, the run directory that holds this config (its out_dir was "
+                  f"{cfg.out_dir})", file=sys.stderr)
+        cfg.out_dir = str(home)
+    args.run_dir = Path(cfg.out_dir)  # for the message of a Ctrl-C
     try:
         summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
         if dist.is_main():
-            print(json.dumps(summary))
+            print(dumps_json(summary))
         dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
@@ -64,7 +82,9 @@ def cmd_info(args) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args.items)
     study = bench.load_study(path, overrides)
+    launch_cfg = launch.config_from_args(args)  # bad --jobs/--launcher/--slurm.* input fails here
     results = Path(args.results) if args.results else Path("results") / study.name
+    args.study_results = results  # for the message of a Ctrl-C
 
     def overwrite() -> None:
         if args.overwrite and results.exists():
@@ -78,14 +98,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dist.init(str(study.base.get("train", {}).get("device", "auto")))
         main = dist.is_main()
         dist.main_first(overwrite)
-        rows = bench.run_study(study, results, max_runs=args.max_runs, report=not args.no_report)
+        rows = bench.run_study(study, results, max_runs=args.max_runs, report=not args.no_report,
+                               launch_cfg=launch_cfg, retry_failed=args.retry_failed)
         dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
+    failed = bench.failed_runs(rows)
     if main:
         print(f"gnlm bench: {len(rows)} runs recorded in {results} ({time.perf_counter() - t0:.0f} s this "
               f"session)", file=sys.stderr)
-    return 0
+        if failed:
+            print(f"gnlm bench: {len(failed)} of {len(rows)} runs failed (first: {failed[0].get('run_id')}: "
+                  f"{failed[0].get('error')}); fix the cause and run the same command with --retry-failed",
+                  file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -95,6 +121,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gnlm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gnlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run (baseline optimizer or Gauss-Newton) from a YAML config")
@@ -127,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=None, metavar="N",
                    help="stop after N new runs (start the same command again to continue)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the runs that failed (status error); their old rows move to runs.failed.jsonl")
+    launch.add_arguments(p)  # --jobs N, --launcher local|slurm, --slurm.KEY=VALUE
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="write report.md and figures from a results directory (never trains)")
@@ -156,8 +186,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gnlm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("gnlm: interrupted; the last checkpoint and the metrics written so far are intact", file=sys.stderr)
+        if report:
+            print(_interrupted(args), file=sys.stderr)
         return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The Ctrl-C message: what there is to continue from. It names a checkpoint only when one exists."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None:
+        ckpt = next((p for p in (run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt") if p.is_file()), None)
+        if ckpt is not None:
+            return (f"gnlm: interrupted; continue from the last checkpoint ({ckpt}) with the same command and "
+                    f"--resume; the metrics written so far are kept")
+        return (f"gnlm: interrupted before the run's first checkpoint: there is nothing to resume in {run_dir}; "
+                f"start it again (--overwrite replaces what it wrote; train.checkpoint_every_seconds sets how "
+                f"often a run checkpoints)")
+    results = getattr(args, "study_results", None)
+    if results is not None:
+        return (f"gnlm: interrupted; finished runs are recorded in {results / 'runs.jsonl'}; the same command "
+                f"continues the study (unfinished runs resume from their checkpoints)")
+    return "gnlm: interrupted"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -134,8 +137,21 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         try:
             validate()
         except ConfigError as e:
-            raise ConfigError(f"{prefix}.{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+            raise ConfigError(_under_prefix(str(e), prefix, fields)) from None
     return obj
+
+
+def _under_prefix(message: str, prefix: str, fields: dict[str, Any]) -> str:
+    """A ``validate`` message placed under ``prefix``. A dataclass names its keys under its usual place (OptimConfig:
+    ``optim.lr``); used elsewhere (``gn.inner_optim``) every such key is renamed, so the message names the key the
+    user must set: ``gn.inner_optim.lr``, not ``gn.inner_optim.optim.lr``."""
+    if not prefix or message.startswith(prefix):
+        return message
+    head = message.split(":", 1)[0].split(" ", 1)[0]  # e.g. "optim.lr"
+    own, _, key = head.partition(".")
+    if own and key and own not in fields and key.split(".")[0].split("[")[0] in fields:
+        return re.sub(rf"(?<![\w.]){re.escape(own)}\.", f"{prefix}.", message)
+    return f"{prefix}.{message}"
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -155,6 +171,23 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (nan, ±inf) replaced by None, recursively (dicts, lists, tuples)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for every JSON file gnlm writes: non-finite floats become ``null`` (bare ``NaN``/``Infinity``
+    are not JSON, and strict parsers reject them)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -16,12 +16,10 @@ The generalised Gauss-Newton matrix is G = Jᵀ H J. For an inner iterate φ wit
     prox_linear:  r(φ) = ℓ(z₀ + u)                         ∇_φ r = Jᵀ ∇ℓ(z₀ + u)
     prox term:    + (λ/2) ‖Δ‖²  (sum over every entry)     gradient + λ Δ   (pulls φ back toward θ₀)
 
-How it is computed. One ``torch.func.jvp`` at θ₀ with tangent Δ gives z₀ and u together (no separate forward for
-z₀). The map Δ ↦ u = JΔ is linear, so the reverse pass of that same jvp *with respect to its tangent* is Jᵀ:
-we wrap the jvp in ``torch.func.vjp`` taking the tangent as the differentiated input, and the pull-back of a
-logit-space vector w is Jᵀw. Only the tangent computation is recorded for the reverse pass (θ₀ is a constant),
-which measured faster than reverse mode through the primal path or a separate forward + vjp
-(benchmarks/gn_step_cost.py). One inner GN step therefore costs one jvp plus one transposed jvp.
+How it is computed. The map Δ ↦ u = JΔ is linear, so the reverse pass of its tangent computation *with respect to
+the tangent* is Jᵀ: the tangent pass is recorded for reverse-mode autograd (θ₀ is a constant, so the primal is not
+recorded) and the pull-back of a logit-space vector w is Jᵀw. One inner GN step costs one primal pass, one
+tangent pass and its transpose; in matrix products 1 + 2 + 2 forwards against 1 + 2 for a baseline step.
 
 Layerwise GN drops cross-block curvature. For a partition of the parameters into blocks b, block b is linearised
 in its own parameters only (all others frozen at θ₀): u_b = J_b Δ_b and ∇_{φ_b} = J_bᵀ (g + H u_b). Only block b's
@@ -29,15 +27,24 @@ parameters carry a tangent, so the tangent starts at the first use of block b an
 blocks near the output are cheap. The implied preconditioner is the block-diagonal G_bd = blockdiag_b(J_bᵀ H J_b).
 Full GN is the special case of one block holding every parameter (same code path).
 
-Work shared by the blocks of one batch. A model may describe its forward as a chain of stages (``gn_stages()``, see
-``GPT.gn_stages``): then one plain forward at θ₀ records the input of each stage where a block starts, and block b's
-jvp runs from its recorded input instead of from the ids; without stages the model is one stage and every block
-starts at the inputs (only where the forward starts differs; the maths is the same). The logit-space quantities
-that do not depend on the block (p = softmax(z₀), ℓ(z₀)) are computed once. Measured and dropped (micro preset,
-1 CPU thread): running the blocks together through the shared suffix (vmap over stacked tangents, one primal per
-stage) was within noise of this (±5%) at 4 layers and ≈10% faster at 8, at K times the logit-space memory; the
-cost that remains is forward-mode AD itself: PyTorch's jvp of ``mm`` materialises a zero tangent for a weight that
-has none and multiplies by it, so a frozen Linear costs two matmuls and an add in the tangent pass instead of one.
+Two ways to linearise, same maths (the dense float64 tests run both):
+
+* A model with ``gn_stages()`` (gnlm's GPT, see ``GPT.gn_stages``) describes its forward as a chain of stages, each
+  with a hand-written tangent rule. The primal runs once, stage by stage, and every block's tangent joins at its
+  first stage, so all blocks share one primal; a frozen weight costs one product in the tangent pass and one in
+  its transpose (PyTorch's forward-mode AD multiplies by a materialised zero tangent instead); the norms, RoPE and
+  attention-softmax tangents are a few fused ops; and there is no torch.func per-op overhead, which dominated
+  small models. One reverse pass through the recorded tangents gives every block's J_bᵀ w_b.
+* Any other model: per block, one ``torch.func.jvp`` of the whole model from the inputs (z₀ and u together),
+  transposed by wrapping it in ``torch.func.vjp`` with the tangent as the differentiated input.
+
+Measured (``benchmarks/gn_step_cost.py``, CPU, 1 thread): the hand-written stages made the GN inner step 1.6× an
+AdamW step at the micro preset (torch.func: 2.0×) and layerwise GN ≈ 2.3× full GN with 6 blocks (3.7×), where the
+matrix products alone give 2.3×: the vocabulary-sized output product is taken by every block. Measured and dropped:
+stacking the blocks' tangents through the frozen stages (one product per stage for all blocks) was 3–5% slower
+than one block at a time (the copies that broadcasting the primal costs outweigh the larger products), and
+``torch.compile`` of the inner step gained ~30% on the nano model and nothing measurable on micro, after a first
+call of 70–80 s.
 
 Forward-mode AD does not run through fused attention kernels, so every computation here runs inside
 :func:`math_attention`, which selects the math SDPA backend and switches a model's ``attention`` attribute from
@@ -113,78 +120,100 @@ def _logits(out: Any) -> Tensor:
     raise TypeError(f"the model must return logits (B, T, V), got {type(out).__name__}")
 
 
-Stage = tuple[str, Callable[[Any, Params], Tensor]]
-
-
-def _stages(model: nn.Module) -> list[Stage]:
-    """The model's forward as a chain of stages ``(prefix, fn(h, params) -> h)`` (see ``GPT.gn_stages``).
-
-    A model without ``gn_stages`` is one stage: inputs -> logits with every parameter.
-    """
-    get = getattr(model, "gn_stages", None)
-    if callable(get):
-        return list(get())
-    return [("", lambda x, p: _logits(functional_call(model, p, (x,))))]
+Cotangent = Callable[[Tensor, Tensor], Tensor]
 
 
 class _Linearization:
-    r"""Linearisation of one batch at θ₀, shared by the blocks of a partition.
+    r"""Linearisation of one batch at θ₀ for a partition of the parameters into blocks.
 
-    Every parameter belongs to one stage (the first whose prefix starts its name). Block b starts at the first stage
-    holding one of its parameters; the plain forward at θ₀ runs once up to the latest start and records the input
-    of each starting stage, so block b's jvp runs only stages start_b.. (full GN: one block, starting at the inputs;
-    nothing is recorded). The caller must be inside :func:`math_attention` and ``torch.no_grad``.
+    :meth:`pullback` forms u_b = J_b t_b for every block b (t_b: the tangent restricted to the block's parameters,
+    all others frozen at θ₀), asks ``cotangent(z₀, u_b)`` for a logit-space vector w_b (it may overwrite u_b),
+    and returns J_bᵀ w_b for every block (one dict over all parameters). The caller must be inside
+    :func:`math_attention` and ``torch.no_grad``.
+
+    With ``gn_stages`` the primal runs once, stage by stage, and each block's tangent goes through every stage from
+    its first one; the last stage (the logits) is taken and transposed one block at a time, so that one
+    logit-sized u_b exists at a time, and one reverse pass through the earlier stages finishes all blocks. Without
+    stages each block is one ``torch.func.jvp`` of the whole model from the inputs, transposed by ``torch.func.vjp``.
     """
 
     def __init__(self, model: nn.Module, params0: Params, inputs: Tensor, blocks: list[list[str]]):
-        self.stages = _stages(model)
+        self.model, self.params0, self.inputs, self.blocks = model, params0, inputs, blocks
+        get = getattr(model, "gn_stages", None)
+        self.stages = list(get()) if callable(get) else None
+        if self.stages is None:
+            return
         prefixes = [prefix for prefix, _ in self.stages]
-        stage_of: dict[str, int] = {}
+        self.stage_of: dict[str, int] = {}
         for name in params0:
             owners = [i for i, prefix in enumerate(prefixes) if name.startswith(prefix)]
             if not owners:
                 raise ValueError(f"{type(model).__name__}.gn_stages(): parameter {name!r} belongs to no stage "
                                  f"(prefixes {prefixes})")
-            stage_of[name] = owners[0]
-        self.stage_of = stage_of
+            self.stage_of[name] = owners[0]
         self.stage_params: list[Params] = [{} for _ in self.stages]
         for name, v in params0.items():
-            self.stage_params[stage_of[name]][name] = v
-        starts = {min(stage_of[n] for n in names) for names in blocks}
-        self.inputs: dict[int, Any] = {0: inputs}
-        h = inputs
-        for s in range(max(starts)):
-            h = self.stages[s][1](h, self.stage_params[s])
-            if s + 1 in starts:
-                self.inputs[s + 1] = h
+            self.stage_params[self.stage_of[name]][name] = v
+        self.owner = {n: b for b, names in enumerate(blocks) for n in names}
 
-    def block(self, names: Sequence[str], tangent: Params) -> tuple[Tensor, Tensor, Callable[[Tensor], Params]]:
-        """z₀ = f(θ₀), u = J_S t_S and the pull-back w ↦ J_Sᵀ w, for the parameter subset S = ``names``.
+    def pullback(self, tangent: Params, cotangent: Cotangent) -> Params:
+        if self.stages is None:
+            return self._pullback_func(tangent, cotangent)
+        return self._pullback_stages(tangent, cotangent)
 
-        Parameters outside S are constants at θ₀ (no tangent), so the tangent computation starts where S is first
-        used and the transposed pass stops there.
-        """
-        start = min(self.stage_of[n] for n in names)
-        h0 = self.inputs[start]
-        primal = {k: self.stage_params[self.stage_of[k]][k] for k in names}
+    def _pullback_func(self, tangent: Params, cotangent: Cotangent) -> Params:
+        out: Params = {}
+        for names in self.blocks:
+            primal = {k: self.params0[k] for k in names}
+            frozen = {k: v for k, v in self.params0.items() if k not in primal}
 
-        def f(p_s: Params) -> Tensor:
-            h = h0
-            for s in range(start, len(self.stages)):
-                own = {k: v for k, v in p_s.items() if self.stage_of[k] == s}
-                h = self.stages[s][1](h, {**self.stage_params[s], **own} if own else self.stage_params[s])
-            return h
+            def f(p_s: Params, frozen: Params = frozen) -> Tensor:
+                return _logits(functional_call(self.model, {**frozen, **p_s}, (self.inputs,)))
 
-        def lin(t_s: Params) -> tuple[Tensor, Tensor]:
-            z0, u = jvp(f, (primal,), (t_s,))
-            return u, z0  # differentiate u (linear in t_s); z0 rides along as aux
+            def lin(t_s: Params, f: Callable = f, primal: Params = primal) -> tuple[Tensor, Tensor]:
+                z0, u = jvp(f, (primal,), (t_s,))
+                return u, z0  # differentiate u (linear in t_s); z0 rides along as aux
 
-        u, pull, z0 = vjp(lin, {k: tangent[k] for k in names}, has_aux=True)
+            u, pull, z0 = vjp(lin, {k: tangent[k] for k in names}, has_aux=True)
+            w = cotangent(z0, u)
+            out.update(pull(w.to(u.dtype).reshape(u.shape))[0])
+        return out
 
-        def pullback(w: Tensor) -> Params:
-            return pull(w.to(u.dtype).reshape(u.shape))[0]
+    def _pullback_stages(self, tangent: Params, cotangent: Cotangent) -> Params:
+        leaf = {n: t.detach().requires_grad_(True) for n, t in tangent.items()}
+        own = [{n: leaf[n] for n in stage_params} for stage_params in self.stage_params]
+        last = len(self.stages) - 1
+        grads: dict[str, Tensor | None] = {}
+        with torch.enable_grad():  # records the tangent computation only: the primal does not require grad
+            h, flowing = self.inputs, {}  # flowing: block -> the tangent of h it has so far
+            for s in range(last):
+                h, stage_jvp = self.stages[s][1](h, self.stage_params[s])
+                flowing = {b: stage_jvp(flowing.get(b), self._of(own[s], b))
+                           for b in range(len(self.blocks)) if b in flowing or self._of(own[s], b)}
+            z0, stage_jvp = self.stages[last][1](h, self.stage_params[last])
+            cot: dict[int, Tensor] = {}
+            for b in range(len(self.blocks)):  # one logit-sized u_b and w_b at a time
+                t_in, p_t = flowing.get(b), self._of(own[last], b)
+                u = stage_jvp(t_in, p_t)
+                with torch.no_grad():  # w is written over u, which the reverse pass never reads; .data (unlike
+                    # .detach) has its own version counter, so autograd does not rebuild u's view history for it
+                    w = cotangent(z0, u.data).to(u.dtype).reshape(u.shape)
+                got = torch.autograd.grad(u, ([] if t_in is None else [t_in]) + list(p_t.values()), w,
+                                          allow_unused=True)
+                del u, w
+                if t_in is not None:
+                    cot[b], got = got[0], got[1:]
+                grads.update(zip(p_t, got))
+            rest = [n for n in self.params0 if n not in grads]
+            if rest:
+                got = torch.autograd.grad([flowing[b] for b in cot], [leaf[n] for n in rest], list(cot.values()),
+                                          allow_unused=True)
+                grads.update(zip(rest, got))
+        return {n: torch.zeros_like(self.params0[n]) if g is None else g for n, g in grads.items()}
 
-        return z0, u, pullback
+    def _of(self, stage_tangents: Params, b: int) -> Params:
+        """The tangents of block b's parameters among one stage's."""
+        return {n: t for n, t in stage_tangents.items() if self.owner[n] == b}
 
 
 def _work_dtype(z: Tensor) -> Tensor:
@@ -195,8 +224,8 @@ def _flat(z: Tensor) -> Tensor:
     return _work_dtype(z.reshape(-1, z.shape[-1]))
 
 
-def _minus_onehot_(w: Tensor, t: Tensor) -> Tensor:
-    return w.scatter_add_(1, t, torch.full(t.shape, -1.0, dtype=w.dtype, device=w.device))
+def _minus_onehot_(w: Tensor, t: Tensor, value: float) -> Tensor:
+    return w.scatter_add_(1, t, torch.full(t.shape, -value, dtype=w.dtype, device=w.device))
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -205,22 +234,21 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 # Logit-space work touches (tokens, V) tensors, the largest in the step. On CPU a fresh tensor of that size costs
 # more in page faults than the arithmetic, so the functions below allocate at most one each and work in place.
-# The block-independent part (softmax p of z₀, ℓ(z₀)) is computed once per batch (_LogitBase) and shared by the
-# blocks of a layerwise step.
+# The block-independent part (p/N with p = softmax(z₀), ℓ(z₀)) is computed once per batch (_LogitBase) and shared
+# by the blocks of a layerwise step.
 
 
-def _softmax_ce_(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax(z) computed in place in ``z``, and Σ_tok CE = Σ (log Σ exp(z − m) + m − z_y), m the row max."""
-    m = z.amax(dim=-1, keepdim=True)
-    zy = z.gather(1, t)
-    s = z.sub_(m).exp_().sum(-1, keepdim=True)
-    ce = (s.log() + m - zy).sum()
-    return z.div_(s), ce
+def _softmax_ce(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(z) (a new tensor) and Σ_tok CE = Σ (m − log p_m − z_y) with m the row max: its probability is
+    p_m = 1/Σ exp(z − m), so the log-sum-exp needs no second pass over z and cannot underflow."""
+    p = torch.softmax(z, dim=-1)
+    ce = (z.amax(-1) - p.amax(-1).log() - z.gather(1, t).squeeze(1)).sum()
+    return p, ce
 
 
 class _LogitBase:
-    """What the logit-space terms need from z₀, computed once per batch and shared by the blocks: p = softmax(z₀)
-    and ℓ(z₀) (``kind`` "gn"), z₀ and ℓ(z₀) ("prox_linear"), or p alone ("ggn", label-free)."""
+    """What the logit-space terms need from z₀, computed once per batch and shared by the blocks: pn = p/N with
+    p = softmax(z₀) and ℓ(z₀) (``kind`` "gn"), z₀ and ℓ(z₀) ("prox_linear"), or pn alone ("ggn", label-free)."""
 
     def __init__(self, z0: Tensor, targets: Tensor | None, kind: str):
         z = _flat(z0)
@@ -231,50 +259,49 @@ class _LogitBase:
             self.z0 = z
             self.loss0 = (torch.logsumexp(z, dim=-1).sum() - z.gather(1, self.t).sum()) / self.n
         elif kind == "gn":
-            # a copy: the model's last tangent op may have saved its primal output for the transposed pass
-            self.p, ce = _softmax_ce_(z.clone(), self.t)
-            self.loss0 = ce / self.n
+            p, ce = _softmax_ce(z, self.t)
+            self.pn, self.loss0 = p.div_(self.n), ce / self.n
         else:
-            self.p = torch.softmax(z, dim=-1)
+            self.pn = torch.softmax(z, dim=-1).div_(self.n)
 
-    def terms(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """The block's surrogate value and its logit-space cotangent w (see :func:`_gn_terms`)."""
+    def terms_(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's logit-space cotangent w, written over u, and a part of its surrogate value (see
+        :func:`_gn_terms_`, :func:`_prox_linear_terms_`)."""
         if self.kind == "gn":
-            return _gn_terms(self.p, self.loss0, u, self.t)
-        return _prox_linear_terms(self.z0, u, self.t)
+            return _gn_terms_(self.pn, u, self.t)
+        return _prox_linear_terms_(self.z0, u, self.t)
 
-    def hvp(self, u: Tensor) -> Tensor:
-        """H u = (p ⊙ u − p (pᵀu)) / N per token, N the number of tokens."""
+    def hvp_(self, u: Tensor) -> Tensor:
+        """H u = (p ⊙ u − p (pᵀu)) / N per token (N the number of tokens), written over u."""
         u = _flat(u)
-        w = self.p * u
-        pu = w.sum(-1, keepdim=True)
-        return torch.sub(u, pu, out=w).mul_(self.p).div_(self.n)
+        return u.sub_(_rowdot(self.pn, u), alpha=self.n).mul_(self.pn)
 
 
-def _gn_terms(p: Tensor, loss0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """q = ℓ(z₀) + gᵀu + ½ uᵀHu and the cotangent w = g + H u = (p ⊙ (1 + u − pᵀu) − e_y) / N, p = softmax(z₀).
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a ⊙ b per row, (N, 1), without an (N, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)
 
-    uᵀHu is read off w: N·wᵀu = N·gᵀu + N·uᵀHu.
+
+def _gn_terms_(pn: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """gᵀu and the cotangent w = g + H u = (p ⊙ (1 + u − pᵀu) − e_y) / N written over u, from pn = p/N.
+
+    The quadratic term ½ uᵀHu is not formed here: wᵀu = gᵀu + uᵀHu and wᵀu = ⟨Jᵀw, Δ⟩ in parameter space,
+    which :func:`surrogate_grad` reads off the gradient (no pass over the logits).
     """
     u, t = _flat(u), targets
     n = t.shape[0]
-    w = p * u  # the one allocation
-    pu = w.sum(-1, keepdim=True)  # pᵀu per token
-    torch.sub(u, pu, out=w).add_(1.0).mul_(p)
-    _minus_onehot_(w, t)  # N·w
-    gu = pu.sum() - u.gather(1, t).sum()  # N·gᵀu
-    uhu = _dot(w, u) - gu  # N·uᵀHu
-    value = loss0 + (gu + 0.5 * uhu) / n
-    return value, w.div_(n)
+    s = _rowdot(pn, u)  # pᵀu / N per token
+    gu = s.sum() - u.gather(1, t).sum() / n
+    torch.addcmul(pn, pn, u.sub_(s, alpha=n), out=u)  # p ⊙ (1 + u − pᵀu) / N
+    return gu, _minus_onehot_(u, t, 1.0 / n)
 
 
-def _prox_linear_terms(z0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """r = ℓ(z₀ + u) and its cotangent ∇ℓ(z₀ + u) = (softmax(z₀ + u) − e_y) / N."""
+def _prox_linear_terms_(z0: Tensor, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """r = ℓ(z₀ + u) and its cotangent ∇ℓ(z₀ + u) = (softmax(z₀ + u) − e_y) / N (z₀ + u formed in u)."""
     u, t = _flat(u), targets
     n = t.shape[0]
-    z = z0 + u  # the one allocation
-    w, r = _softmax_ce_(z, t)
-    return r / n, _minus_onehot_(w, t).div_(n)
+    w, r = _softmax_ce(u.add_(z0), t)
+    return r / n, _minus_onehot_(w.div_(n), t, 1.0 / n)
 
 
 def _resolve_blocks(params: Params, blocks: Sequence[Sequence[str]] | None) -> list[list[str]]:
@@ -330,17 +357,15 @@ def ggn_vector_product(model: nn.Module, params: Params, inputs: Tensor, targets
     del targets  # H is label-free; N = B·T is read off the logits
     params, vector = _detached(params), _detached(vector)
     blocks_ = _resolve_blocks(params, blocks)
-    out: Params = {}
-    base: _LogitBase | None = None
+    base: list[_LogitBase] = []
+
+    def cotangent(z0: Tensor, u: Tensor) -> Tensor:
+        if not base:
+            base.append(_LogitBase(z0, None, "ggn"))
+        return base[0].hvp_(u)
+
     with math_attention(model), torch.no_grad():
-        lin = _Linearization(model, params, inputs, blocks_)
-        for names in blocks_:
-            z0, u, pullback = lin.block(names, vector)
-            base = _LogitBase(z0, None, "ggn") if base is None else base
-            del z0
-            hu = base.hvp(u)
-            del u
-            out.update(pullback(hu))
+        out = _Linearization(model, params, inputs, blocks_).pullback(vector, cotangent)
     return {k: out[k] for k in params}
 
 
@@ -376,23 +401,24 @@ def surrogate_grad(model: nn.Module, params0: Params, params: Params, inputs: Te
     delta = dict(zip(names_all, torch._foreach_sub([params[k].detach() for k in names_all],
                                                    [params0[k] for k in names_all])))
     blocks_ = _resolve_blocks(params0, blocks)
-    grads: Params = {}
-    base: _LogitBase | None = None
-    change = None
+    base: list[_LogitBase] = []
+    parts: list[Tensor] = []  # per block: gᵀu_b (gn) or r_b (prox_linear)
+
+    def cotangent(z0: Tensor, u: Tensor) -> Tensor:
+        if not base:
+            base.append(_LogitBase(z0, targets, kind))
+        part, w = base[0].terms_(u)
+        parts.append(part)
+        return w
+
     with math_attention(model), torch.no_grad():
-        lin = _Linearization(model, params0, inputs, blocks_)
-        for names in blocks_:
-            z0, u, pullback = lin.block(names, delta)
-            base = _LogitBase(z0, targets, kind) if base is None else base
-            del z0
-            value, w = base.terms(u)
-            del u
-            change = value - base.loss0 if change is None else change + (value - base.loss0)
-            grads.update(pullback(w))
-            del w, pullback
-        loss0 = base.loss0
-        del base, lin
-        loss = loss0 + change
+        grads = _Linearization(model, params0, inputs, blocks_).pullback(delta, cotangent)
+        loss0 = base.pop().loss0  # frees p
+        if kind == "gn":  # Σ_b (gᵀu_b + ½ u_bᵀHu_b) = ½ Σ_b (gᵀu_b + w_bᵀu_b), and Σ_b w_bᵀu_b = ⟨grads, Δ⟩
+            wu = torch.stack([_dot(grads[k], delta[k]) for k in names_all]).sum()
+            loss = loss0 + 0.5 * (torch.stack(parts).sum() + wu.to(loss0.dtype))
+        else:
+            loss = loss0 + (torch.stack(parts) - loss0).sum()
         if prox:
             sq = torch._foreach_norm(list(delta.values()))
             loss = loss + 0.5 * prox * torch.stack(sq).pow(2).sum().to(loss.dtype)

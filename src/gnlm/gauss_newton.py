@@ -9,7 +9,8 @@ One outer step — what a run's "steps" count — in the names of this module::
                                                               φ ← one step of the inner optimizer (Muon + AdamW)
             cg:           cg_step(θ₀, φ)                     φ ← θ₀ + CG solution of (G + λI) δ = −g on the N batches
         d ← φ − θ₀
-        η ← line_search(θ₀, d, fresh batches)            η ∈ {(1/√2)^i : i < ls_range}, the lowest true loss
+        η ← line_search(θ₀, d, fresh batches)            η ∈ {(1/√2)^i : i < ls_range}, the lowest true loss on
+                                                         another outer batch (``gn.ls_batches: auto``)
         θ ← θ₀ + η·d ;  EMA ← update(θ)
         warm start: φ and the inner optimizer carry over to the next outer step (``gn.warm_start: false`` resets them)
 
@@ -47,6 +48,7 @@ from gnlm.curvature import (
     blocks_from_patterns,
     cg_solve,
     default_blocks,
+    ggn_vector_product,
     surrogate_grad,
 )
 from gnlm.model import loss_fn
@@ -65,16 +67,18 @@ def line_search_etas(ls_range: int) -> list[float]:
 
 @torch.no_grad()
 def line_search(model: nn.Module, theta0: dict[str, torch.Tensor], direction: dict[str, torch.Tensor],
-                batches: list[tuple[torch.Tensor, torch.Tensor]], etas: list[float]) -> tuple[float, dict[float, float]]:
-    """Pick η minimising the true loss of θ₀ + η·d averaged over ``batches``.
+                batches: list[tuple[torch.Tensor, torch.Tensor]], etas: list[float],
+                skip: bool = False) -> tuple[float | None, dict[float, float]]:
+    """Pick η minimising the true loss of θ₀ + η·d averaged over ``batches`` (ties: the larger η).
 
-    The loss at η = 0 (θ₀ itself) is measured on the same batches and is a candidate: if no η > 0 lowers the loss,
-    or every candidate is non-finite, η = 0 is returned and the step is skipped, so the line search never increases
-    the loss on its batches. Returns (η, {η: loss}); the model's parameters are left at θ₀. Under torchrun the
-    ``batches`` are this rank's shards and the losses are averaged over the ranks (all ranks pick the same η).
+    As in the paper, η is one of ``etas`` and the step always moves. ``skip=True`` adds η = 0 (θ₀ itself) as a
+    candidate, so that when no η > 0 lowers the loss the step is skipped and the loss never increases on these
+    batches. Returns (η, {η: loss}); η is None when every candidate loss is non-finite (nothing to move to).
+    The model's parameters are left at θ₀. Under torchrun the ``batches`` are this rank's shards and the losses
+    are averaged over the ranks (all ranks pick the same η).
     """
     params = dict(model.named_parameters())
-    candidates = [0.0, *etas]
+    candidates = [0.0, *etas] if skip else list(etas)
     local: list[float] = []
     for eta in candidates:
         for name, p in params.items():  # η = 0 is θ₀ itself, also when the direction is non-finite (0·nan = nan)
@@ -85,7 +89,7 @@ def line_search(model: nn.Module, theta0: dict[str, torch.Tensor], direction: di
     device = next(iter(params.values())).device
     losses: dict[float, float] = dict(zip(candidates, dist.mean_of_floats(local, device)))
     finite = {eta: loss for eta, loss in losses.items() if math.isfinite(loss)}
-    best = min(finite, key=lambda eta: (finite[eta], -eta)) if finite else 0.0
+    best = min(finite, key=lambda eta: (finite[eta], -eta)) if finite else None
     return best, losses
 
 
@@ -149,12 +153,16 @@ def inner_step(model: nn.Module, theta0: Params, solver: InnerSolver, batch: tup
     return float(loss)
 
 
-def cg_step(run: Run, solver: InnerSolver, theta0: Params, blocks: list[list[str]] | None) -> tuple[float, float]:
+def cg_step(run: Run, solver: InnerSolver, theta0: Params, blocks: list[list[str]] | None,
+            meter: accounting.FlopMeter) -> tuple[float, float, float]:
     """The inner solve by conjugate gradient: φ ← θ₀ + δ with (G + λI) δ = −g on ``gn.inner_steps`` fresh batches
-    taken together (warm-started from the previous φ − θ₀). Returns the damped quadratic's value at δ and the
-    compute spent."""
+    taken together (warm-started from the previous φ − θ₀). Returns the damped quadratic's value at δ, the compute
+    spent (forward-pass equivalents) and its FLOPs (a gradient and a GGN-vector product on one batch are counted
+    once per run, by an extra call of each)."""
     gn = solver.cfg
     batches = [run.next_batch(gn.inner_batch_size) for _ in range(gn.inner_steps)]
+    meter("gn_grad", lambda: surrogate_grad(run.model, theta0, theta0, *batches[0]))
+    meter("ggn_product", lambda: ggn_vector_product(run.model, theta0, *batches[0], theta0, blocks=blocks))
     init = {n: solver.phi[n].detach() - theta0[n] for n in theta0} if gn.warm_start else None
     delta, info = cg_solve(run.model, theta0, batches, damping=gn.cg_damping, max_iters=gn.cg_iters, blocks=blocks,
                            init=init, reduce=dist.all_reduce_mean)
@@ -163,34 +171,39 @@ def cg_step(run: Run, solver: InnerSolver, theta0: Params, blocks: list[list[str
             p.copy_(theta0[n] + delta[n])
     products = info["iterations"] + (1 if init else 0)
     tokens = gn.inner_steps * gn.inner_batch_size * run.cfg.data.seq_len
-    return float(info["quadratic"]), accounting.cg_solve(tokens, products, len(blocks) if blocks else 0)
+    flops = gn.inner_steps * (meter.per_call["gn_grad"] + products * meter.per_call["ggn_product"])
+    return float(info["quadratic"]), accounting.cg_solve(tokens, products, len(blocks) if blocks else 0), flops
 
 
 def inner_solve(run: Run, solver: InnerSolver, theta0: Params, blocks: list[list[str]] | None, outer_step: int,
-                start: InnerPosition | None = None,
-                on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+                start: InnerPosition | None = None, on_step: Callable[[int, float], None] | None = None,
+                meter: accounting.FlopMeter | None = None) -> tuple[float, float, float]:
     """Minimise the surrogate linearised at θ₀ over φ on ``gn.inner_steps`` fresh batches: one
     :func:`inner_step` per batch, or :func:`cg_step` (``gn.solver: cg``). Returns the mean surrogate value seen (cg:
-    the quadratic's final value) and the compute spent.
+    the quadratic's final value), the compute spent in forward-pass equivalents, and its FLOPs (``meter`` counts
+    the first inner step of the run; every inner step has the same shape).
 
     ``start`` continues a first-order loop interrupted after ``start.k`` steps; ``on_step(k, total)`` is called
     after each step k = 1..inner_steps with the running sum of surrogate values (it may checkpoint)."""
     gn = solver.cfg
+    meter = meter or accounting.FlopMeter()
     if gn.solver == "cg":
-        return cg_step(run, solver, theta0, blocks)
+        return cg_step(run, solver, theta0, blocks, meter)
     start = start or InnerPosition()
     total = start.total
     for k in range(start.k, gn.inner_steps):
         mult = inner_lr_multiplier(gn.inner_schedule, outer_step, k, run.cfg.train.steps, gn.inner_steps)
-        total += inner_step(run.model, theta0, solver, run.next_batch(gn.inner_batch_size), blocks, mult)
+        batch = run.next_batch(gn.inner_batch_size)
+        total += meter("inner_step", lambda: inner_step(run.model, theta0, solver, batch, blocks, mult))
         if on_step is not None:
             on_step(k + 1, total)
     tokens = gn.inner_steps * gn.inner_batch_size * run.cfg.data.seq_len
-    return total / gn.inner_steps, accounting.gn_inner_steps(tokens, gn.surrogate, len(blocks or [None]))
+    flops = gn.inner_steps * meter.per_call["inner_step"]
+    return total / gn.inner_steps, accounting.gn_inner_steps(tokens, gn.surrogate, len(blocks or [None])), flops
 
 
 def outer_step(run: Run, solver: InnerSolver, blocks: list[list[str]] | None,
-               resume: InnerPosition | None = None) -> StepResult:
+               resume: InnerPosition | None = None, meter: accounting.FlopMeter | None = None) -> StepResult:
     """One GN outer step (the module docstring's pseudocode); ``resume`` continues one interrupted inside its
     inner loop (the model then holds θₜ)."""
     gn, model = run.cfg.gn, run.model
@@ -207,15 +220,24 @@ def outer_step(run: Run, solver: InnerSolver, blocks: list[list[str]] | None,
             position = InnerPosition(k, total, start.wall_time + time.perf_counter() - t0)
             run.save({"inner": solver.state_dict(), "inner_position": asdict(position)})
 
-    surrogate_loss, compute = inner_solve(run, solver, theta0, blocks, run.state["step"], start, checkpoint_inside)
+    meter = meter or accounting.FlopMeter()
+    surrogate_loss, compute, flops = inner_solve(run, solver, theta0, blocks, run.state["step"], start,
+                                                 checkpoint_inside, meter)
     direction = {n: solver.phi[n].detach() - theta0[n] for n in theta0}
-    eta, losses = 1.0, {}
-    ls_tokens = gn.ls_batches * gn.inner_batch_size * run.cfg.data.seq_len if gn.line_search else 0
+    eta: float | None = 1.0
+    losses: dict[float, float] = {}
+    ls_tokens = gn.line_search_batches() * gn.inner_batch_size * run.cfg.data.seq_len
     if gn.line_search:
-        batches = [run.next_batch(gn.inner_batch_size) for _ in range(gn.ls_batches)]
+        batches = [run.next_batch(gn.inner_batch_size) for _ in range(gn.line_search_batches())]
         etas = line_search_etas(gn.ls_range)
-        eta, losses = line_search(model, theta0, direction, batches, etas)
-        compute += accounting.line_search(ls_tokens, len(etas) + 1)
+        with torch.no_grad():  # a line-search forward, counted once per run by one extra call
+            meter("forward", lambda: loss_fn(model(batches[0][0]), batches[0][1]))
+        eta, losses = line_search(model, theta0, direction, batches, etas, skip=gn.line_search_skip)
+        compute += accounting.line_search(ls_tokens, len(losses))
+        flops += len(losses) * len(batches) * meter.per_call["forward"]
+    if eta is None:  # every step size gives a non-finite loss: nothing to move to, θ stays at θ₀
+        return StepResult(row={}, tokens=0, forward_equivalents=0.0, diverged=(
+            f"every line-search step size gives a non-finite loss at outer step {run.state['step'] + 1}"))
     with torch.no_grad():
         for n, p in params.items():  # a skipped step (η = 0) keeps θ₀ exactly, even for a non-finite direction
             p.copy_(theta0[n] + eta * direction[n] if eta else theta0[n])
@@ -232,12 +254,12 @@ def outer_step(run: Run, solver: InnerSolver, blocks: list[list[str]] | None,
     if not math.isfinite(row["update_norm"]):  # a non-finite φ would poison every warm-started solve after it
         solver.reset(model)
         row["inner_reset"] = True
-    if eta == 0.0 and gn.line_search:
+    if eta == 0.0:
         row["skipped"] = True
         if dist.is_main():
             print(f"gnlm: outer step {run.state['step'] + 1}: no step size lowered the loss (or every candidate loss "
                   f"was non-finite); the step was skipped", file=sys.stderr)
-    return StepResult(row=row, tokens=inner_tokens + ls_tokens, forward_equivalents=compute,
+    return StepResult(row=row, tokens=inner_tokens + ls_tokens, forward_equivalents=compute, flops=flops,
                       seconds_before=start.wall_time, postfix={"eta": f"{eta:.3f}"})
 
 
@@ -252,6 +274,7 @@ class GNTrainer:
         self.solver = InnerSolver(run.model, run.cfg.gn)
         run.start_ema(dict(run.model.named_parameters()))
         self.resume: InnerPosition | None = None
+        self.meter = accounting.FlopMeter()
         if run.checkpoint is not None:
             ckpt = run.restore()
             self.solver.load_state_dict(ckpt["inner"])
@@ -260,7 +283,7 @@ class GNTrainer:
 
     def step(self) -> StepResult:
         resume, self.resume = self.resume, None
-        return outer_step(self.run, self.solver, self.blocks, resume)
+        return outer_step(self.run, self.solver, self.blocks, resume, self.meter)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.solver.state_dict()}

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from gnlm.config import ConfigError, from_dict
 
@@ -84,12 +83,14 @@ def resolve_model_config(raw: dict) -> ModelConfig:
     """Build a ModelConfig from a config mapping: the preset's values, then the keys given next to it."""
     raw = dict(raw)
     preset = raw.get("preset")
-    cfg = from_dict(ModelConfig, raw, prefix="model")
     if preset is None:
-        return cfg
-    base = get_preset(preset)
-    given = {k: getattr(cfg, k) for k in raw if k != "preset"}
-    return replace(base, **given)
+        return from_dict(ModelConfig, raw, prefix="model")
+    if not isinstance(preset, str):
+        raise ConfigError(f"model.preset: expected a preset name ({', '.join(PRESETS)}), got {preset!r}")
+    # Checked as a whole: the preset's values with the given keys on top (model=150m model.n_heads=12 is valid
+    # because 150m has d_model 768, whatever the dataclass defaults say).
+    base = {f.name: getattr(get_preset(preset), f.name) for f in fields(ModelConfig)}
+    return from_dict(ModelConfig, {**base, **raw}, prefix="model")
 
 
 class RMSNorm(nn.Module):
@@ -215,39 +216,155 @@ class GPT(nn.Module):
         if self.attention not in ("sdpa", "math"):
             raise ValueError(f"attention backend must be 'sdpa' or 'math', got {self.attention!r}")
 
-    def gn_stages(self) -> list[tuple[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]]]:
-        """The forward as a chain of stages ``[(prefix, fn)]``: ``fn(h, params) -> h`` applies the submodule whose
-        parameter names start with ``prefix`` with the given ``params`` (full names, e.g. ``"blocks.0.mlp.w1.weight"``;
-        only that stage's parameters are read) to the previous stage's output ``h``. The first stage takes the
-        input ids, the last returns the logits; chaining them with the module's parameters is :meth:`forward`.
+    def gn_stages(self) -> list[tuple[str, Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple]]]:
+        """The forward as a chain of linearised stages ``[(prefix, linearize)]``, for curvature.py's GN path.
 
-        curvature.py uses this to start a layerwise-GN block's linearisation at the block's recorded input instead
-        of re-running the model from the ids (a model without ``gn_stages`` is linearised from its inputs).
+        ``linearize(h, params) -> (h_out, jvp)`` runs the submodule whose parameter names start with ``prefix``
+        with ``params`` (full names, e.g. ``"blocks.0.mlp.w1.weight"``; only that stage's are read) on the previous
+        stage's output ``h`` (the first stage takes the input ids, the last returns the logits; chaining them with
+        the module's parameters is :meth:`forward`, attention in the math form). ``jvp(h_t, p_t)`` is the stage's
+        tangent map at that point: ``h_t`` a tangent of ``h`` or None, ``p_t`` tangents for some of the stage's
+        parameters (by full name; the others are frozen and cost nothing); it returns the tangent of ``h_out``,
+        or None when given none. It is plain differentiable torch ops, so curvature.py transposes it with
+        reverse-mode autograd, and one ``linearize`` serves every layerwise-GN block passing through the stage.
         """
+        cfg = self.cfg
 
-        def stage(module: nn.Module, prefix: str, call: Callable) -> tuple[str, Callable]:
+        def stage(prefix: str, lin: Callable) -> tuple[str, Callable]:
             n = len(prefix)
 
-            def fn(h: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-                own = {k[n:]: v for k, v in params.items() if k.startswith(prefix)}
-                return call(lambda *a: functional_call(module, own, a), h)
+            def linearize(h: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple:
+                h_out, jvp = lin(h, {k[n:]: v for k, v in params.items() if k.startswith(prefix)})
+                return h_out, lambda h_t, p_t: jvp(h_t, {k[n:]: v for k, v in p_t.items() if k.startswith(prefix)})
 
-            return prefix, fn
+            return prefix, linearize
 
-        def embed(f: Callable, idx: torch.Tensor) -> torch.Tensor:
+        def embed(idx: torch.Tensor, p: dict) -> tuple:
             self._check(idx.shape[-1])
-            return f(idx)
+            return F.embedding(idx, p["weight"]), lambda h_t, p_t: (
+                F.embedding(idx, p_t["weight"]) if "weight" in p_t else None)
 
-        def block(f: Callable, x: torch.Tensor) -> torch.Tensor:
+        def block(x: torch.Tensor, p: dict) -> tuple:
             T = x.shape[-2]
-            return f(x, self.rope_cos[:T], self.rope_sin[:T], self.attention)
+            return _lin_block(p, x, self.rope_cos[:T], self.rope_sin[:T], cfg.n_heads, cfg.norm_eps)
 
-        def plain(f: Callable, x: torch.Tensor) -> torch.Tensor:
-            return f(x)
+        def rms(x: torch.Tensor, p: dict) -> tuple:
+            return _lin_rms_norm(x, p["weight"], cfg.norm_eps, "weight")
 
-        return ([stage(self.wte, "wte.", embed)]
-                + [stage(b, f"blocks.{i}.", block) for i, b in enumerate(self.blocks)]
-                + [stage(self.ln_f, "ln_f.", plain), stage(self.lm_head, "lm_head.", plain)])
+        def head(x: torch.Tensor, p: dict) -> tuple:
+            return _lin_linear(x, p["weight"], "weight")
+
+        return ([stage("wte.", embed)] + [stage(f"blocks.{i}.", block) for i in range(cfg.n_layers)]
+                + [stage("ln_f.", rms), stage("lm_head.", head)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linearised building blocks for GPT.gn_stages: each returns its output at the given point and its tangent map
+# jvp(x_t, p_t) (x_t: a tangent of x or None; p_t: parameter tangents by name, frozen ones absent). Hand-written
+# because PyTorch's forward-mode AD multiplies by a materialised zero tangent for a frozen weight and splits the
+# norms into many small ops, and torch.func's per-op overhead dominates small models (benchmarks/gn_step_cost.py).
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b over equal leading dims, plus ``acc`` accumulated inside the product (no separate add)."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.bmm(a3, b3) if acc is None else torch.baddbmm(acc.reshape(-1, a3.shape[1], b3.shape[2]), a3, b3)
+    return out.view(*a.shape[:-1], b.shape[-1])
+
+
+def _lin_linear(x: torch.Tensor, w: torch.Tensor, name: str) -> tuple:
+    def jvp(x_t, p_t):
+        w_t = p_t.get(name)
+        if w_t is None:
+            return None if x_t is None else F.linear(x_t, w)
+        if x_t is None:
+            return F.linear(x, w_t)
+        y_t = torch.addmm(F.linear(x, w_t).flatten(0, -2), x_t.flatten(0, -2), w.t())  # the sum inside the product
+        return y_t.view(*x.shape[:-1], w.shape[0])
+
+    return F.linear(x, w), jvp
+
+
+def _lin_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, name: str) -> tuple:
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    n = x * r  # as RMSNorm.forward computes it
+    rw = r * w
+
+    def jvp(x_t, p_t):  # r·w ⊙ (x_t − n·mean(n ⊙ x_t)) + n ⊙ w_t
+        y_t = None
+        if x_t is not None:
+            y_t = torch.addcmul(x_t, n, (n * x_t).mean(-1, keepdim=True), value=-1.0) * rw
+        return _plus(y_t, n * p_t[name] if name in p_t else None)
+
+    return n * w, jvp
+
+
+def _lin_layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, prefix: str) -> tuple:
+    y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), w, b, eps)  # what F.layer_norm computes
+    n = (x - mean) * rstd
+    rw = rstd * w
+
+    def jvp(x_t, p_t):  # rstd·w ⊙ (c − n·mean(n ⊙ c)) with c = x_t − mean(x_t), + n ⊙ w_t + b_t
+        y_t = None
+        if x_t is not None:
+            c = x_t - x_t.mean(-1, keepdim=True)
+            y_t = torch.addcmul(c, n, (n * c).mean(-1, keepdim=True), value=-1.0) * rw
+        w_t, b_t = p_t.get(prefix + "weight"), p_t.get(prefix + "bias")
+        y_t = _plus(y_t, None if w_t is None else n * w_t)
+        return _plus(y_t, None if b_t is None else b_t.expand_as(n))
+
+    return y, jvp
+
+
+def _lin_block(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, eps: float) -> tuple:
+    """Block.forward (math attention) with parameters ``p`` (names relative to the block) and its tangent map."""
+    T, d = x.shape[-2:]
+    hd = d // n_heads
+
+    def heads(t):  # (..., T, d) -> (..., nh, T, hd)
+        return t.unflatten(-1, (n_heads, hd)).transpose(-3, -2)
+
+    # RoPE of a tangent as x ⊙ cos + swap(x) ⊙ sin with pairs swapped and the sines signed: 3 ops instead of 7
+    cos2, sin2 = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+
+    def rope_t(t):
+        return torch.addcmul(t * cos2, t.unflatten(-1, (hd // 2, 2)).flip(-1).flatten(-2), sin2)
+
+    xa, j_xa = _lin_rms_norm(x, p["attn_norm.weight"], eps, "attn_norm.weight")
+    q1, j_q1 = _lin_linear(xa, p["attn.wq.weight"], "attn.wq.weight")
+    k1, j_k1 = _lin_linear(xa, p["attn.wk.weight"], "attn.wk.weight")
+    v1, j_v1 = _lin_linear(xa, p["attn.wv.weight"], "attn.wv.weight")
+    q2, j_q2 = _lin_layer_norm(q1, p["attn.q_norm.weight"], p["attn.q_norm.bias"], eps, "attn.q_norm.")
+    k2, j_k2 = _lin_layer_norm(k1, p["attn.k_norm.weight"], p["attn.k_norm.bias"], eps, "attn.k_norm.")
+    q, k, v = apply_rope(heads(q2), cos, sin), apply_rope(heads(k2), cos, sin), heads(v1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    att = ((q @ k.transpose(-2, -1)) / math.sqrt(hd)).masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    o, j_o = _lin_linear((att @ v).transpose(-3, -2).flatten(-2), p["attn.wo.weight"], "attn.wo.weight")
+    x2 = x + o
+    xm, j_xm = _lin_rms_norm(x2, p["mlp_norm.weight"], eps, "mlp_norm.weight")
+    h1, j_h1 = _lin_linear(xm, p["mlp.w1.weight"], "mlp.w1.weight")
+    dg = torch.ops.aten.gelu_backward(torch.ones_like(h1), h1, approximate="tanh")  # gelu'(h1)
+    out, j_out = _lin_linear(F.gelu(h1, approximate="tanh"), p["mlp.w2.weight"], "mlp.w2.weight")
+    kt, v_scaled = k.transpose(-2, -1), v / math.sqrt(hd)
+
+    def jvp(x_t, p_t):
+        xa_t = j_xa(x_t, p_t)
+        q_t, k_t, v_t = j_q2(j_q1(xa_t, p_t), p_t), j_k2(j_k1(xa_t, p_t), p_t), j_v1(xa_t, p_t)
+        s_t = None if k_t is None else _bmm(q, rope_t(heads(k_t)).transpose(-2, -1))
+        if q_t is not None:
+            s_t = _bmm(rope_t(heads(q_t)), kt, s_t)
+        y_t = None if v_t is None else _bmm(att, heads(v_t))
+        if s_t is not None:  # softmax's tangent a ⊙ (s_t − Σ a s_t) is its (symmetric) backward; scale moved to v
+            y_t = _bmm(torch._softmax_backward_data(s_t.to(att.dtype), att, -1, att.dtype), v_scaled, y_t)
+        x2_t = _plus(x_t, j_o(None if y_t is None else y_t.transpose(-3, -2).flatten(-2), p_t))
+        h1_t = j_h1(j_xm(x2_t, p_t), p_t)
+        return _plus(x2_t, j_out(None if h1_t is None else h1_t * dg, p_t))
+
+    return x2 + out, jvp
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

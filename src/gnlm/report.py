@@ -6,7 +6,10 @@ writes ``report.md`` and the figures beside them:
 * ``steps_vs_batch.png``: steps to the target vs batch size, log-log, one line per method (the paper's key figure;
   hollow triangles mark "not reached within max_steps" at the step budget),
 * ``curves_largest_batch.png``: validation loss vs step at the largest batch, best learning rate per method,
-* ``final_loss_vs_batch.png`` (budget studies): final validation loss vs batch size.
+* ``final_loss_vs_batch.png`` (budget studies): final validation loss vs batch size,
+* ``steps_vs_batch_fit.png``: interpolated steps to the primary target with the fitted S(B) = S_min(1 + B_crit/B),
+* ``ratio_vs_target.png``: best baseline / full GN steps against target depth, one line per batch size,
+* ``summary.json``: every number of the declared-target sections, machine-readable (``analysis.summarize_study``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ from typing import Any
 
 import yaml
 
-from gnlm.analysis import Best, eval_curve, read_rows, summarize
+from gnlm.analysis import Best, all_steps_skipped, eval_curve, read_rows, summarize, summarize_study, target_key
+from gnlm.config import dumps_json
 from gnlm.config import ConfigError
 
 BASELINE_FAMILY = "baseline"
+# The fields of a runs.jsonl row that the report cannot do without.
+REQUIRED_ROW_FIELDS = ("run_id", "method", "batch_tokens", "lr", "seed", "run_dir")
+DIVERGENCE_RULE = ("a run is diverged when its training or eval loss is non-finite, exceeds max(initial eval loss, "
+                   "ln V) + train.divergence_margin, or returns to within train.collapse_tolerance of ln V (the "
+                   "uniform predictor) after having been below it")
 
 
 def _fmt_int(v: float | None) -> str:
@@ -53,7 +62,20 @@ def load_results(results_dir: str | Path) -> tuple[dict[str, Any], list[dict[str
         raise ConfigError(f"{results_dir} is not a gnlm results directory (no study.yaml); give the directory that "
                           f"gnlm bench wrote")
     study = yaml.safe_load(study_path.read_text()) or {}
+    for key in ("methods", "batch_tokens"):
+        if not isinstance(study, dict) or not isinstance(study.get(key), list) or not study[key]:
+            raise ConfigError(f"{study_path} has no {key!r} list, so it is not a complete gnlm study; restore it (gnlm "
+                              f"bench writes it) or run gnlm bench STUDY --results {results_dir} again")
+    if not all(isinstance(m, dict) and m.get("name") for m in study["methods"]):
+        raise ConfigError(f"{study_path}: every entry of 'methods' needs a name; restore the file gnlm bench wrote")
     rows = read_rows(results_dir / "runs.jsonl")
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in REQUIRED_ROW_FIELDS if not isinstance(row, dict) or row.get(k) is None]
+        if missing:
+            rid = row.get("run_id") if isinstance(row, dict) else None
+            raise ConfigError(f"{results_dir / 'runs.jsonl'}: row {i}{f' ({rid})' if rid else ''} lacks "
+                              f"{', '.join(missing)}; restore that line or delete it (gnlm bench then runs that run "
+                              f"again)")
     return study, rows
 
 
@@ -87,70 +109,151 @@ def _families(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, st
     return fam
 
 
-def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for i, m in enumerate(summary["methods"]):
+    return plt
+
+
+def _plain_log_axis(axis, lo: float, hi: float) -> None:
+    """Ticks of a log axis labelled as plain numbers ("2", "50", not "2×10⁰"): 1-2-5 per decade (1-2-3-5 on a
+    short range, every decade on a long one)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(max(hi, 1e-300) / max(lo, 1e-300))
+    subs = (tuple(float(k) for k in range(1, 10)) if decades <= 1 else (1.0, 2.0, 3.0, 5.0) if decades <= 2
+            else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,))
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _batch_axis(ax, batches: list[int]) -> None:
+    """A log2 batch-size axis with a tick at every measured batch, labelled 2K, 16K, 1M."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(batches))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_batch(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(batches) == 1:
+        ax.set_xlim(batches[0] / 2, batches[0] * 2)
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it hides no curve and no marker."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                  frameon=False)
+
+
+def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    methods, all_steps = summary["methods"], [float(max_steps)]
+    for i, m in enumerate(methods):
         color = f"C{i % 10}"
         pts = [(b, summary["best"][(m, b)].result.steps) for b in summary["batches"] if (m, b) in summary["best"]]
         reached = [(b, s) for b, s in pts if math.isfinite(s)]
         missed = [b for b, s in pts if not math.isfinite(s)]
         if reached:
             ax.plot([p[0] for p in reached], [p[1] for p in reached], "o-", color=color, label=m)
+            all_steps += [p[1] for p in reached]
         if missed:
-            ax.plot(missed, [max_steps] * len(missed), "^", mfc="none", color=color,
-                    label=None if reached else f"{m} (not reached)")
-    ax.set_xscale("log", base=2)
+            # side by side, not on top of each other: each method's triangles are shifted a little along the
+            # (log2) batch axis, and named in the legend
+            shift = 2.0 ** (0.08 * (i - (len(methods) - 1) / 2))
+            ax.plot([b * shift for b in missed], [max_steps] * len(missed), "^", mfc="none", mew=1.5, ms=8,
+                    color=color, label=f"{m}: not reached")
+    ax.axhline(max_steps, color="0.5", ls=":", lw=1, label=f"step budget ({max_steps})")
+    _batch_axis(ax, summary["batches"])
     ax.set_yscale("log")
+    lo, hi = max(min(all_steps) / 1.4, 0.5), max(all_steps) * 1.4
+    ax.set_ylim(lo, hi)
+    _plain_log_axis(ax.yaxis, lo, hi)
     ax.set_xlabel("batch size (tokens)")
     ax.set_ylabel("steps to target (outer steps for GN)")
     ax.set_title("Steps to target vs batch size (best lr per point; △ = not reached)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    _legend_below(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot_curves(path: Path, results_dir: Path, summary: dict[str, Any], batch: int, target: float | None) -> None:
-    import matplotlib
+    """Validation loss vs step, best lr per method. A curve that blows up (1e13) would squash every other curve
+    into a line, so values far above where the curves start (more than twice the curves' range above the highest
+    start) are clipped: drawn at the top edge with ▲ and the curve's largest value written beside it. The target
+    line and every other value stay in view."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    plt = _pyplot()
+    curves: list[tuple[str, str, list[tuple[int, float]], bool]] = []
     for i, m in enumerate(summary["methods"]):
         best = summary["best"].get((m, batch))
         if best is None:
             continue
         run = min(best.result.rows, key=lambda r: r["seed"])
-        curve = read_rows(results_dir / run["run_dir"] / "metrics.jsonl")
-        steps, losses = eval_curve(curve)
-        if steps:
-            ax.plot(steps, losses, "-", marker=".", color=f"C{i % 10}", label=f"{m} (lr {best.lr:g})")
+        steps, losses = eval_curve(read_rows(results_dir / run["run_dir"] / "metrics.jsonl"))
+        pts = [(s, v) for s, v in zip(steps, losses) if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not pts:
+            continue
+        note = " — diverged" if run.get("diverged") else " — every step skipped" if all_steps_skipped(run) else ""
+        curves.append((f"{m} (lr {best.lr:g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))))
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    values = [v for _, _, pts, _ in curves for _, v in pts]
+    clip = None
+    if values:
+        starts = [pts[0][1] for _, _, pts, _ in curves] + ([target] if target is not None else [])
+        lo, ref = min(values + starts), max(starts)
+        span = max(ref - lo, 0.05 * abs(ref), 1e-3)
+        wild = ref + 2 * span
+        if max(values) > wild:  # a blow-up: clip just above the highest value that is not one
+            clip = max([v for v in values if v <= wild] + [ref]) + 0.15 * span
+            ax.set_ylim(lo - 0.05 * span, clip + 0.1 * span)
+    peaks = []  # (step, value, color) of each clipped curve's largest value, written once the axes are final
+    for label, color, pts, diverged in curves:
+        xs = [s for s, _ in pts]
+        ys = [min(v, clip) if clip is not None else v for _, v in pts]
+        ax.plot(xs, ys, "-", marker=".", color=color, label=label)
+        over = [(s, v) for s, v in pts if clip is not None and v > clip]
+        if over:
+            ax.plot([s for s, _ in over], [clip] * len(over), "^", color=color, ms=7)
+            peaks.append((over[0][0], max(v for _, v in over), color))
+        if diverged:
+            ax.plot([xs[-1]], [ys[-1]], "x", color=color, ms=9, mew=2)
+    if clip is not None:
+        ax.axhline(clip, color="0.6", lw=0.8, label=f"▲ values above {clip:.3g} clipped")
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
-    ax.set_xscale("symlog", linthresh=1)
+    last = max((pts[-1][0] for _, _, pts, _ in curves), default=1)
+    if last <= 100:  # short runs: a linear axis with integer ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=4))
+    else:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(left=0)
+    for step, peak, color in peaks:  # beside the ▲, on the side with room
+        right = ax.transAxes.inverted().transform(ax.transData.transform((step, clip)))[0] > 0.6
+        ax.annotate(f"max {peak:.3g}", (step, clip), textcoords="offset points", xytext=(-6 if right else 6, -12),
+                    ha="right" if right else "left", fontsize=7, color=color)
     ax.set_xlabel("step (outer steps for GN)")
     ax.set_ylabel("validation loss")
     ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens (best lr per method)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot_final_loss(path: Path, summary: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, m in enumerate(summary["methods"]):
         pts = [(b, summary["best"][(m, b)].result.final_eval_loss) for b in summary["batches"]
@@ -158,12 +261,13 @@ def _plot_final_loss(path: Path, summary: dict[str, Any]) -> None:
         pts = [p for p in pts if math.isfinite(p[1])]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=m)
-    ax.set_xscale("log", base=2)
+    _batch_axis(ax, summary["batches"])
     ax.set_xlabel("batch size (tokens)")
     ax.set_ylabel("final validation loss")
     ax.set_title("Final validation loss at a fixed token budget (best lr per point)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -181,7 +285,7 @@ def _batch_table(summary: dict[str, Any], batch: int, kind: str) -> list[str]:
         if best is None:
             continue
         r = best.result
-        lr = f"{r.lr:g}" + (" ⚠" if best.edge else "")
+        lr = f"{r.lr:g}" + (" ⚠" if best.edge else "") + (" (every step skipped)" if r.all_skipped else "")
         if kind == "budget":
             run = min(r.rows, key=lambda x: x["seed"])
             lines.append(f"| {m} | {lr} | {_fmt_int(run.get('steps_run'))} | {_fmt_int(run.get('tokens_run'))} | "
@@ -230,6 +334,9 @@ def _ratio_lines(summary: dict[str, Any], batch: int, gn: str | None, lw: str | 
 
 def _critical_lines(summary: dict[str, Any], fraction: float) -> list[str]:
     batches = summary["batches"]
+    if len(batches) < 2:
+        return [f"Not estimated: the critical batch size needs steps to target at two or more batch sizes, and this "
+                f"study measured one ({_fmt_batch(batches[0])} tokens)."]
     lines = [f"The critical batch size of a method is the smallest measured batch B from which on every doubling of "
              f"the batch saves less than {fraction:.0%} of the steps to target (saving at B = 1 − S(2B)/S(B), S "
              f"interpolated geometrically between measured batches; at the end of the grid the span up to the largest "
@@ -264,7 +371,7 @@ def write_report(results_dir: str | Path) -> Path:
     summary = summarize(study, rows)
     families = _families(study, rows)
     max_steps = study.get("max_steps", 0)
-    target = study.get("target_loss")
+    target = study.get("primary_target", study.get("target_loss"))
     batches = summary["batches"]
     gn, lw = _reference_methods(study, families)
     n_expected = sum(len(m.get("lrs_by_batch", {}).get(b, m.get("lrs", []))) for m in study["methods"]
@@ -320,6 +427,9 @@ def write_report(results_dir: str | Path) -> Path:
         md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
                "![loss curves at the largest batch](curves_largest_batch.png)", ""]
 
+    if kind != "budget" and study.get("targets"):
+        md += _declared_target_sections(results_dir, study, rows, families)
+
     md += ["## Per batch size", "",
            "Best learning rate per method (fewest steps to target; ties and no-reach go to the lowest final loss). "
            "Steps are outer steps for GN methods; tokens include GN line-search tokens (in parentheses); "
@@ -343,16 +453,213 @@ def write_report(results_dir: str | Path) -> Path:
         md.append("Every best learning rate lies inside its grid.")
     md.append("")
     if summary["errors"]:
-        md += ["## Failed runs", ""] + [f"- {r['run_id']}: {r['error']}" for r in summary["errors"]] + [""]
+        md += ["## Failed runs", ""] + [f"- {r['run_id']}: {r.get('error')}" for r in summary["errors"]] + [""]
+    diverged = [r for r in rows if r.get("diverged")]
+    stuck = [r for r in rows if not r.get("diverged") and all_steps_skipped(r)]
+    if diverged or stuck:
+        md += ["## Diverged runs and runs that never moved", "", f"Divergence rule: {DIVERGENCE_RULE}. A diverged "
+               f"run counts as not reached and is never a best learning rate unless every learning rate diverged. "
+               f"A run whose every step was skipped (GN: no line-search step size lowered the loss) never moved from "
+               f"its start; it is never the best learning rate over one that reached a lower loss.", ""]
+        md += [f"- {r['run_id']}: diverged ({r.get('diverged_reason') or 'reason not recorded'}): {r.get('error')}"
+               for r in diverged]
+        md += [f"- {r['run_id']}: every one of its {r.get('steps_run')} steps was skipped; final eval loss "
+               f"{_fmt_loss(r.get('final_eval_loss'))}" for r in stuck]
+        md.append("")
 
     md += ["## All runs", "", "<details><summary>every run</summary>", "",
-           "| run | reached | steps | tokens | time (s) | final eval loss | diverged |",
-           "|---|---|---|---|---|---|---|"]
+           "| run | reached | steps | tokens | time (s) | final eval loss | skipped steps | diverged |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["batch_tokens"], r["lr"], r["seed"])):
+        skipped = f"{r.get('skipped_steps')}/{r.get('steps_run')}" if r.get("skipped_steps") else ""
         md.append(f"| {r['run_id']} | {'yes' if r.get('reached') else 'no'} | {_fmt_int(r.get('steps'))} | "
                   f"{_fmt_int(r.get('tokens'))} | {_fmt_time(r.get('wall_time'))} | "
-                  f"{_fmt_loss(r.get('final_eval_loss'))} | {'yes' if r.get('diverged') else ''} |")
+                  f"{_fmt_loss(r.get('final_eval_loss'))} | {skipped} | "
+                  f"{(r.get('diverged_reason') or 'yes') if r.get('diverged') else ''} |")
     md += ["", "</details>", ""]
     out = results_dir / "report.md"
     out.write_text("\n".join(md))
     return out
+
+
+def _best_baseline(summary: dict[str, Any], families: dict[str, str], batch: int, target: float) -> tuple[str, float]:
+    """The baseline with the fewest interpolated steps to ``target`` at ``batch`` (inf when none reached it)."""
+    best = ("—", math.inf)
+    for m, fam in families.items():
+        cell = summary["cells"].get(f"{m}/{batch}")
+        if fam != BASELINE_FAMILY or cell is None:
+            continue
+        s = cell["per_target"].get(target_key(target), {}).get("steps_interp")
+        if s is not None and s < best[1]:
+            best = (m, s)
+    return best
+
+
+def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    primary, batches = summary["primary_target"], summary["batch_tokens"]
+    ys = []
+    for i, (m, fit) in enumerate(summary["fit"].items()):
+        pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(target_key(primary), {})
+                .get("steps_interp")) for b in batches]
+        pts = [(b, s) for b, s in pts if s is not None]
+        if not pts:
+            continue
+        ys += [s for _, s in pts]
+        ax.plot([b for b, _ in pts], [s for _, s in pts], "o", color=f"C{i % 10}", label=m)
+        if "s_min" in fit:
+            grid = [batches[0] * (batches[-1] / batches[0]) ** (k / 60) for k in range(61)]
+            ax.plot(grid, [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid], "-", color=f"C{i % 10}", lw=1,
+                    alpha=0.8, label=f"{m}: fit, B_crit {fit['b_crit']:,.0f}")
+    _batch_axis(ax, batches)
+    ax.set_yscale("log")
+    if ys:
+        lo, hi = min(ys) / 1.4, max(ys) * 1.4
+        ax.set_ylim(lo, hi)
+        _plain_log_axis(ax.yaxis, lo, hi)
+    ax.set_xlabel("batch size (tokens)")
+    ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
+    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend_below(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[str, str], gn: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    targets = summary["targets"]
+    for i, b in enumerate(summary["batch_tokens"]):
+        pts = []
+        for t in targets:
+            g = summary["cells"].get(f"{gn}/{b}", {}).get("per_target", {}).get(target_key(t), {}).get("steps_interp")
+            _, base = _best_baseline(summary, families, b, t)
+            if g and math.isfinite(base):
+                pts.append((t, base / g))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=f"batch {_fmt_batch(b)}")
+    ax.axvline(summary["primary_target"], color="0.5", ls=":", lw=1, label="primary target")
+    ax.invert_xaxis()
+    ax.set_xlabel("target validation loss (deeper →)")
+    ax.set_ylabel(f"best baseline steps / {gn} steps (interpolated)")
+    ax.set_title("How many times fewer steps GN needs, by target depth")
+    ax.grid(True, alpha=0.3)
+    _legend_below(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _declared_target_sections(results_dir: Path, study: dict[str, Any], rows: list[dict[str, Any]],
+                              families: dict[str, str]) -> list[str]:
+    """Steps to every declared target (interpolated), the selected lrs with their trials, the fitted critical
+    batch, FLOPs and time to the primary target, the GN/baseline ratio by target depth; writes summary.json."""
+    summary = summarize_study(study, rows)
+    (results_dir / "summary.json").write_text(dumps_json(summary, indent=2) + "\n")
+    families = {m: f for m, f in families.items() if not any(x["name"] == m and x.get("control_of")
+                                                              for x in study["methods"])}
+    primary, batches, targets = summary["primary_target"], summary["batch_tokens"], summary["targets"]
+    methods = [m["name"] for m in study["methods"] if not m.get("control_of")]
+    controls = [m for m in study["methods"] if m.get("control_of")]
+    sel = study.get("selection_seed")
+    md = ["## Declared targets", "",
+          f"Targets {', '.join(f'{t:g}' for t in targets)} (primary {primary:g}), declared in the study before any "
+          f"run. Steps are interpolated crossings (linear in loss between the last evaluation above the target and "
+          f"the first at or below it), median over the reported seeds; the integer step of the first evaluation at "
+          f"or below the target is in parentheses. "
+          + (f"Learning rates are selected on seed {sel} (fewest steps to the primary target, ties to the lower final "
+             f"loss"
+             + (f"; lr search: up to {study.get('lr_budget')} lrs per method and batch, extended beyond an edge"
+                if study.get("lr_budget") else "")
+             + f"); the reported seeds {summary['seeds']} then run at the selected lr only."
+             if sel is not None else "Learning rates are selected by the median over seeds."), ""]
+    for t in targets:
+        md += [f"### target {t:g}" + (" (primary)" if t == primary else ""), "",
+               "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+        for m in methods:
+            cells = []
+            for b in batches:
+                c = summary["cells"].get(f"{m}/{b}")
+                pt = c["per_target"][target_key(t)] if c else None
+                if pt is None:
+                    cells.append("—")
+                elif pt["steps_interp"] is None:
+                    cells.append(f"not reached ({pt['reached']}/{c['seeds']})")
+                else:
+                    cells.append(f"{pt['steps_interp']:.1f} ({_fmt_int(pt['steps'])})")
+            md.append(f"| {m} | " + " | ".join(cells) + " |")
+        md.append("")
+    md += ["### Selected learning rates", "", "lr (trials used; ⚠ = still on an edge of what was tried; N = GN inner "
+           "steps per outer step; skipped = median skipped outer steps)", "",
+           "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for m in methods:
+        cells = []
+        for b in batches:
+            c = summary["cells"].get(f"{m}/{b}")
+            if c is None:
+                cells.append("—")
+                continue
+            extra = f"; N {c['inner_steps']}; skipped {c['skipped_steps']:g}" if "inner_steps" in c else ""
+            cells.append(f"{c['best_lr']:g} ({c['trials']}{extra}){' ⚠' if c['lr_on_edge'] else ''}")
+        md.append(f"| {m} | " + " | ".join(cells) + " |")
+    md += ["", "### Fitted critical batch", "",
+           "S(B) = S_min·(1 + B_crit/B) fitted by least squares on log S (McCandlish et al. 2018) to the interpolated "
+           "steps to the primary target; 90% interval by bootstrap over seeds.", "",
+           "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
+           "| method | S_min | B_crit (tokens) | 90% interval | note |", "|---|---|---|---|---|"]
+    for m in methods:
+        f = summary["fit"].get(m, {})
+        if "s_min" not in f:
+            md.append(f"| {m} | — | — | — | {f.get('reason', '')} |")
+            continue
+        lo, hi = f.get("b_crit_lo"), f.get("b_crit_hi")
+        interval = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None and hi is not None else "—"
+        note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
+        md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} |")
+    _plot_fit(results_dir / "steps_vs_batch_fit.png", summary)
+    md += ["", f"### Compute and time to the primary target ({primary:g})", "",
+           "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
+           "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
+           "line-search tokens. Medians over the seeds that reached the target.", "",
+           "| method | batch | steps | tokens | FLOPs | time (s) |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        for b in batches:
+            c = summary["cells"].get(f"{m}/{b}")
+            pt = c["per_target"][target_key(primary)] if c else None
+            if pt is None or pt["steps_interp"] is None:
+                continue
+            md.append(f"| {m} | {_fmt_batch(b)} | {pt['steps_interp']:.1f} | {_fmt_int(pt['tokens_to_target'])} | "
+                      f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])} |")
+    if controls:
+        md += ["", "### Controls", "", "Each control runs the reported seeds at the lr selected for the method it "
+               "controls, with one change (its overrides); interpolated steps to each target, median over seeds.", "",
+               "| control | of | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " | "
+               + " | ".join(f"{c['control_of']} {t:g}" for c in controls[:1] for t in targets) + " |",
+               "|---|---|---|---|" + "---|" * (2 * len(targets))]
+        for c in controls:
+            for b in batches:
+                cell, ref = summary["cells"].get(f"{c['name']}/{b}"), summary["cells"].get(f"{c['control_of']}/{b}")
+                if cell is None or ref is None:
+                    continue
+                own = [cell["per_target"][target_key(t)]["steps_interp"] for t in targets]
+                base = [ref["per_target"][target_key(t)]["steps_interp"] for t in targets]
+                changes = ", ".join(f"{k}={v}" for k, v in (c.get("overrides") or {}).items())
+                md.append(f"| {c['name']} | {c['control_of']} | {changes} | {_fmt_batch(b)} | "
+                          + " | ".join("—" if v is None else f"{v:.1f}" for v in own + base) + " |")
+    gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
+    if gn is not None and len(targets) > 1:
+        _plot_ratio_vs_target(results_dir / "ratio_vs_target.png", summary, families, gn)
+        md += ["", "### GN vs the best baseline by target depth", "", "![ratio vs target](ratio_vs_target.png)", "",
+               "| batch | " + " | ".join(f"{t:g}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+        for b in batches:
+            cells = []
+            for t in targets:
+                g = summary["cells"].get(f"{gn}/{b}", {}).get("per_target", {}).get(target_key(t), {}).get(
+                    "steps_interp")
+                name, base = _best_baseline(summary, families, b, t)
+                cells.append(f"{base / g:.2f}× ({name})" if g and math.isfinite(base) else "—")
+            md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
+    return md + [""]

@@ -21,8 +21,10 @@ processes, with DDP or FSDP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -41,18 +43,27 @@ from gnlm.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from gnlm.config import ConfigError
+from gnlm.config import ConfigError, dumps_json
 from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepare_data
 from gnlm.model import GPT, count_parameters, loss_fn
 from gnlm.optim import EMA
 from gnlm.runconfig import RunConfig, run_config_to_dict
 
-# Config keys that may change when a run is resumed (they do not change what the run computes).
-RESUMABLE_CHANGES = {
-    "train.steps", "train.progress", "train.checkpoint_every", "train.target_loss", "train.log_every",
-    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project",
-    "train.checkpoint_every_seconds", "train.parallel", "gn.checkpoint_every_inner",
+# Config keys that change neither what a run computes nor where it stops: where the run directory lives (it may
+# be moved), where it was initialised from (read once, before its first step), checkpoint cadence, devices, threads
+# and logging mirrors. Ignored whenever a run directory's saved config is compared with the current one.
+BOOKKEEPING_KEYS = {
+    "out_dir", "train.init_from", "train.progress", "train.checkpoint_every", "train.checkpoint_every_seconds",
+    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project", "train.parallel",
+    "gn.checkpoint_every_inner",
 }
+# Config keys that may change when a run is resumed: the bookkeeping above, and where the run stops and logs.
+RESUMABLE_CHANGES = BOOKKEEPING_KEYS | {
+    "train.steps", "train.target_loss", "train.log_every", "train.divergence_margin", "train.collapse_tolerance",
+}
+# Path-valued keys: compared after resolving (./runs/t0, runs/t0 and its absolute path are one directory).
+_PATH_KEYS = {"out_dir", "train.init_from", "data.data_dir", "data.cache_dir"}
+LOCK_NAME = ".gnlm.lock"
 
 # Optimizer-state copies of the parameters, for the free-disk-space estimate (SOAP's preconditioners: ~2 more).
 _STATE_COPIES = {"adamw": 2, "muon": 2, "soap": 4}
@@ -125,44 +136,155 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """Create (or check) the run directory; returns (path, resuming). Never deletes anything unless asked."""
+def _normalized_value(key: str, value: Any) -> Any:
+    if key in _PATH_KEYS and isinstance(value, str) and value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: set[str] = RESUMABLE_CHANGES) -> list[str]:
+    """The dotted keys in which a run directory's saved config differs from ``now``, sorted. Keys in ``ignore``
+    are skipped, and so are keys the saved config lacks (options added to gnlm after the run began: their defaults
+    apply); paths are compared after resolving."""
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(now)))  # tuples -> lists
+    return sorted(k for k in a if k not in ignore and _normalized_value(k, a[k]) != _normalized_value(k, b.get(k)))
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / "checkpoint.pt").is_file() or (run_dir / "checkpoint.prev.pt").is_file()
+
+
+class RunDirLock:
+    """One writer per run directory: an exclusive ``flock`` on ``<run dir>/.gnlm.lock``, which holds the owner's
+    pid. The kernel drops the lock when its process ends, however it ends (kill -9 included), so a lock can never
+    be left stale; the file is deleted on release. Under torchrun only rank 0 takes it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                pid = holder[0] if holder else "unknown"
+                where = f" on {holder[1]}" if len(holder) > 1 else ""
+                raise ConfigError(f"run directory {self.path.parent} is in use by another gnlm process (pid {pid}"
+                                  f"{where}); wait for it to end or stop it, then start again") from None
+            except OSError as e:  # a filesystem without locks: go on unlocked, but say so
+                os.close(fd)
+                print(f"gnlm: warning: cannot lock {self.path} ({e.strerror}); make sure no other process writes "
+                      f"this run directory", file=sys.stderr)
+                return
+            try:  # the previous holder may have deleted the file between our open and lock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener retries on a fresh file
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool,
+                    lock: RunDirLock | None = None) -> tuple[Path, bool]:
+    """Create (or check) the run directory, taking ``lock`` on it first; returns (path, resuming). Never deletes
+    anything unless asked (--overwrite), and a refused start leaves everything as it was.
+
+    ``--resume`` continues from the checkpoint; on a directory with files but no checkpoint it is an error (nothing
+    to resume: --overwrite starts afresh); on a directory that does not exist (or is empty) it starts a new run
+    there, with a note."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     run_dir = Path(cfg.out_dir)
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not (resume or overwrite):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out_dir {run_dir} is a file, not a directory; choose another out_dir "
+                          f"(gnlm never deletes it, even with --overwrite)")
+    existed = run_dir.is_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
+    try:
+        if lock is not None:
+            lock.acquire()  # before anything in the directory is read, trimmed or deleted
+        resuming = _check_run_dir(cfg, run_dir, resume, overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if not existed:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if still empty: a refused new run leaves no directory behind
+        raise
+    return run_dir, resuming
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    contents = _contents(run_dir)
+    if contents and not (resume or overwrite):
         raise ConfigError(
             f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it, "
             f"or set out_dir=...")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out_dir {run_dir} is a file; choose a directory path")
     resuming = False
-    if exists and resume:
+    if resume and not contents:
+        print(f"gnlm: --resume: {run_dir} holds no run yet; starting a new run there", file=sys.stderr)
+    elif resume:
         saved_path = run_dir / "config.yaml"
         if saved_path.exists():
-            saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-            now = _flatten(run_config_to_dict(cfg))
-            changed = sorted(k for k in set(saved) | set(now)
-                             if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+            changed = config_differences(saved, run_config_to_dict(cfg))
             if changed:
                 raise ConfigError(
                     f"cannot resume {run_dir}: the config differs in {', '.join(changed[:5])}; "
                     f"use the run's own config ({saved_path}) or start a new out_dir")
-        resuming = (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
-    if exists and overwrite:
-        shutil.rmtree(run_dir)
-    elif exists:
+        if not has_checkpoint(run_dir):
+            held = ", ".join(sorted(p.name for p in contents)[:4])
+            raise ConfigError(
+                f"cannot resume {run_dir}: it holds {held} but no checkpoint (the run stopped before its first one); "
+                f"pass --overwrite instead of --resume to delete it and start afresh")
+        resuming = True
+    if contents and overwrite:
+        for p in contents:  # the lock file stays: it is held
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    elif contents:
         remove_stale_temp_files(run_dir)  # a killed writer's leftovers; never read, but confusing
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
     check_free_space(run_dir, cfg)
-    return run_dir, resuming
+    return resuming
 
 
 def _parse_row(line: str) -> dict[str, Any] | None:
@@ -203,7 +325,7 @@ class MetricsLogger:
                                     config=run_config_to_dict(cfg), resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(dumps_json(row) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -247,7 +369,7 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     share = n // w
     lo = dist.rank() * share
     total, count = _eval_sums(model, inputs[lo:lo + share], targets[lo:lo + share], batch_size, device)
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist._comm_device(device))
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist.comm_device(device))
     dist.all_reduce_sum(sums)
     return float(sums[0] / sums[1])
 
@@ -276,7 +398,7 @@ class StepResult:
     """What a trainer's step reports to :func:`run_loop`.
 
     ``row``: the step's own metrics (the loop adds step, tokens, compute, throughput, wall time and evaluation);
-    ``tokens`` and ``forward_equivalents``: what the step consumed; ``seconds_before``: time this step had already
+    ``tokens``, ``forward_equivalents`` and ``flops`` (counted, ``accounting.FlopMeter``): what the step consumed; ``seconds_before``: time this step had already
     spent before a resume (a GN step resumed inside its inner loop); ``postfix``: progress-bar fields;
     ``diverged``: a message when the step found the run diverged (the step is then not counted)."""
 
@@ -284,6 +406,7 @@ class StepResult:
     tokens: int
     forward_equivalents: float
     seconds_before: float = 0.0
+    flops: float | None = None
     postfix: dict[str, str] = field(default_factory=dict)
     diverged: str | None = None
 
@@ -311,6 +434,7 @@ class Run:
     eval_targets: torch.Tensor
     device: torch.device
     checkpoint: dict[str, Any] | None
+    lock: RunDirLock | None = None
     logger: MetricsLogger | None = None
     ema: EMA | None = None
     timer: CheckpointTimer = field(default_factory=lambda: CheckpointTimer(0.0))
@@ -384,7 +508,7 @@ class Run:
         if dist.world_size() > 1:
             summary["world_size"] = dist.world_size()
         if dist.is_main():
-            atomic_write_bytes(self.dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            atomic_write_bytes(self.dir / "summary.json", (dumps_json(summary, indent=2) + "\n").encode())
         if self.logger is not None:
             self.logger.close()
         return summary
@@ -395,24 +519,27 @@ def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
     checkpoints around ``trainer.step()``. Returns the run's summary (also written to ``summary.json``).
 
     A run stops at ``train.steps``, at the first evaluation at or below ``train.target_loss``, or when it diverges
-    (a step reports it, or the eval loss is non-finite); it is checkpointed every ``train.checkpoint_every`` steps,
-    every ``train.checkpoint_every_seconds`` and at the end (not after a divergence: the last good checkpoint stays).
+    (a step reports a non-finite loss, or :func:`divergence` finds it in the step's row); it is checkpointed every
+    ``train.checkpoint_every`` steps, every ``train.checkpoint_every_seconds`` and at the end (not after a
+    divergence: the last good checkpoint stays). Every diverged run, of either trainer, says so in one stderr line.
     """
     cfg, st = run.cfg, run.state
     summary: dict[str, Any] = {"reached_target": False, "diverged": False}
     run.timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
     if run.checkpoint is None:
-        st["eval_loss"] = run.evaluate()
+        st["eval_loss"] = st["initial_eval_loss"] = run.evaluate()
         run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
+        if (found := divergence(cfg, st, {"step": 0, "eval_loss": st["eval_loss"]})) is not None:
+            summary.update(diverged=True, diverged_reason=found[0], message=found[1])
     bar = tqdm(total=cfg.train.steps, initial=st["step"], unit=trainer.unit, dynamic_ncols=True,
                disable=not (cfg.train.progress and dist.is_main()), file=sys.stderr)
-    while st["step"] < cfg.train.steps:
+    while st["step"] < cfg.train.steps and not summary["diverged"]:
         if cfg.train.target_loss is not None and st.get("eval_loss", math.inf) <= cfg.train.target_loss:
             break
         t0 = time.perf_counter()
         out = trainer.step()
         if out.diverged is not None:
-            summary.update(diverged=True, message=out.diverged)
+            summary.update(diverged=True, diverged_reason="non_finite", message=out.diverged)
             break
         dt = out.seconds_before + time.perf_counter() - t0
         st["step"] += 1
@@ -421,11 +548,15 @@ def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
         st["wall_time"] += dt
         row = {"step": st["step"], "tokens": st["tokens"], **out.row, "tokens_per_s": out.tokens / dt,
                "wall_time": st["wall_time"], "forward_equivalents": st["forward_equivalents"]}
+        if out.flops is not None:  # every process does its equal share
+            row["flops"] = st["flops"] = st.get("flops", 0) + out.flops * dist.world_size()
         last = st["step"] == cfg.train.steps
         if st["step"] % cfg.train.eval_every == 0 or last:
             st["eval_loss"] = row["eval_loss"] = run.evaluate()
-            if not math.isfinite(st["eval_loss"]):
-                summary.update(diverged=True, message=f"eval loss became {st['eval_loss']} at step {st['step']}")
+        if out.row.get("skipped"):  # a GN outer step whose line search kept θ (η = 0)
+            st["skipped_steps"] = st.get("skipped_steps", 0) + 1
+        if (found := divergence(cfg, st, row)) is not None:
+            summary.update(diverged=True, diverged_reason=found[0], message=found[1])
         if st["step"] % cfg.train.log_every == 0 or "eval_loss" in row:
             run.log(**row)
         bar.update(1)
@@ -436,12 +567,53 @@ def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
         if (every or run.checkpoint_due()) and not last:
             run.save(trainer.state_dict())
     bar.close()
+    summary["skipped_steps"] = skipped = st.get("skipped_steps", 0)
+    summary["best_eval_loss"] = st.get("best_eval_loss")
     if summary["diverged"]:
         if dist.is_main():
             print(f"gnlm: run diverged: {summary['message']}; lower the learning rate", file=sys.stderr)
     else:
         run.save(trainer.state_dict())
+        if skipped and skipped == st["step"] and dist.is_main():
+            print(f"gnlm: every outer step of the run was skipped ({skipped} of {skipped}): no line-search step "
+                  f"size lowered the loss, so the model never moved; lower gn.inner_optim.lr", file=sys.stderr)
     return run.finish(target_summary(run, summary))
+
+
+def divergence(cfg: RunConfig, st: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
+    """The divergence rule of every run, both trainers: ``(reason, message)`` when the logged ``row`` of step
+    ``row["step"]`` shows the run diverged, else None. With V = ``model.vocab_size`` (ln V is the loss of the
+    uniform predictor) the run diverged when
+
+    * ``non_finite``: its training loss (``loss``) or eval loss is nan or ±inf;
+    * ``above_bound``: either loss exceeds max(initial eval loss, ln V) + ``train.divergence_margin``: a finite
+      blow-up (an lr far too high reaches 1e5 and more);
+    * ``collapsed``: the eval loss is within ``train.collapse_tolerance`` of ln V after having been below
+      ln V − tolerance: the model fell back to the uniform predictor (a dead model, with zero gradient).
+
+    ``st`` is the run's state (checkpointed, so the rule continues across a resume): it reads
+    ``initial_eval_loss`` and keeps ``best_eval_loss``, the lowest eval loss so far."""
+    step, log_v = row["step"], math.log(cfg.model.vocab_size)
+    start = st.get("initial_eval_loss")
+    start = start if start is not None and math.isfinite(start) else log_v
+    bound = max(start, log_v) + cfg.train.divergence_margin
+    for key, name in (("loss", "training loss"), ("eval_loss", "eval loss")):
+        v = row.get(key)
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            return "non_finite", f"{name} became {v} at step {step}"
+        if v > bound:
+            return "above_bound", (f"{name} {v:.4g} at step {step} is above max(initial eval loss {start:.4g}, "
+                                   f"ln V {log_v:.4g}) + train.divergence_margin {cfg.train.divergence_margin:g}")
+    v = row.get("eval_loss")
+    if v is not None:
+        tol, best = cfg.train.collapse_tolerance, st.get("best_eval_loss", math.inf)
+        if tol and abs(v - log_v) <= tol and best < log_v - tol:
+            return "collapsed", (f"eval loss {v:.6g} at step {step} is ln V = {log_v:.6g}, the loss of the uniform "
+                                 f"predictor, after having been {best:.4g}: the model collapsed")
+        st["best_eval_loss"] = min(best, v)
+    return None
 
 
 def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Run:
@@ -455,9 +627,21 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    if cfg.train.init_from is not None and not Path(cfg.train.init_from).exists():
-        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist; give a checkpoint path")
-    run_dir, resuming = dist.main_first(lambda: prepare_run_dir(cfg, resume, overwrite))
+    init_from = cfg.train.init_from
+    if init_from is not None and not Path(init_from).exists() and not (resume and has_checkpoint(cfg.out_dir)):
+        raise ConfigError(f"train.init_from: checkpoint {init_from} does not exist; give a checkpoint path")
+    lock = RunDirLock(cfg.out_dir)  # taken by rank 0 only, inside prepare_run_dir
+    run_dir, resuming = dist.main_first(lambda: prepare_run_dir(cfg, resume, overwrite, lock))
+    try:
+        run = _open_run(cfg, run_dir, resuming, device)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.device) -> Run:
     progress = cfg.train.progress and dist.is_main()
     data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
     data = load_prepared(data_dir)
@@ -482,6 +666,9 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
                               f"use a checkpoint of the same model config") from None
     checkpoint = (load_checkpoint(run_dir / "checkpoint.pt", map_location=device, verbose=dist.is_main())
                   if resuming else None)
+    if checkpoint is not None and checkpoint["state"]["step"] > cfg.train.steps:
+        raise ConfigError(f"cannot resume {run_dir}: its checkpoint is at step {checkpoint['state']['step']} but "
+                          f"train.steps is {cfg.train.steps}; set train.steps >= {checkpoint['state']['step']}")
     if dist.is_main():
         atomic_write_bytes(run_dir / "config.yaml",
                            yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False).encode())
@@ -504,7 +691,7 @@ def target_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
             row = json.loads(line)
             if row.get("eval_loss") is not None and row["eval_loss"] <= target:
                 summary.update(reached_target=True, target_step=row["step"], target_tokens=row["tokens"],
-                               target_forward_equivalents=row.get("forward_equivalents"),
+                               target_forward_equivalents=row.get("forward_equivalents"), target_flops=row.get("flops"),
                                target_wall_time=row.get("wall_time"))
                 break
     return summary

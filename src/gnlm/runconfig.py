@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +36,11 @@ def _default_inner_optim() -> OptimConfig:
 @dataclass
 class GNConfig:
     """Options of ``method: gn``. One outer step = ``inner_steps`` inner steps of ``inner_batch_size`` fresh
-    sequences each, then a line search on ``ls_batches`` more fresh batches."""
+    sequences each, then a line search on ``ls_batches`` more fresh batches of ``inner_batch_size`` sequences
+    (``auto``: ``inner_steps`` of them, i.e. another full outer batch, as the paper does).
+
+    The line search picks η ∈ {(1/√2)^i : i < ls_range} with the lowest loss and always moves, as the paper does;
+    ``line_search_skip: true`` adds η = 0 as a candidate, so a step that lowers the loss for no η is skipped."""
 
     surrogate: Literal["gn", "prox_linear"] = "gn"
     layerwise: bool = False
@@ -47,15 +53,16 @@ class GNConfig:
     warm_start: bool = True
     prox: float = 0.0
     line_search: bool = True
+    line_search_skip: bool = False
     ls_range: int = 5
-    ls_batches: int = 4
+    ls_batches: int | Literal["auto"] = "auto"
     cg_iters: int = 20
     cg_damping: float = 1e-3
     checkpoint_every_inner: int = 0
 
     def validate(self) -> None:
         for name in ("inner_steps", "inner_batch_size", "ls_range", "ls_batches", "cg_iters"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(f"gn.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every_inner < 0:
             raise ConfigError(f"gn.checkpoint_every_inner must be >= 0 (0 = off), got {self.checkpoint_every_inner}")
@@ -68,11 +75,24 @@ class GNConfig:
         if self.blocks is not None and (not self.blocks or any(not b for b in self.blocks)):
             raise ConfigError("gn.blocks must be a non-empty list of non-empty lists of parameter-name patterns")
 
+    def line_search_batches(self) -> int:
+        """How many batches of ``inner_batch_size`` sequences the line search evaluates (0 without one)."""
+        if not self.line_search:
+            return 0
+        return self.inner_steps if self.ls_batches == "auto" else int(self.ls_batches)
+
 
 @dataclass
 class TrainConfig:
     """The training loop. For ``method: gn`` a step is an outer step and ``batch_size`` is not used
-    (the outer batch is ``gn.inner_steps × gn.inner_batch_size`` sequences)."""
+    (the outer batch is ``gn.inner_steps × gn.inner_batch_size`` sequences).
+
+    ``checkpoint_every_seconds``: a checkpoint at least this often (wall clock; 0 = off), so that a long run always
+    has one to resume from; checkpoints never change what a run computes.
+    Divergence (see ``run.divergence``): a run is diverged when a loss is non-finite, when a loss exceeds
+    max(initial eval loss, ln V) + ``divergence_margin`` nats (V = ``model.vocab_size``; ``.inf`` = off), or when
+    the eval loss returns to within ``collapse_tolerance`` of ln V (the uniform predictor) after having been below
+    it (0 = off)."""
 
     steps: int = 200
     batch_size: int = 32
@@ -83,7 +103,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     log_every: int = 1
     checkpoint_every: int = 0
-    checkpoint_every_seconds: float = 0.0
+    checkpoint_every_seconds: float = 600.0
+    divergence_margin: float = 3.0
+    collapse_tolerance: float = 1e-3
     parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
     device: str = "auto"
@@ -113,6 +135,12 @@ class TrainConfig:
                               f"got {self.checkpoint_every_seconds}")
         if self.target_loss is not None and self.target_loss <= 0:
             raise ConfigError(f"train.target_loss must be > 0, got {self.target_loss}")
+        if not self.divergence_margin > 0:
+            raise ConfigError(f"train.divergence_margin must be > 0 nats (.inf = no bound), "
+                              f"got {self.divergence_margin}")
+        if not 0 <= self.collapse_tolerance < 1:
+            raise ConfigError(f"train.collapse_tolerance must be in [0, 1) nats (0 = off), "
+                              f"got {self.collapse_tolerance}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
@@ -170,7 +198,24 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
         if isinstance(layer.get("model"), str):  # `model: micro` is short for `model: {preset: micro}`
             layer = {**layer, "model": {"preset": layer["model"]}}
         raw = merge(raw, layer)
-    return build_run_config(raw)
+    cfg = build_run_config(raw)
+    if cfg.method == "gn":
+        _warn_unused_optim(layers[1:])
+    return cfg
+
+
+def _warn_unused_optim(layers: list[dict[str, Any]]) -> None:
+    """A warning (one line, not an error) when a GN run is given ``optim.*`` keys: GN's optimizer is the inner one,
+    ``gn.inner_optim.*``. Keys count when given on the command line, or in a file that itself says ``method: gn``
+    (a file written for baselines may keep its ``optim`` section when ``method=gn`` is given as an override)."""
+    file_layer, override_layer = layers
+    keys = list(override_layer.get("optim") or {})
+    if file_layer.get("method") == "gn":
+        keys += [k for k in (file_layer.get("optim") or {}) if k not in keys]
+    if keys and os.environ.get("RANK", "0") == "0":
+        given = ", ".join(f"optim.{k}" for k in keys)
+        print(f"gnlm: warning: method=gn does not read {given}; GN's optimizer is the inner one: set "
+              f"gn.inner_optim.{keys[0]} instead", file=sys.stderr)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:

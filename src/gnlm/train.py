@@ -47,9 +47,16 @@ class BaselineTrainer:
         local_batch = cfg.train.batch_size // dist.world_size()
         self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
         self.n_micro = local_batch // self.micro
+        self.meter = accounting.FlopMeter()
         model.train()
 
     def step(self) -> StepResult:
+        out = self.meter("step", self._step)  # every step has the same shape: its FLOPs are counted once
+        if out.diverged is None:
+            out.flops = self.meter.per_call["step"]
+        return out
+
+    def _step(self) -> StepResult:
         run, cfg = self.run, self.run.cfg
         step = run.state["step"]
         mult = lr_multiplier(cfg.schedule, step, cfg.train.steps)
@@ -101,3 +108,5 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) 
     finally:
         if run.logger is not None and not run.logger.file.closed:
             run.logger.close()
+        if run.lock is not None:
+            run.lock.release()
