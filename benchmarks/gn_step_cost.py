@@ -233,6 +233,8 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args)
     torch.set_num_threads(args.threads)
+    if args.compile:  # each case and step kind compiles its own graphs; the default limit of 8 falls back to eager
+        torch._dynamo.config.recompile_limit = 64
     todo = cases(args)
     if args.measure_fe:
         measure_fe(args, todo[0])

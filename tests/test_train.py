@@ -184,10 +184,11 @@ def test_flop_count_matches_a_hand_count_on_a_one_layer_model():
     # embedding is trained) = 4ndV
     flops, _ = count_flops(lambda: loss_fn(model(x), y).backward())
     assert flops == 6 * n * d * V
-    # a GN inner step: primal 2ndV, tangent of x·Wᵀ (dx·Wᵀ + x·dWᵀ) 4ndV, its transpose (two products) 4ndV
+    # a GN inner step: primal 2ndV, tangent of x·Wᵀ (dx·Wᵀ + x·dWᵀ) 4ndV, its transpose (two products) 4ndV, and
+    # in logit space the per-token dot product pᵀu of H u = p ⊙ u − p (pᵀu), computed as a batched product: 2nV
     params = {k: v.detach() for k, v in model.named_parameters()}
     flops, _ = count_flops(lambda: surrogate_grad(model, params, params, x, y))
-    assert flops == 10 * n * d * V
+    assert flops == 10 * n * d * V + 2 * n * V
 
 
 def test_runs_record_counted_flops_per_step(tmp_path):

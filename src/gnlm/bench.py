@@ -40,8 +40,8 @@ import yaml
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from gnlm import accounting, launch
 from gnlm import distributed as dist
-from gnlm import launch
 from gnlm.analysis import next_lr, read_rows, selection_key, target_crossing, target_key
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import (
@@ -708,6 +708,18 @@ def record_run(spec: RunSpec, results_dir: str | Path, placement: launch.Placeme
     return row
 
 
+def run_cost(spec: RunSpec) -> float:
+    """A guess of a run's compute (forward-pass equivalents at its full step budget, ``accounting.py``), so that a
+    local pool starts the costliest runs first and the study does not end on one long run alone."""
+    cfg = spec.config
+    tokens = spec.batch_tokens * cfg["train"]["steps"]
+    if spec.family != "gn":
+        return accounting.baseline_step(tokens)
+    gn = cfg["gn"]
+    blocks = (len(gn["blocks"]) if gn.get("blocks") else cfg["model"]["n_layers"] + 2) if gn.get("layerwise") else 1
+    return accounting.gn_inner_steps(tokens, gn.get("surrogate", "gn"), blocks)
+
+
 def run_warm_start(study: StudyConfig, results_dir: Path) -> dict[str, Any]:
     """Train (or reuse) the shared warm start; returns its summary."""
     cfg_dict = warm_start_config(study, results_dir)
@@ -788,8 +800,8 @@ def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[R
     """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here."""
     rows_path = results_dir / "runs.jsonl"
     by_id = {s.run_id: s for s in todo}
-    tasks = [launch.Task(s.run_id, record_run, (s, results_dir), str(launch.lock_path(results_dir, s.run_id)))
-             for s in todo]
+    tasks = [launch.Task(s.run_id, record_run, (s, results_dir), str(launch.lock_path(results_dir, s.run_id)),
+                         cost=run_cost(s)) for s in todo]
     progress, left, recorded = launch.Progress(launcher.slots), len(tasks), 0
     for out in launcher.run(tasks):  # each task appends its row itself; here: failures of its process, display
         row = out.result

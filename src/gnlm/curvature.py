@@ -38,13 +38,14 @@ Two ways to linearise, same maths (the dense float64 tests run both):
 * Any other model: per block, one ``torch.func.jvp`` of the whole model from the inputs (z₀ and u together),
   transposed by wrapping it in ``torch.func.vjp`` with the tangent as the differentiated input.
 
-Measured (``benchmarks/gn_step_cost.py``, CPU, 1 thread): the hand-written stages made the GN inner step 1.6× an
-AdamW step at the micro preset (torch.func: 2.0×) and layerwise GN ≈ 2.3× full GN with 6 blocks (3.7×), where the
-matrix products alone give 2.3×: the vocabulary-sized output product is taken by every block. Measured and dropped:
-stacking the blocks' tangents through the frozen stages (one product per stage for all blocks) was 3–5% slower
-than one block at a time (the copies that broadcasting the primal costs outweigh the larger products), and
-``torch.compile`` of the inner step gained ~30% on the nano model and nothing measurable on micro, after a first
-call of 70–80 s.
+Measured (``benchmarks/gn_step_cost.py``, CPU, 1 thread, BENCHMARKS.md): with the hand-written stages a GN inner
+step costs 1.5–1.75× an AdamW step at the micro preset (torch.func: 2.1×) and layerwise GN 2.2–2.35× full GN with
+6 blocks (3.7×), where the counted matrix products alone give 2.31× (2.42× for the 45m preset): every block's
+tangent passes the vocabulary-sized output layer and back. Measured and dropped: stacking the blocks' tangents
+through the frozen stages (one product per stage for all blocks) was 3–5% slower than one block at a time (the
+copies that broadcasting the primal costs outweigh the larger products); ``torch.compile`` of ``surrogate_grad``
+made the micro step 5–9% faster at 1.4× the memory after a first call of 20–80 s, and the nano step 22% faster
+with one model per process but slower than eager with several (guards and recompilation).
 
 Forward-mode AD does not run through fused attention kernels, so every computation here runs inside
 :func:`math_attention`, which selects the math SDPA backend and switches a model's ``attention`` attribute from

@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -228,13 +229,15 @@ class Placement:
 class Task:
     """One job: ``fn(*args)`` holding the claim ``lock`` (``fn`` at module level: it pickles by reference, to a
     pool worker or a Slurm job). In a worker of the local pool ``fn`` also gets ``placement=``. ``wait``: wait for
-    a claim held elsewhere instead of skipping the task."""
+    a claim held elsewhere instead of skipping the task. ``cost``: a guess of its compute; the local pool submits
+    the costliest first, so that a study does not end on one long run alone."""
 
     key: str
     fn: Callable[..., Any]
     args: tuple
     lock: str
     wait: bool = False
+    cost: float = 0.0
 
 
 @dataclass
@@ -346,6 +349,10 @@ def _stop_worker(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
+def _ready() -> None:
+    """Nothing: submitted to start a pool's workers ahead of their first run."""
+
+
 def _init_worker(counter: Any, threads: int, gpus: int) -> None:
     global _PLACEMENT
     with counter.get_lock():
@@ -358,6 +365,15 @@ def _init_worker(counter: Any, threads: int, gpus: int) -> None:
     if _PLACEMENT.gpu is not None:
         torch.cuda.set_device(_PLACEMENT.gpu)
     signal.signal(signal.SIGTERM, _stop_worker)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose ``gnlm bench`` died (kill, kill -9) stops too, instead of running on and appending rows to
+    a results directory that its study no longer owns; its run resumes from its checkpoint when the study does."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    _stop_worker(signal.SIGTERM, None)
 
 
 def cpu_count() -> int:
@@ -398,13 +414,19 @@ class LocalPool:
         self.threads = max(1, cpu_count() // jobs)
         self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         self.running = 0
+        self._started: ProcessPoolExecutor | None = None
 
     def describe(self) -> str:
         gpus = f", round-robin over {self.gpus} GPUs" if self.gpus else ""
         return f"{self.slots} worker processes with {self.threads} CPU thread{'s' * (self.threads > 1)} each{gpus}"
 
     def call(self, task: Task) -> Any:
-        """The warm start: in this process, on every core, before any worker starts."""
+        """The warm start: in this process, on every core, before any run starts. The workers start meanwhile, so
+        that their imports (torch: seconds each) overlap it."""
+        if self._started is None:
+            self._started = self._pool()
+            for _ in range(self.slots):
+                self._started.submit(_ready)  # a submit to a pool without an idle worker spawns one
         return run_task(task)[0]
 
     def _pool(self) -> ProcessPoolExecutor:
@@ -415,8 +437,8 @@ class LocalPool:
     def run(self, tasks: list[Task]) -> Iterator[Outcome]:
         session, generation, retries = uuid.uuid4().hex, 0, dict.fromkeys((t.key for t in tasks), 0)
         token = f"{session}:{generation}"
-        pool = self._pool()
-        futures = {pool.submit(run_task, t, token): t for t in tasks}
+        pool, self._started = self._started or self._pool(), None
+        futures = {pool.submit(run_task, t, token): t for t in sorted(tasks, key=lambda t: -t.cost)}
         try:
             while futures:
                 done, _ = wait(futures, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)

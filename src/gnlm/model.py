@@ -358,7 +358,8 @@ def _lin_block(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
         if q_t is not None:
             s_t = _bmm(rope_t(heads(q_t)), kt, s_t)
         y_t = None if v_t is None else _bmm(att, heads(v_t))
-        if s_t is not None:  # softmax's tangent a ⊙ (s_t − Σ a s_t) is its (symmetric) backward; scale moved to v
+        if s_t is not None:  # softmax's tangent a ⊙ (s_t − Σ a s_t) is its (symmetric) backward; scale moved to v;
+            # .to: under autocast the products are bf16 and att float32
             y_t = _bmm(torch._softmax_backward_data(s_t.to(att.dtype), att, -1, att.dtype), v_scaled, y_t)
         x2_t = _plus(x_t, j_o(None if y_t is None else y_t.transpose(-3, -2).flatten(-2), p_t))
         h1_t = j_h1(j_xm(x2_t, p_t), p_t)
