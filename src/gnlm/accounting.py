@@ -44,10 +44,10 @@ def count_flops(fn: Callable[[], T]) -> tuple[int, T]:
 
 # F per token of each operation, measured on the micro preset (BENCHMARKS.md, "Compute accounting").
 FORWARD_BACKWARD = 3.0  # a baseline step's gradient: forward + backward
-GN_INNER_STEP = {"gn": 6.5, "prox_linear": 6.0}  # a full-GN inner step: jvp + transposed jvp + logit-space work
-LAYERWISE_BLOCK = 3.5  # one block of a layerwise inner step (micro's 6 blocks averaged, shared prefix included)
-GGN_VECTOR_PRODUCT = 5.5  # one CG iteration of full GN
-LAYERWISE_PRODUCT_PER_BLOCK = 0.6  # a layerwise GGN-vector product ≈ 0.6 · n_blocks full ones
+GN_INNER_STEP = {"gn": 5.0, "prox_linear": 5.5}  # a full-GN inner step: jvp + transposed jvp + logit-space work
+LAYERWISE_BLOCK = 2.0  # one block of a layerwise inner step (micro's 6 blocks averaged, shared prefix included)
+GGN_VECTOR_PRODUCT = 5.0  # one CG iteration of full GN
+LAYERWISE_PRODUCT_PER_BLOCK = 0.4  # a layerwise GGN-vector product ≈ 0.4 · n_blocks full ones
 
 
 def baseline_step(tokens: int) -> float:
