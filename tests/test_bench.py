@@ -114,7 +114,7 @@ def _study(tmp_path, **changes):
     raw = {
         "name": "t",
         "base": {"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
-                 "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 2}, "gn": {"inner_batch_size": 2}},
+                 "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1}, "gn": {"inner_batch_size": 2}},
         "target_loss": 7.0, "max_steps": 3, "batch_tokens": [256, 1024], "progress": False,
         "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
     }
@@ -264,6 +264,7 @@ def test_a_target_the_warm_start_already_meets_is_refused(tmp_path):
     assert not (tmp_path / "res" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_budget_study_end_to_end(tmp_path):
     study = _study(tmp_path, kind="budget", token_budget=1024, target_loss=None, batch_tokens=[256, 512],
                    methods=[{"name": "adamw", "lrs": [1e-2]}, {"name": "gn", "lrs": [1e-2]}])
@@ -310,7 +311,7 @@ def test_paper_presets_run_two_outer_steps_on_a_local_stand_in(tmp_path, preset,
                  "tokenizer": str(tmp_path / "spm.model"), "seq_len": 64, "eval_sequences": 2,
                  "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")},
         "train": {"steps": 2, "init_from": None, "eval_every": 1, "eval_batch_size": 2, "micro_batch_size": None,
-                  "threads": 2, "target_loss": None},
+                  "threads": 1, "target_loss": None},
         "gn": {"inner_steps": 2, "inner_batch_size": 1, "ls_batches": 1},
     }
     cfg = build_run_config(merge(spec.config, stand_in))
@@ -380,7 +381,7 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
                             {"name": "adamw_no_warmup", "type": "adamw", "control_of": "adamw",
                              "overrides": {"schedule.warmup_steps": 0}}],
                    base={"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
-                         "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 2},
+                         "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1},
                          "schedule": {"name": "constant", "warmup_steps": 2}})
     rows = run_study(study, res)
     ids = [r["run_id"] for r in rows]

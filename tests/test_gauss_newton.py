@@ -129,7 +129,7 @@ def test_bad_layerwise_partition_is_rejected_before_training(tmp_path):
 def gn_run(tmp_path, *overrides):
     return load_run_config(None, [f"out_dir={tmp_path / 'run'}", "method=gn", "model=nano",
                                   "model.vocab_size=512", "data.vocab_size=512", "data.seq_len=64",
-                                  "train.progress=false", "train.threads=2", "train.steps=3", "train.eval_every=3",
+                                  "train.progress=false", "train.threads=1", "train.steps=3", "train.eval_every=3",
                                   "data.eval_sequences=16", "gn.inner_steps=8", "gn.inner_batch_size=4",
                                   "gn.ls_batches=2", "gn.inner_optim.lr=3e-2", *overrides])
 

@@ -20,7 +20,7 @@ TINY = ["model=nano", "model.vocab_size=512", "data.vocab_size=512", "data.seq_l
 
 def micro_run(tmp_path, *overrides):
     return load_run_config(None, [f"out_dir={tmp_path / 'run'}", "model=micro", "train.progress=false",
-                                  "train.threads=2", *overrides])
+                                  "train.threads=1", *overrides])
 
 
 def read_metrics(run_dir):
@@ -29,13 +29,13 @@ def read_metrics(run_dir):
 
 @pytest.mark.parametrize("name,lr", [("adamw", 1e-2), ("muon", 3e-2), ("soap", 1e-2)])
 def test_each_baseline_lowers_the_validation_loss(tmp_path, name, lr):
-    cfg = micro_run(tmp_path, *TINY, f"optim.name={name}", f"optim.lr={lr}",
-                    "train.steps=30", "train.batch_size=8", "train.eval_every=30", "data.eval_sequences=16")
+    cfg = micro_run(tmp_path, *TINY, f"optim.name={name}", f"optim.lr={lr}", "train.threads=1",
+                    "train.steps=12", "train.batch_size=8", "train.eval_every=12", "data.eval_sequences=16")
     summary = run_training(cfg)
     rows = read_metrics(tmp_path / "run")
     first, last = rows[0]["eval_loss"], summary["final_eval_loss"]
-    assert last < first - 1.0, (name, first, last)
-    assert summary["step"] == 30 and not summary["diverged"]
+    assert last < first - 0.5, (name, first, last)
+    assert summary["step"] == 12 and not summary["diverged"]
 
 
 def test_metrics_rows_have_the_documented_fields(tmp_path):
