@@ -31,7 +31,7 @@ def busy_seconds() -> float:
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except OSError:
         return 0.0
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
@@ -60,7 +60,7 @@ def timed_bench(study: str, overrides: list[str], jobs: int, results: Path) -> d
            "--overwrite", "--no-report", "--jobs", str(jobs)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     load0, busy0, ours0, t0 = loadavg(), busy_seconds(), children_cpu(), time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     busy, ours = busy_seconds() - busy0, children_cpu() - ours0
     if out.returncode != 0:

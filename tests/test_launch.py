@@ -103,7 +103,7 @@ def test_kill_9_of_a_parallel_study_with_runs_in_flight_then_restart_gives_the_s
     finished = kill_study_with_runs_in_flight(cmd, res, min_rows=1)
     assert 1 <= len(finished) < 4
     warm = (res / "warm_start" / "summary.json").stat().st_mtime_ns
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{len(finished)} already finished" in out.stderr
     rows = read_rows(res / "runs.jsonl")
@@ -214,7 +214,7 @@ def test_submitit_local_executor_submits_collects_and_resubmits_only_missing_run
     finished = kill_study_with_runs_in_flight(cmd, res, min_rows=0)
     records = (res / "slurm" / "jobs.jsonl").read_text().splitlines()
     assert sorted(json.loads(r)["key"] for r in records) == sorted(["warm_start", *(r["run_id"] for r in expected)])
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = read_rows(res / "runs.jsonl")
     assert len(rows) == 2 and comparable(rows) == expected
@@ -233,7 +233,7 @@ def test_a_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path, refere
     res = tmp_path / "res"
     out = subprocess.run(bench_cmd(adamw, res, "--launcher", "slurm", "--slurm.cluster=local", "--slurm.poll_s=0.2",
                                    "--slurm.time=10", "--slurm.tasks_per_job=2"),
-                         env=ENV, capture_output=True, text=True, timeout=600)
+                         env=ENV, capture_output=True, text=True, check=False, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = comparable(read_rows(res / "runs.jsonl"))
     expected = [r for r in reference if r["method"] == "adamw"]
@@ -241,3 +241,18 @@ def test_a_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path, refere
     for r, e in zip(rows, expected):
         assert r["final_eval_loss"] == pytest.approx(e["final_eval_loss"], rel=1e-5)
         assert json.loads((res / r["run_dir"] / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_refused_slurm_submission_is_a_one_line_config_error(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    launcher = launch.make_launcher(launch.LaunchConfig(launcher="slurm", slurm=launch.SlurmOptions(cluster="local")),
+                                    tmp_path, "s")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Could not submit the job:\nsbatch: error: invalid partition specified: gpux")
+
+    monkeypatch.setattr(launcher.executor, "submit", refuse)
+    task = launch.Task("r", print, (), str(launch.lock_path(tmp_path, "r")))
+    with pytest.raises(ConfigError) as err:
+        list(launcher.run([task]))
+    assert "invalid partition specified: gpux" in str(err.value) and "\n" not in str(err.value)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from gnlm import __version__, bench
+from gnlm import __version__, bench, launch
 from gnlm import distributed as dist
-from gnlm import launch
 from gnlm.checkpoint import CheckpointError
 from gnlm.config import ConfigError, dumps_json
 from gnlm.data import describe as describe_data

@@ -563,7 +563,7 @@ class SlurmLauncher:
             try:
                 with self.executor.batch():
                     submitted = [self.executor.submit(run_task, t, None, ntasks > 1) for t in new]
-            except Exception as e:  # sbatch refused: unknown partition or account, a time limit above the partition's
+            except Exception as e:  # noqa: BLE001 - sbatch refused: unknown partition or account, too long a time
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                 raise ConfigError(f"submitting the jobs failed ({lines[-1]}); check the --slurm.* options") from None
             self._record([(t.key, str(j.job_id)) for t, j in zip(new, submitted)])
@@ -580,7 +580,7 @@ class SlurmLauncher:
             task = task_of[id(job)]
             try:
                 result, seconds = job.results()[0]
-            except Exception as e:  # the job died (time limit, node failure, out of memory) or could not start
+            except Exception as e:  # noqa: BLE001 - the job died (time limit, node failure, out of memory)
                 yield Outcome(task, error=JobFailed(_job_error(job, e)))
                 continue
             yield Outcome(task, result, seconds=seconds)
@@ -616,7 +616,7 @@ def make_launcher(cfg: LaunchConfig | None, results_dir: str | Path, name: str) 
 
 
 def _duration(seconds: float) -> str:
-    s = int(round(seconds))
+    s = round(seconds)
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
