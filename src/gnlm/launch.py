@@ -404,6 +404,18 @@ class InProcess:
             yield Outcome(task, result, seconds=seconds)
 
 
+def _outcomes(finished: list[tuple[Any, Task]], broken: list[Task]) -> Iterator[Outcome]:
+    """The outcome of each finished future; tasks whose pool broke under them are added to ``broken`` instead."""
+    for f, task in finished:
+        if isinstance(f.exception(), BrokenProcessPool):
+            broken.append(task)
+        elif f.exception() is not None:
+            yield Outcome(task, error=f.exception())
+        else:
+            result, seconds = f.result()
+            yield Outcome(task, result, seconds=seconds)
+
+
 class LocalPool:
     """``--jobs N``: N spawned worker processes on this machine (``ProcessPoolExecutor``)."""
 
@@ -443,15 +455,7 @@ class LocalPool:
             while futures:
                 done, _ = wait(futures, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
                 broken = []
-                for f in done:
-                    task = futures.pop(f)
-                    if isinstance(f.exception(), BrokenProcessPool):
-                        broken.append(task)
-                    elif f.exception() is not None:
-                        yield Outcome(task, error=f.exception())
-                    else:
-                        result, seconds = f.result()
-                        yield Outcome(task, result, seconds=seconds)
+                yield from _outcomes([(f, futures.pop(f)) for f in done], broken)
                 self.running = min(self.slots, sum(f.running() for f in futures))
                 if not done:
                     yield Outcome(None)
@@ -460,14 +464,7 @@ class LocalPool:
                 # A worker died. The pool fails every future left and stops its other workers (SIGTERM: they mark
                 # their runs "stopped"); once it is down, the run still marked "running" is the dead worker's.
                 pool.shutdown(wait=True)
-                for f, task in futures.items():
-                    if isinstance(f.exception(), BrokenProcessPool):
-                        broken.append(task)
-                    elif f.exception() is not None:
-                        yield Outcome(task, error=f.exception())
-                    else:
-                        result, seconds = f.result()
-                        yield Outcome(task, result, seconds=seconds)
+                yield from _outcomes(list(futures.items()), broken)
                 again = []
                 for task in broken:
                     state = _read_state(task.lock)
