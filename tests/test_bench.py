@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -212,10 +214,10 @@ def test_study_runs_records_every_run_and_refuses_a_different_study(tmp_path):
 def test_a_raising_run_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     real = bench.run_training
 
-    def flaky(cfg, resume=False, overwrite=False):
+    def flaky(cfg, resume=False, overwrite=False, stop=None):
         if cfg.optim.lr == 3e-2 and cfg.method == "baseline":
             raise RuntimeError("boom\nsecond line")
-        return real(cfg, resume=resume, overwrite=overwrite)
+        return real(cfg, resume=resume, overwrite=overwrite, stop=stop)
 
     monkeypatch.setattr(bench, "run_training", flaky)
     study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [1e-2, 3e-2]}], batch_tokens=[256])
@@ -231,11 +233,11 @@ def test_interrupted_study_continues_without_repeating_runs(tmp_path, monkeypatc
     real = bench.run_training
     calls = []
 
-    def counting(cfg, resume=False, overwrite=False):
+    def counting(cfg, resume=False, overwrite=False, stop=None):
         calls.append(cfg.out_dir)
         if len(calls) == 4:  # the 3rd study run (call 1 is the warm start): Ctrl-C mid-run
             raise KeyboardInterrupt
-        return real(cfg, resume=resume, overwrite=overwrite)
+        return real(cfg, resume=resume, overwrite=overwrite, stop=stop)
 
     monkeypatch.setattr(bench, "run_training", counting)
     with pytest.raises(KeyboardInterrupt):
@@ -397,3 +399,55 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
     assert summary["cells"]["adamw_no_warmup/256"]["control_of"] == "adamw"
     report = (res / "report.md").read_text()
     assert "### target 7.3 (primary)" in report and "### Controls" in report
+
+
+def test_lr_search_stop_waits_for_an_incumbent_of_its_own_cell(tmp_path):
+    rows_path = tmp_path / "runs.jsonl"
+    stop = bench.LrSearchStop(rows_path, "gn/b256/lr0.01/s0", "gn", 256, 0, 3.5)
+    assert stop({"step": 50, "eval_loss": 4.0}) is None  # no rows file yet
+
+    def row(run_id, method, batch, seed, lr, crossing):
+        return {"run_id": run_id, "method": method, "batch_tokens": batch, "seed": seed, "lr": lr,
+                "status": "finished", "crossings": {"3.5": None if crossing is None else {"step_interp": crossing}}}
+
+    others = [row("adamw/b256/lr0.1/s0", "adamw", 256, 0, 0.1, 2.0), row("gn/b512/lr0.1/s0", "gn", 512, 0, 0.1, 2.0),
+              row("gn/b256/lr0.1/s1", "gn", 256, 1, 0.1, 2.0), row("gn/b256/lr0.001/s0", "gn", 256, 0, 1e-3, None)]
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in others))
+    assert stop({"step": 50, "eval_loss": 4.0}) is None  # other methods, batches, seeds; a loser of its own cell
+    with rows_path.open("a") as f:
+        f.write(json.dumps(row("gn/b256/lr0.1/s0", "gn", 256, 0, 0.1, 4.25)) + "\n")
+    assert stop({"step": 4, "eval_loss": 4.0}) is None  # step 4 < 4.25: it could still cross first
+    assert stop({"step": 5, "eval_loss": 3.4}) is None  # below the target: it is the run's own crossing
+    reason = stop({"step": 5, "eval_loss": 3.6})
+    assert reason is not None and "lr 0.1 reached the primary target 3.5 at step 4.25" in reason
+
+
+def test_lr_search_stop_keeps_the_selection_and_the_reported_runs(tmp_path):
+    """Run a search to the end without stopping, then again with a losing lr's run deleted: the rerun stops where it
+    can no longer win, its curve is the prefix of the full one, and the selection and reported rows are unchanged."""
+    res = tmp_path / "res"
+    study = _study(tmp_path, target_loss=None, targets=[7.6, 7.3, 7.0], primary_target=7.3, batch_tokens=[256],
+                   selection_seed=0, seeds=[1], lr_budget=3, max_steps=12, prune_lr_search=False,
+                   methods=[{"name": "adamw", "lrs": [3e-4, 3e-3]}],
+                   base={"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
+                         "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1},
+                         "schedule": {"name": "constant", "warmup_steps": 2}})
+    full = {r["run_id"]: r for r in run_study(study, res, report=False)}
+    search = [r for r in full.values() if r["seed"] == 0]
+    best = min(search, key=lambda r: bench.selection_key(r, 7.3))
+    crossing = bench.steps_to(best, 7.3)
+    losers = [r for r in search if r is not best and bench.steps_to(r, 7.3) > math.ceil(crossing) and not r["diverged"]]
+    assert math.isfinite(crossing) and losers, "the test needs an lr that ran on past the winner's crossing"
+    loser = losers[0]
+    kept = [line for line in (res / "runs.jsonl").read_text().splitlines() if json.loads(line)["run_id"] != loser["run_id"]]
+    (res / "runs.jsonl").write_text("\n".join(kept) + "\n")
+    shutil.rmtree(res / loser["run_dir"])
+    again = {r["run_id"]: r for r in run_study(replace(study, prune_lr_search=True), res, report=False)}
+    assert set(again) == set(full)
+    stopped = again[loser["run_id"]]
+    assert stopped["stopped_early"] and stopped["steps_run"] == math.ceil(crossing)
+    n = len(stopped["curve"]["eval_loss"])
+    assert stopped["curve"]["eval_loss"] == loser["curve"]["eval_loss"][:n] and n < len(loser["curve"]["eval_loss"])
+    for run_id, row in full.items():
+        if run_id != loser["run_id"]:
+            assert again[run_id] == row

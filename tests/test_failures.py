@@ -140,9 +140,9 @@ def test_an_interrupted_warm_start_resumes_from_its_checkpoint(tmp_path, monkeyp
                                "overrides": {"train.checkpoint_every": 1}})
     real, calls = bench.run_training, []
 
-    def recording(cfg, resume=False, overwrite=False):
+    def recording(cfg, resume=False, overwrite=False, stop=None):
         calls.append((Path(cfg.out_dir).name, resume, overwrite))
-        return real(cfg, resume=resume, overwrite=overwrite)
+        return real(cfg, resume=resume, overwrite=overwrite, stop=stop)
 
     monkeypatch.setattr(bench, "run_training", recording)
     StopAt(monkeypatch, 3)
@@ -391,10 +391,10 @@ def test_bench_exits_non_zero_when_a_run_failed_and_retry_failed_runs_it_again(t
     res = tmp_path / "res"
     real = bench.run_training
 
-    def flaky(cfg, resume=False, overwrite=False):
+    def flaky(cfg, resume=False, overwrite=False, stop=None):
         if cfg.optim.lr == 0.03:
             raise RuntimeError("node lost")
-        return real(cfg, resume=resume, overwrite=overwrite)
+        return real(cfg, resume=resume, overwrite=overwrite, stop=stop)
 
     monkeypatch.setattr(bench, "run_training", flaky)
     assert main(["bench", str(study), "--results", str(res)]) == 1

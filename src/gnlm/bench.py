@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from gnlm import accounting, launch
 from gnlm import distributed as dist
-from gnlm.analysis import next_lr, read_rows, selection_key, target_crossing, target_key
+from gnlm.analysis import next_lr, read_rows, selection_key, steps_to, target_crossing, target_key
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import (
     ConfigError,
@@ -153,6 +153,9 @@ class StudyConfig:
     ``selection_seed``: select each (method, batch)'s lr on this seed alone, then run ``seeds`` at the selected lr
     only (so that the selection does not flatter the reported medians). None: every lr runs on every seed and is
     judged by the median over seeds.
+    ``prune_lr_search`` (default true): a selection-seed run stops as soon as another lr of its method and batch has
+    reached the primary target in fewer steps than it has already run (:class:`LrSearchStop`); the selection and
+    every reported run are unchanged, the losing lrs' rows end early (``stopped_early``).
     ``gn_inner_steps``: fix N, the inner steps per outer step, at every batch size (the inner batch grows
     instead: ``gn.inner_batch_size = B / (N · seq_len)``), to separate more data per step from more inner steps.
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
@@ -181,6 +184,7 @@ class StudyConfig:
     count_line_search_tokens: bool = True
     critical_fraction: float = 0.2
     allow_unequal_grids: bool = False
+    prune_lr_search: bool = True
     progress: bool = True
 
     def validate(self) -> None:
@@ -400,6 +404,7 @@ class RunSpec:
     config: dict[str, Any]
     line_search_tokens_per_step: int = 0
     targets: tuple[float, ...] = ()
+    prune_against: float | None = None  # a selection-seed run of an lr search: stop it once it cannot be selected
 
     @property
     def run_dir(self) -> str:
@@ -492,8 +497,47 @@ def expand_runs(study: StudyConfig, results_dir: str | Path = "results") -> list
 
 def _spec(study: StudyConfig, m: MethodConfig, b: int, lr: float, seed: int, results_dir: str | Path) -> RunSpec:
     cfg, ls = method_config(study, m, b, lr, seed, results_dir)
+    prune = (study.prune_lr_search and study.selection_seed is not None and seed == study.selection_seed
+             and m.control_of is None and study.kind == "steps_to_target")
     return RunSpec(run_id=f"{m.name}/b{b}/lr{lr:g}/s{seed}", method=m.name, family=m.family, batch_tokens=b,
-                   lr=float(lr), seed=seed, config=cfg, line_search_tokens_per_step=ls, targets=tuple(study.targets))
+                   lr=float(lr), seed=seed, config=cfg, line_search_tokens_per_step=ls, targets=tuple(study.targets),
+                   prune_against=study.primary_target if prune else None)
+
+
+@dataclass
+class LrSearchStop:
+    """Stops a selection-seed run of the learning-rate search as soon as it can no longer be selected: once another
+    lr of the same method, batch size and seed has reached the primary target at (interpolated) step c*, a run whose
+    evaluation at step k >= c* is still above the target would cross it after k, so later than c* — it cannot be the
+    fewest steps (:func:`analysis.selection_key`). The selected lr, the edge extensions (:func:`analysis.next_lr`)
+    and every reported seed are the same as without stopping; only the rows of losing lrs end early
+    (``stopped_early``). The incumbent is read from runs.jsonl whenever that file changes."""
+
+    rows_path: Path
+    run_id: str
+    method: str
+    batch_tokens: int
+    seed: int
+    target: float
+    _mtime: int = -1
+    _best: tuple[float, float | None] = (math.inf, None)
+
+    def __call__(self, st: dict[str, Any]) -> str | None:
+        try:
+            mtime = os.stat(self.rows_path).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if mtime != self._mtime:
+            self._mtime = mtime
+            cell = [r for r in read_rows(self.rows_path) if r.get("method") == self.method and r.get("seed") == self.seed
+                    and r.get("batch_tokens") == self.batch_tokens and r.get("run_id") != self.run_id]
+            self._best = min(((steps_to(r, self.target), r["lr"]) for r in cell), default=(math.inf, None))
+        step, loss = st["step"], st.get("eval_loss", math.inf)
+        best, lr = self._best
+        if step >= best and loss > self.target:
+            return (f"stopped at step {step}: lr {lr:g} reached the primary target {self.target:g} at step {best:.2f}, "
+                    f"so this lr can no longer be selected")
+        return None
 
 
 def plan_runs(study: StudyConfig, results_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[list[RunSpec], bool]:
@@ -592,13 +636,21 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(top level)"]
 
 
+# Options that change how a study runs, never what it measures: the progress display, and stopping lr-search runs
+# that can no longer be selected (LrSearchStop: the selected lrs and every reported run are the same either way).
+EXECUTION_ONLY_KEYS = ("progress", "prune_lr_search")
+
+
 def check_results_dir(study: StudyConfig, results_dir: Path) -> None:
-    """Refuse a results directory that holds a different study with finished runs."""
+    """Refuse a results directory that holds a different study with finished runs (EXECUTION_ONLY_KEYS aside)."""
     saved_path = results_dir / "study.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    diff = _diff_keys(_normalized(saved), _normalized(to_dict(study)))
+    saved, now = _normalized(yaml.safe_load(saved_path.read_text()) or {}), _normalized(to_dict(study))
+    for key in EXECUTION_ONLY_KEYS:
+        saved.pop(key, None)
+        now.pop(key, None)
+    diff = _diff_keys(saved, now)
     if not diff:
         return
     if read_rows(results_dir / "runs.jsonl"):
@@ -624,7 +676,7 @@ def row_from_summary(spec: RunSpec, summary: dict[str, Any], results_dir: Path) 
         "total_wall_time": summary.get("wall_time"), "error": summary.get("message") if summary.get("diverged") else None,
         "diverged_reason": summary.get("diverged_reason") if summary.get("diverged") else None,
         "skipped_steps": summary.get("skipped_steps", 0), "best_eval_loss": summary.get("best_eval_loss"),
-        "run_dir": os.path.relpath(spec.run_dir, results_dir),
+        "stopped_early": summary.get("stopped_early"), "run_dir": os.path.relpath(spec.run_dir, results_dir),
         **curve_fields(spec),
     }
 
@@ -683,7 +735,9 @@ def execute_run(spec: RunSpec, results_dir: Path) -> dict[str, Any]:
         action, value = dist.main_first(lambda: _run_plan(spec, results_dir))
         if action == "row":
             return value
-        summary = run_training(spec.run_config(), resume=value, overwrite=not value)
+        stop = None if spec.prune_against is None else LrSearchStop(
+            results_dir / "runs.jsonl", spec.run_id, spec.method, spec.batch_tokens, spec.seed, spec.prune_against)
+        summary = run_training(spec.run_config(), resume=value, overwrite=not value, stop=stop)
         return row_from_summary(spec, summary, results_dir)
     except KeyboardInterrupt:
         raise
@@ -788,6 +842,8 @@ def _fmt_row(row: dict[str, Any], kind: str) -> str:
         result = f"final eval loss {row['final_eval_loss']:.4f} after {row['steps_run']} steps"
     elif row["reached"]:
         result = f"reached target at step {row['steps']} ({row['tokens']:,} tokens)"
+    elif row.get("stopped_early"):
+        result = f"lr search: {row['stopped_early']}"
     else:
         loss = row.get("final_eval_loss")
         result = f"not reached in {row['steps_run']} steps (eval loss {loss:.4f})" if loss is not None else "not reached"

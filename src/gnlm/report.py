@@ -472,7 +472,8 @@ def write_report(results_dir: str | Path) -> Path:
            "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["batch_tokens"], r["lr"], r["seed"])):
         skipped = f"{r.get('skipped_steps')}/{r.get('steps_run')}" if r.get("skipped_steps") else ""
-        md.append(f"| {r['run_id']} | {'yes' if r.get('reached') else 'no'} | {_fmt_int(r.get('steps'))} | "
+        reached = "yes" if r.get("reached") else "no" + (" (lr search: stopped early)" if r.get("stopped_early") else "")
+        md.append(f"| {r['run_id']} | {reached} | {_fmt_int(r.get('steps'))} | "
                   f"{_fmt_int(r.get('tokens'))} | {_fmt_time(r.get('wall_time'))} | "
                   f"{_fmt_loss(r.get('final_eval_loss'))} | {skipped} | "
                   f"{(r.get('diverged_reason') or 'yes') if r.get('diverged') else ''} |")

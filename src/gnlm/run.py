@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -514,7 +515,7 @@ class Run:
         return summary
 
 
-def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
+def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """The training loop of every method: evaluation, logging, progress, target stop, divergence and
     checkpoints around ``trainer.step()``. Returns the run's summary (also written to ``summary.json``).
 
@@ -522,6 +523,8 @@ def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
     (a step reports a non-finite loss, or :func:`divergence` finds it in the step's row); it is checkpointed every
     ``train.checkpoint_every`` steps, every ``train.checkpoint_every_seconds`` and at the end (not after a
     divergence: the last good checkpoint stays). Every diverged run, of either trainer, says so in one stderr line.
+    ``stop`` (a study's learning-rate search, ``bench.LrSearchStop``) is asked after every evaluation that did not
+    reach the target; a reason it returns ends the run there (``summary["stopped_early"]``), checkpointed as usual.
     """
     cfg, st = run.cfg, run.state
     summary: dict[str, Any] = {"reached_target": False, "diverged": False}
@@ -562,6 +565,9 @@ def run_loop(run: Run, trainer: Trainer) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(**out.postfix, eval=f"{st.get('eval_loss', math.nan):.3f}")
         if summary["diverged"]:
+            break
+        if stop is not None and "eval_loss" in row and not last and (reason := stop(st)) is not None:
+            summary["stopped_early"] = reason
             break
         every = cfg.train.checkpoint_every and st["step"] % cfg.train.checkpoint_every == 0
         if (every or run.checkpoint_due()) and not last:

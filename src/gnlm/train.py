@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 from gnlm import accounting
@@ -98,13 +99,14 @@ class BaselineTrainer:
         return {"optimizer": self.optimizer.state_dict()}
 
 
-def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+                 stop: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
     """Entry point of ``gnlm train``: set the run up, then loop with the trainer of ``cfg.method`` (under
-    torchrun on every rank)."""
+    torchrun on every rank). ``stop``: see :func:`run.run_loop`."""
     run = setup_run(cfg, resume=resume, overwrite=overwrite)
     try:
         trainer = GNTrainer(run) if cfg.method == "gn" else BaselineTrainer(run)
-        return run_loop(run, trainer)
+        return run_loop(run, trainer, stop)
     finally:
         if run.logger is not None and not run.logger.file.closed:
             run.logger.close()
