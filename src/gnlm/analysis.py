@@ -473,6 +473,12 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
         else:
             fits[m] = {"reason": f"the primary target was reached (median over seeds) at {len(reached)} batch "
                                  f"sizes; a fit needs >= {MIN_FIT_BATCHES}"}
+        if len(per_batch_steps) > 1:  # the per-doubling saving on the medians, as a second view of the same points
+            crit = critical_batch([b for b, _ in per_batch_steps], [statistics.median(s) for _, s in per_batch_steps],
+                                  study.get("critical_fraction", 0.2))
+            fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) else None)
+                                       for b, v in crit["reductions"].items()}
+            fits[m]["threshold_batch"], fits[m]["threshold_bound"] = crit["batch"], crit["bound"]
     return {"name": study.get("name"), "targets": targets, "primary_target": primary,
             "batch_tokens": sorted(study["batch_tokens"]), "lr_budget": study.get("lr_budget"),
             "selection_seed": sel_seed, "seeds": seeds, "cells": cells, "fit": fits,

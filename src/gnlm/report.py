@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from gnlm.analysis import Best, all_steps_skipped, eval_curve, read_rows, summarize, summarize_study, target_key
-from gnlm.config import dumps_json
-from gnlm.config import ConfigError
+from gnlm.config import ConfigError, dumps_json
 
 BASELINE_FAMILY = "baseline"
 # The fields of a runs.jsonl row that the report cannot do without.
@@ -185,26 +184,54 @@ def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) ->
     plt.close(fig)
 
 
-def _plot_curves(path: Path, results_dir: Path, summary: dict[str, Any], batch: int, target: float | None) -> None:
-    """Validation loss vs step, best lr per method. A curve that blows up (1e13) would squash every other curve
-    into a line, so values far above where the curves start (more than twice the curves' range above the highest
-    start) are clipped: drawn at the top edge with ▲ and the curve's largest value written beside it. The target
-    line and every other value stay in view."""
+def _row_curve(results_dir: Path, row: dict[str, Any]) -> list[tuple[int, float]]:
+    """A run's finite (step, eval loss) points: from its row (studies keep the curve) or its metrics file."""
+    if row.get("curve"):
+        steps, losses = row["curve"]["step"], row["curve"]["eval_loss"]
+    else:
+        steps, losses = eval_curve(read_rows(results_dir / row["run_dir"] / "metrics.jsonl"))
+    return [(s, v) for s, v in zip(steps, losses) if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _curve_entry(results_dir: Path, i: int, method: str, lr: float, run: dict[str, Any]) -> tuple | None:
+    pts = _row_curve(results_dir, run)
+    if not pts:
+        return None
+    note = " — diverged" if run.get("diverged") else " — every step skipped" if all_steps_skipped(run) else ""
+    return f"{method} (lr {lr:g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))
+
+
+def _best_lr_curves(results_dir: Path, summary: dict[str, Any], batch: int) -> list[tuple]:
+    """Per method, the lowest seed of its best lr at ``batch`` (studies without a selection seed)."""
+    curves = []
+    for i, m in enumerate(summary["methods"]):
+        best = summary["best"].get((m, batch))
+        if best is not None:
+            curves.append(_curve_entry(results_dir, i, m, best.lr, min(best.result.rows, key=lambda r: r["seed"])))
+    return [c for c in curves if c is not None]
+
+
+def _selected_lr_curves(results_dir: Path, study: dict[str, Any], rows: list[dict[str, Any]],
+                        cells: dict[str, Any], batch: int) -> list[tuple]:
+    """Per method (controls aside), the lowest reported seed at its selected lr at ``batch``."""
+    curves = []
+    for i, m in enumerate(m["name"] for m in study["methods"] if not m.get("control_of")):
+        cell = cells.get(f"{m}/{batch}")
+        runs = [r for r in rows if cell and r["method"] == m and r["batch_tokens"] == batch
+                and float(r["lr"]) == cell["best_lr"] and r["seed"] in (study.get("seeds") or [])]
+        if runs:
+            curves.append(_curve_entry(results_dir, i, m, cell["best_lr"], min(runs, key=lambda r: r["seed"])))
+    return [c for c in curves if c is not None]
+
+
+def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | None, which: str) -> None:
+    """Validation loss vs step of ``curves`` ((label, color, points, diverged) each). A curve that blows up (1e13)
+    would squash every other curve into a line, so values far above where the curves start (more than twice the
+    curves' range above the highest start) are clipped: drawn at the top edge with ▲ and the curve's largest value
+    written beside it. The target line and every other value stay in view."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     plt = _pyplot()
-    curves: list[tuple[str, str, list[tuple[int, float]], bool]] = []
-    for i, m in enumerate(summary["methods"]):
-        best = summary["best"].get((m, batch))
-        if best is None:
-            continue
-        run = min(best.result.rows, key=lambda r: r["seed"])
-        steps, losses = eval_curve(read_rows(results_dir / run["run_dir"] / "metrics.jsonl"))
-        pts = [(s, v) for s, v in zip(steps, losses) if isinstance(v, (int, float)) and math.isfinite(v)]
-        if not pts:
-            continue
-        note = " — diverged" if run.get("diverged") else " — every step skipped" if all_steps_skipped(run) else ""
-        curves.append((f"{m} (lr {best.lr:g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))))
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     values = [v for _, _, pts, _ in curves for _, v in pts]
     clip = None
@@ -244,7 +271,7 @@ def _plot_curves(path: Path, results_dir: Path, summary: dict[str, Any], batch: 
                     ha="right" if right else "left", fontsize=7, color=color)
     ax.set_xlabel("step (outer steps for GN)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens (best lr per method)")
+    ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens ({which})")
     ax.grid(True, alpha=0.3)
     _legend_below(ax)
     fig.tight_layout()
@@ -376,15 +403,27 @@ def write_report(results_dir: str | Path) -> Path:
     gn, lw = _reference_methods(study, families)
     n_expected = sum(len(m.get("lrs_by_batch", {}).get(b, m.get("lrs", []))) for m in study["methods"]
                      for b in batches) * len(study.get("seeds", [0]))
+    # A study that selects lrs on one seed and declares its targets is reported by _declared_target_sections alone
+    # (the older sections judge every lr by its median over whatever seeds ran it).
+    declared = kind != "budget" and bool(study.get("targets"))
+    selection = declared and study.get("selection_seed") is not None
+    study_summary = summarize_study(study, rows) if declared else {}
 
     md = [f"# gnlm study `{study.get('name', 'study')}`", ""]
     ws_summary = results_dir / "warm_start" / "summary.json"
     facts = [f"- kind: {kind}; batch sizes (tokens): {', '.join(f'{b:,}' for b in batches)}; "
-             f"seeds: {study.get('seeds')}",
-             f"- runs recorded: {len({r['run_id'] for r in rows})} of {n_expected}"]
+             f"seeds: {study.get('seeds')}"
+             + (f" (learning rates selected on seed {study['selection_seed']})" if selection else ""),
+             f"- runs recorded: {len({r['run_id'] for r in rows})}"
+             + (" (the learning-rate search plans its runs as results come in)" if selection else f" of {n_expected}")]
     if kind == "budget":
         facts.append(f"- token budget per run: {study.get('token_budget'):,} tokens (GN line-search tokens "
                      f"{'count' if study.get('count_line_search_tokens', True) else 'do not count'})")
+    elif declared:
+        budgets = sorted({(m.get("max_steps") or max_steps, families.get(m["name"]) == "gn")
+                          for m in study["methods"]})
+        facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study['targets'])} (primary {target:g}); "
+                     f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
     else:
         facts.append(f"- target validation loss: {target}; step budget: {max_steps} steps (outer steps for GN)")
     if ws_summary.exists():
@@ -410,6 +449,13 @@ def write_report(results_dir: str | Path) -> Path:
                      for b in batches]
             md.append(f"| {m} | " + " | ".join(cells) + " |")
         md.append("")
+    elif selection:
+        largest = batches[-1]
+        _plot_curves(results_dir / "curves_largest_batch.png",
+                     _selected_lr_curves(results_dir, study, rows, study_summary["cells"], largest), largest, target,
+                     "selected lr per method, lowest reported seed")
+        md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
+               "![loss curves at the largest batch](curves_largest_batch.png)", ""]
     else:
         _plot_steps_vs_batch(results_dir / "steps_vs_batch.png", summary, max_steps)
         md += ["## Steps to target vs batch size", "", "![steps to target vs batch](steps_vs_batch.png)", "",
@@ -423,35 +469,37 @@ def write_report(results_dir: str | Path) -> Path:
             md.append(f"| {m} | " + " | ".join(cells) + " |")
         md += ["", "## Critical batch size", ""] + _critical_lines(summary, study.get("critical_fraction", 0.2)) + [""]
         largest = batches[-1]
-        _plot_curves(results_dir / "curves_largest_batch.png", results_dir, summary, largest, target)
+        _plot_curves(results_dir / "curves_largest_batch.png", _best_lr_curves(results_dir, summary, largest),
+                     largest, target, "best lr per method")
         md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
                "![loss curves at the largest batch](curves_largest_batch.png)", ""]
 
-    if kind != "budget" and study.get("targets"):
-        md += _declared_target_sections(results_dir, study, rows, families)
+    if declared:
+        md += _declared_target_sections(results_dir, study, study_summary, families)
 
-    md += ["## Per batch size", "",
-           "Best learning rate per method (fewest steps to target; ties and no-reach go to the lowest final loss). "
-           "Steps are outer steps for GN methods; tokens include GN line-search tokens (in parentheses); "
-           "forward-equivalents count a backward as two forwards; time is the training wall time to the target "
-           "(evaluation excluded). Medians over seeds. ⚠ = best lr on the edge of its grid.", ""]
-    for b in batches:
-        md += [f"### batch {b:,} tokens", ""] + _batch_table(summary, b, kind) + [""]
-        if kind != "budget":
-            md += _ratio_lines(summary, b, gn, lw, families, max_steps) + [""]
+    if not selection:
+        md += ["## Per batch size", "",
+               "Best learning rate per method (fewest steps to target; ties and no-reach go to the lowest final loss). "
+               "Steps are outer steps for GN methods; tokens include GN line-search tokens (in parentheses); "
+               "forward-equivalents count a backward as two forwards; time is the training wall time to the target "
+               "(evaluation excluded). Medians over seeds. ⚠ = best lr on the edge of its grid.", ""]
+        for b in batches:
+            md += [f"### batch {b:,} tokens", ""] + _batch_table(summary, b, kind) + [""]
+            if kind != "budget":
+                md += _ratio_lines(summary, b, gn, lw, families, max_steps) + [""]
 
-    md += ["## Learning-rate grid edges", ""]
-    if summary["edges"]:
-        md.append("The best learning rate sits on the edge of its grid for these points: the grid must grow in that "
-                  "direction before the comparison is fair.")
+        md += ["## Learning-rate grid edges", ""]
+        if summary["edges"]:
+            md.append("The best learning rate sits on the edge of its grid for these points: the grid must grow in that "
+                      "direction before the comparison is fair.")
+            md.append("")
+            for m, b, best in summary["edges"]:
+                where = {"low": "smallest", "high": "largest", "single": "only"}[best.edge]
+                md.append(f"- ⚠ {m} at batch {b:,}: best lr {best.lr:g} is the {where} value of "
+                          f"{[float(f'{x:g}') for x in best.grid]}")
+        else:
+            md.append("Every best learning rate lies inside its grid.")
         md.append("")
-        for m, b, best in summary["edges"]:
-            where = {"low": "smallest", "high": "largest", "single": "only"}[best.edge]
-            md.append(f"- ⚠ {m} at batch {b:,}: best lr {best.lr:g} is the {where} value of "
-                      f"{[float(f'{x:g}') for x in best.grid]}")
-    else:
-        md.append("Every best learning rate lies inside its grid.")
-    md.append("")
     if summary["errors"]:
         md += ["## Failed runs", ""] + [f"- {r['run_id']}: {r.get('error')}" for r in summary["errors"]] + [""]
     diverged = [r for r in rows if r.get("diverged")]
@@ -554,11 +602,11 @@ def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[st
     plt.close(fig)
 
 
-def _declared_target_sections(results_dir: Path, study: dict[str, Any], rows: list[dict[str, Any]],
+def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary: dict[str, Any],
                               families: dict[str, str]) -> list[str]:
     """Steps to every declared target (interpolated), the selected lrs with their trials, the fitted critical
-    batch, FLOPs and time to the primary target, the GN/baseline ratio by target depth; writes summary.json."""
-    summary = summarize_study(study, rows)
+    batch, FLOPs and time to the primary target, the GN/baseline ratio by target depth (``summary``:
+    :func:`analysis.summarize_study`); writes summary.json."""
     (results_dir / "summary.json").write_text(dumps_json(summary, indent=2) + "\n")
     families = {m: f for m, f in families.items() if not any(x["name"] == m and x.get("control_of")
                                                               for x in study["methods"])}
@@ -587,6 +635,8 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], rows: li
                 pt = c["per_target"][target_key(t)] if c else None
                 if pt is None:
                     cells.append("—")
+                elif not c["seeds"]:
+                    cells.append("seeds not run yet")
                 elif pt["steps_interp"] is None:
                     cells.append(f"not reached ({pt['reached']}/{c['seeds']})")
                 else:
@@ -608,18 +658,22 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], rows: li
         md.append(f"| {m} | " + " | ".join(cells) + " |")
     md += ["", "### Fitted critical batch", "",
            "S(B) = S_min·(1 + B_crit/B) fitted by least squares on log S (McCandlish et al. 2018) to the interpolated "
-           "steps to the primary target; 90% interval by bootstrap over seeds.", "",
+           "steps to the primary target; 90% interval by bootstrap over seeds. Second view: the fraction of steps "
+           "each doubling of the batch saves on the same medians (1 − S(2B)/S(B)).", "",
            "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
-           "| method | S_min | B_crit (tokens) | 90% interval | note |", "|---|---|---|---|---|"]
+           "| method | S_min | B_crit (tokens) | 90% interval | note | saving per doubling from "
+           + ", ".join(_fmt_batch(b) for b in batches[:-1]) + " |", "|---|---|---|---|---|---|"]
     for m in methods:
         f = summary["fit"].get(m, {})
+        doubling = ", ".join("—" if (v := f.get("per_doubling", {}).get(str(b))) is None else f"{v:.0%}"
+                             for b in batches[:-1])
         if "s_min" not in f:
-            md.append(f"| {m} | — | — | — | {f.get('reason', '')} |")
+            md.append(f"| {m} | — | — | — | {f.get('reason', '')} | {doubling} |")
             continue
         lo, hi = f.get("b_crit_lo"), f.get("b_crit_hi")
         interval = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None and hi is not None else "—"
         note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
-        md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} |")
+        md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} | {doubling} |")
     _plot_fit(results_dir / "steps_vs_batch_fit.png", summary)
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
@@ -638,7 +692,7 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], rows: li
         md += ["", "### Controls", "", "Each control runs the reported seeds at the lr selected for the method it "
                "controls, with one change (its overrides); interpolated steps to each target, median over seeds.", "",
                "| control | of | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " | "
-               + " | ".join(f"{c['control_of']} {t:g}" for c in controls[:1] for t in targets) + " |",
+               + " | ".join(f"method it controls, {t:g}" for t in targets) + " |",
                "|---|---|---|---|" + "---|" * (2 * len(targets))]
         for c in controls:
             for b in batches:
