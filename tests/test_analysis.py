@@ -127,5 +127,8 @@ def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_see
     fit = out["fit"]["adamw"]
     assert fit["s_min"] == pytest.approx(10.0, rel=1e-6) and fit["b_crit"] == pytest.approx(3000, rel=1e-6)
     assert fit["b_crit_lo"] <= fit["b_crit"] <= fit["b_crit_hi"]
+    # per doubling from 1000: S = 10(1 + 3000/B) gives 40 -> 25, a saving of 3/8
+    assert fit["per_doubling"]["1000"] == pytest.approx(1 - 25 / 40) and set(fit["per_doubling"]) == {"1000", "2000",
+                                                                                                     "4000"}
     few = summarize_study({**study, "batch_tokens": batches[:3]}, rows, bootstrap=10)
     assert "needs >= 4" in few["fit"]["adamw"]["reason"]
