@@ -1,6 +1,7 @@
 """The training loop, the run directory and the config checks of `gnlm train` (built-in corpus, CPU presets)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,10 +11,9 @@ from gnlm.checkpoint import read_checkpoint
 from gnlm.cli import main
 from gnlm.config import ConfigError
 from gnlm.curvature import surrogate_grad
-from gnlm.model import GPT, loss_fn
+from gnlm.model import GPT, PRESETS, loss_fn
 from gnlm.runconfig import load_run_config
 from gnlm.train import run_training
-
 
 TINY = ["model=nano", "model.vocab_size=512", "data.vocab_size=512", "data.seq_len=64"]
 
@@ -189,6 +189,18 @@ def test_flop_count_matches_a_hand_count_on_a_one_layer_model():
     params = {k: v.detach() for k, v in model.named_parameters()}
     flops, _ = count_flops(lambda: surrogate_grad(model, params, params, x, y))
     assert flops == 10 * n * d * V + 2 * n * V
+
+
+def test_fused_and_math_attention_count_the_same_flops():
+    """On CPU, fused SDPA runs a kernel FlopCounterMode does not know; accounting maps it, so a baseline step
+    (sdpa) counts its attention like GN's math attention does."""
+    model = GPT(replace(PRESETS["nano"], vocab_size=64, max_seq_len=16))
+    x = torch.randint(0, 64, (2, 16))
+    counts = {}
+    for backend in ("sdpa", "math"):
+        model.attention = backend
+        counts[backend], _ = count_flops(lambda: loss_fn(model(x), x).backward())
+    assert counts["sdpa"] == counts["math"]
 
 
 def test_runs_record_counted_flops_per_step(tmp_path):
