@@ -107,3 +107,22 @@ def test_ratio_formatting():
     assert ratio(292, 54) == "5.4×"
     assert ratio(100, 20, num_capped=True) == "> 5.0×"
     assert ratio(float("inf"), 20) == "—" and ratio(10, None) == "—"
+
+
+def test_headline_puts_steps_flops_and_time_ratios_side_by_side():
+    from gnlm.report import _headline_lines
+
+    def cell(steps, flops, time, seeds=3):
+        return {"seeds": seeds, "per_target": {"3.5": {"steps_interp": steps, "flops_to_target": flops,
+                                                       "time_to_target_s": time}}}
+
+    summary = {"primary_target": 3.5, "batch_tokens": [1024, 2048], "cells": {
+        "gn/1024": cell(10.0, 1e12, 100.0), "adamw/1024": cell(50.0, 5e11, 50.0), "muon/1024": cell(40.0, 8e11, 60.0),
+        "gn_layerwise/1024": cell(12.5, 2e12, 300.0), "adamw/2048": cell(30.0, 6e11, 40.0),
+        "gn/2048": cell(None, None, None)}}
+    families = {"gn": "gn", "gn_layerwise": "gn", "adamw": "baseline", "muon": "baseline"}
+    lines = _headline_lines(summary, families, "gn")
+    row = next(line for line in lines if line.startswith("| 1K |"))
+    # muon has the fewest steps: 40/10 = 4× fewer steps for GN, but 0.8× the FLOPs and 0.6× the time
+    assert row == "| 1K | 10.0 | muon | 40.0 | 4.00× | 0.80× | 0.60× | 1.25× |"
+    assert next(line for line in lines if line.startswith("| 2K |")).startswith("| 2K | not reached | adamw | 30.0 | —")

@@ -544,6 +544,41 @@ def _best_baseline(summary: dict[str, Any], families: dict[str, str], batch: int
     return best
 
 
+def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) -> list[str]:
+    """Per batch size, at the primary target: GN against the baseline with the fewest steps, in steps, FLOPs and
+    measured time side by side (a step saving that costs more compute or time shows as a ratio below 1), and every
+    other GN variant's steps against GN's."""
+    primary = summary["primary_target"]
+    key = target_key(primary)
+    others = [m for m, f in families.items() if f == "gn" and m != gn]
+
+    def point(m: str, b: int) -> dict[str, Any]:
+        return summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(key) or {}
+
+    def times(num: float | None, den: float | None) -> str:
+        return f"{num / den:.2f}×" if num and den else "—"
+
+    md = ["", f"### {gn} vs the best baseline at the primary target ({primary:g})", "",
+          "Best baseline = the baseline with the fewest interpolated steps at that batch size. Ratios are baseline / "
+          f"{gn} (above 1: {gn} needs less); medians over the reported seeds. "
+          + (f"Last columns: steps of {', '.join(others)} / {gn} (above 1: slower than {gn})." if others else ""), "",
+          f"| batch | {gn} steps | best baseline | its steps | steps ratio | FLOPs ratio | time ratio | "
+          + "".join(f"{m} / {gn} | " for m in others), "|---|---|---|---|---|---|---|" + "---|" * len(others)]
+    for b in summary["batch_tokens"]:
+        g = point(gn, b)
+        name, base_steps = _best_baseline(summary, families, b, primary)
+        base = point(name, b) if math.isfinite(base_steps) else {}
+        gs = g.get("steps_interp")
+        ran = summary["cells"].get(f"{gn}/{b}", {}).get("seeds")
+        cells = [f"{gs:.1f}" if gs else "not reached" if ran else "—", name if base else "none reached",
+                 f"{base_steps:.1f}" if base else "—", times(base.get("steps_interp"), gs),
+                 times(base.get("flops_to_target"), g.get("flops_to_target")),
+                 times(base.get("time_to_target_s"), g.get("time_to_target_s"))]
+        cells += [times(point(m, b).get("steps_interp"), gs) for m in others]
+        md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
+    return md
+
+
 def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
@@ -705,6 +740,8 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                 md.append(f"| {c['name']} | {c['control_of']} | {changes} | {_fmt_batch(b)} | "
                           + " | ".join("—" if v is None else f"{v:.1f}" for v in own + base) + " |")
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
+    if gn is not None:
+        md += _headline_lines(summary, families, gn)
     if gn is not None and len(targets) > 1:
         _plot_ratio_vs_target(results_dir / "ratio_vs_target.png", summary, families, gn)
         md += ["", "### GN vs the best baseline by target depth", "", "![ratio vs target](ratio_vs_target.png)", "",
