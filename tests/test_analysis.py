@@ -48,6 +48,17 @@ def test_fit_of_flat_steps_has_zero_critical_batch():
     assert fit.b_crit == 0.0 and fit.s_min == pytest.approx(10.0)
 
 
+def test_fit_of_steps_falling_like_one_over_b_is_unbounded():
+    batches = [2048 * 2 ** i for i in range(4)]
+    fit = fit_steps_vs_batch(batches, [1e6 / b for b in batches])  # every doubling halves the steps
+    assert fit.unbounded and not fit.in_range
+    assert fit.steps(batches[0]) == pytest.approx(1e6 / batches[0], rel=1e-3)
+    out = bootstrap_fit(batches, [[1e6 / b * f for f in (0.98, 1.0, 1.02)] for b in batches], n=50)
+    assert out["b_crit"] is None and out["b_crit_unbounded"] and out["b_crit_hi"] is None
+    assert out["steps_times_batch"] == pytest.approx(1e6, rel=1e-3)
+    assert not fit_steps_vs_batch(batches, [30 * (1 + 8192 / b) for b in batches]).unbounded
+
+
 def test_fit_refuses_fewer_than_four_batch_sizes():
     with pytest.raises(ValueError, match=">= 4 batch sizes, got 3"):
         fit_steps_vs_batch([1, 2, 4], [8.0, 4.0, 2.0])
@@ -132,3 +143,15 @@ def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_see
                                                                                                      "4000"}
     few = summarize_study({**study, "batch_tokens": batches[:3]}, rows, bootstrap=10)
     assert "needs >= 4" in few["fit"]["adamw"]["reason"]
+
+
+def test_early_rise_is_the_restart_spike_above_the_start():
+    from gnlm.analysis import early_rise
+
+    def row(losses, first=0):
+        return {"curve": {"step": list(range(first, first + len(losses))), "eval_loss": losses}}
+
+    assert early_rise(row([4.0, 4.1, 4.3, 3.9] + [3.0] * 20)) == pytest.approx(0.3)
+    assert early_rise(row([4.0] + [3.0] * 8 + [5.0])) == pytest.approx(1.0)  # step 9: still early
+    assert early_rise(row([4.0] + [3.0] * 10 + [5.0])) == pytest.approx(-1.0)  # step 11: not early; it only fell
+    assert early_rise(row([4.1, 4.0], first=5)) is None and early_rise({}) is None

@@ -71,6 +71,9 @@ class StepsFit:
     b_crit: float
     residual: float  # root-mean-square of the log-steps residuals
     in_range: bool  # B_crit lies within the measured batch sizes
+    # B_crit at the top of the search (10⁴ × the largest batch): the steps fall like 1/B over the whole measured
+    # range, so the data give only a lower bound on B_crit (and S_min → 0)
+    unbounded: bool = False
 
     def steps(self, batch: float) -> float:
         return self.s_min * (1.0 + self.b_crit / batch)
@@ -113,7 +116,7 @@ def fit_steps_vs_batch(batches: list[float], steps: list[float]) -> StepsFit:
         b_crit = 0.0
     sse, log_smin = loss_at(b_crit)
     return StepsFit(s_min=math.exp(log_smin), b_crit=b_crit, residual=math.sqrt(sse / len(bs)),
-                    in_range=min(bs) <= b_crit <= max(bs))
+                    in_range=min(bs) <= b_crit <= max(bs), unbounded=math.log(b_crit or 1.0) >= hi - 1e-6)
 
 
 def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int = 1000, seed: int = 0,
@@ -131,7 +134,7 @@ def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int
             f = fit_steps_vs_batch(batches, resampled)
         except ValueError:  # too few batch sizes reached in this resample
             continue
-        b_crits.append(f.b_crit)
+        b_crits.append(math.inf if f.unbounded else f.b_crit)
         s_mins.append(f.s_min)
     q = (1 - level) / 2
 
@@ -141,8 +144,13 @@ def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int
         v = sorted(v)
         return v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
 
-    return {"s_min": fit.s_min, "b_crit": fit.b_crit, "residual": fit.residual, "in_range": fit.in_range,
-            "b_crit_lo": quantile(b_crits, q), "b_crit_hi": quantile(b_crits, 1 - q),
+    def finite(v: float | None) -> float | None:  # JSON has no infinity: an unbounded end is None
+        return v if v is None or math.isfinite(v) else None
+
+    # unbounded: S(B) ≈ steps_times_batch / B over the measured range (S_min → 0, B_crit → ∞)
+    return {"s_min": fit.s_min, "b_crit": None if fit.unbounded else fit.b_crit, "residual": fit.residual,
+            "in_range": fit.in_range, "b_crit_unbounded": fit.unbounded, "steps_times_batch": fit.s_min * fit.b_crit,
+            "b_crit_lo": finite(quantile(b_crits, q)), "b_crit_hi": finite(quantile(b_crits, 1 - q)),
             "s_min_lo": quantile(s_mins, q), "s_min_hi": quantile(s_mins, 1 - q), "resamples": len(b_crits)}
 
 
@@ -417,6 +425,20 @@ def select_lr(rows: list[dict[str, Any]], target: float | None) -> tuple[float, 
     return best, len(lrs), edge
 
 
+EARLY_STEPS = 10
+
+
+def early_rise(row: dict[str, Any], steps: int = EARLY_STEPS) -> float | None:
+    """How far a run's eval loss rose above where it started within its first ``steps`` steps (the restart spike
+    of a fresh optimizer on a warm start; ≤ 0 when it only fell). None without a logged curve."""
+    curve = row.get("curve") or {}
+    pts = [(s, v) for s, v in zip(curve.get("step") or [], curve.get("eval_loss") or [])
+           if v is not None and math.isfinite(v)]
+    if not pts or pts[0][0] != 0 or len(pts) < 2:
+        return None
+    return max(v for s, v in pts[1:] if s <= steps) - pts[0][1] if any(s <= steps for s, _ in pts[1:]) else None
+
+
 def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap: int = 1000) -> dict[str, Any]:
     """The machine-readable summary of a steps-to-target study (``summary.json``), from the study dict and the rows
     of runs.jsonl alone.
@@ -448,6 +470,8 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
             cell: dict[str, Any] = {"best_lr": lr, "lr_on_edge": edge is not None and edge != "single",
                                     "control_of": controls.get(m),
                                     "edge": edge, "trials": trials, "seeds": len(reported), "per_target": {}}
+            rises = [early_rise(r) for r in reported]
+            cell["early_rise"] = _median_or_none([x for x in rises if x is not None])
             if reported and reported[0].get("family") == "gn":
                 cell["inner_steps"] = reported[0].get("inner_steps")
                 cell["skipped_steps"] = _median_or_none([float(r.get("skipped_steps") or 0) for r in reported])
@@ -476,7 +500,9 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
         if len(per_batch_steps) > 1:  # the per-doubling saving on the medians, as a second view of the same points
             crit = critical_batch([b for b, _ in per_batch_steps], [statistics.median(s) for _, s in per_batch_steps],
                                   study.get("critical_fraction", 0.2))
-            fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) else None)
+            reached_at = {b: math.isfinite(statistics.median(s)) for b, s in per_batch_steps}
+            # a saving needs S(B) itself: from a batch that did not reach the target it is unknown
+            fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) and reached_at[b] else None)
                                        for b, v in crit["reductions"].items()}
             fits[m]["threshold_batch"], fits[m]["threshold_bound"] = crit["batch"], crit["bound"]
     return {"name": study.get("name"), "targets": targets, "primary_target": primary,

@@ -20,7 +20,16 @@ from typing import Any
 
 import yaml
 
-from gnlm.analysis import Best, all_steps_skipped, eval_curve, read_rows, summarize, summarize_study, target_key
+from gnlm.analysis import (
+    EARLY_STEPS,
+    Best,
+    all_steps_skipped,
+    eval_curve,
+    read_rows,
+    summarize,
+    summarize_study,
+    target_key,
+)
 from gnlm.config import ConfigError, dumps_json
 
 BASELINE_FAMILY = "baseline"
@@ -198,7 +207,7 @@ def _curve_entry(results_dir: Path, i: int, method: str, lr: float, run: dict[st
     if not pts:
         return None
     note = " — diverged" if run.get("diverged") else " — every step skipped" if all_steps_skipped(run) else ""
-    return f"{method} (lr {lr:g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))
+    return f"{method} (lr {lr:.3g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))
 
 
 def _best_lr_curves(results_dir: Path, summary: dict[str, Any], batch: int) -> list[tuple]:
@@ -271,7 +280,7 @@ def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | No
                     ha="right" if right else "left", fontsize=7, color=color)
     ax.set_xlabel("step (outer steps for GN)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens ({which})")
+    ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens\n({which})")
     ax.grid(True, alpha=0.3)
     _legend_below(ax)
     fig.tight_layout()
@@ -584,7 +593,9 @@ def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     primary, batches = summary["primary_target"], summary["batch_tokens"]
     ys = []
-    for i, (m, fit) in enumerate(summary["fit"].items()):
+    fits = [(m, f) for m, f in summary["fit"].items()  # controls have a table of their own
+            if not any(c.get("control_of") for k, c in summary["cells"].items() if k.startswith(f"{m}/"))]
+    for i, (m, fit) in enumerate(fits):
         pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(target_key(primary), {})
                 .get("steps_interp")) for b in batches]
         pts = [(b, s) for b, s in pts if s is not None]
@@ -593,9 +604,14 @@ def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
         ys += [s for _, s in pts]
         ax.plot([b for b, _ in pts], [s for _, s in pts], "o", color=f"C{i % 10}", label=m)
         if "s_min" in fit:
-            grid = [batches[0] * (batches[-1] / batches[0]) ** (k / 60) for k in range(61)]
-            ax.plot(grid, [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid], "-", color=f"C{i % 10}", lw=1,
-                    alpha=0.8, label=f"{m}: fit, B_crit {fit['b_crit']:,.0f}")
+            lo, hi = pts[0][0], pts[-1][0]  # drawn over the batches it was fitted to
+            grid = [lo * (hi / lo) ** (k / 60) for k in range(61)]
+            if fit.get("b_crit_unbounded"):
+                curve, label = [fit["steps_times_batch"] / b for b in grid], f"{m}: fit, S ∝ 1/B (B_crit unbounded)"
+            else:
+                curve = [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid]
+                label = f"{m}: fit, B_crit {fit['b_crit']:,.0f}"
+            ax.plot(grid, curve, "-", color=f"C{i % 10}", lw=1, alpha=0.8, label=label)
     _batch_axis(ax, batches)
     ax.set_yscale("log")
     if ys:
@@ -706,7 +722,14 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
             md.append(f"| {m} | — | — | — | {f.get('reason', '')} | {doubling} |")
             continue
         lo, hi = f.get("b_crit_lo"), f.get("b_crit_hi")
-        interval = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None and hi is not None else "—"
+        if f.get("b_crit_unbounded") or hi is None:  # an unbounded end of the interval
+            interval = f"[{lo:,.0f}, ∞)" if lo is not None else "unbounded"
+        else:
+            interval = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None else "—"
+        if f.get("b_crit_unbounded"):
+            md.append(f"| {m} | → 0 | > {batches[-1]:,} (unbounded) | {interval} | steps fall like 1/B over the whole "
+                      f"measured range: no plateau, only a lower bound on B_crit | {doubling} |")
+            continue
         note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
         md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} | {doubling} |")
     _plot_fit(results_dir / "steps_vs_batch_fit.png", summary)
@@ -725,10 +748,12 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                       f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])} |")
     if controls:
         md += ["", "### Controls", "", "Each control runs the reported seeds at the lr selected for the method it "
-               "controls, with one change (its overrides); interpolated steps to each target, median over seeds.", "",
-               "| control | of | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " | "
-               + " | ".join(f"method it controls, {t:g}" for t in targets) + " |",
-               "|---|---|---|---|" + "---|" * (2 * len(targets))]
+               "controls, with one change (its overrides); interpolated steps to each target, median over seeds. "
+               f"Rise: how far the eval loss rose above its start within the first {EARLY_STEPS} steps (the restart "
+               "spike; negative: it only fell), median over seeds.", "",
+               "| control | of | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " | rise | "
+               + " | ".join(f"method it controls, {t:g}" for t in targets) + " | its rise |",
+               "|---|---|---|---|" + "---|" * (2 * len(targets) + 2)]
         for c in controls:
             for b in batches:
                 cell, ref = summary["cells"].get(f"{c['name']}/{b}"), summary["cells"].get(f"{c['control_of']}/{b}")
@@ -737,8 +762,10 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                 own = [cell["per_target"][target_key(t)]["steps_interp"] for t in targets]
                 base = [ref["per_target"][target_key(t)]["steps_interp"] for t in targets]
                 changes = ", ".join(f"{k}={v}" for k, v in (c.get("overrides") or {}).items())
+                steps = ["—" if v is None else f"{v:.1f}" for v in own + base]
+                rises = ["—" if x.get("early_rise") is None else f"{x['early_rise']:+.3f}" for x in (cell, ref)]
                 md.append(f"| {c['name']} | {c['control_of']} | {changes} | {_fmt_batch(b)} | "
-                          + " | ".join("—" if v is None else f"{v:.1f}" for v in own + base) + " |")
+                          + " | ".join(steps[:len(targets)] + rises[:1] + steps[len(targets):] + rises[1:]) + " |")
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
     if gn is not None:
         md += _headline_lines(summary, families, gn)
