@@ -155,3 +155,19 @@ def test_early_rise_is_the_restart_spike_above_the_start():
     assert early_rise(row([4.0] + [3.0] * 8 + [5.0])) == pytest.approx(1.0)  # step 9: still early
     assert early_rise(row([4.0] + [3.0] * 10 + [5.0])) == pytest.approx(-1.0)  # step 11: not early; it only fell
     assert early_rise(row([4.1, 4.0], first=5)) is None and early_rise({}) is None
+
+
+def test_eta_at_floor_is_the_share_of_steps_at_the_smallest_step_size():
+    from gnlm.analysis import eta_at_floor, ls_range_of
+
+    floor = 2.0 ** -2  # ls_range 5: η ∈ {1, .707, .5, .354, .25}
+    rows = [{"etas": [floor, floor, 0.5]}, {"etas": [floor, 1.0], "ls_range": 5}]
+    assert eta_at_floor(rows, 5) == pytest.approx(3 / 5)
+    assert eta_at_floor([{"etas": [floor], "ls_range": 7}], 5) == 0.0  # the row's own range wins
+    assert eta_at_floor([{"etas": [0.0]}], 5) is None and eta_at_floor([{}], 5) is None  # η = 0: a skipped step
+    study = {"base": {"gn": {"ls_range": 7}}, "methods": [{"name": "gn"}, {"name": "g2", "overrides": {"gn.ls_range": 3}},
+                                                          {"name": "g3"}]}
+    assert [ls_range_of(study, m) for m in ("gn", "g2")] == [7, 3]
+    from gnlm.runconfig import GNConfig
+
+    assert ls_range_of({"methods": [{"name": "gn"}]}, "gn") == GNConfig().ls_range

@@ -425,6 +425,31 @@ def select_lr(rows: list[dict[str, Any]], target: float | None) -> tuple[float, 
     return best, len(lrs), edge
 
 
+DEFAULT_LS_RANGE = 5  # runconfig.GNConfig.ls_range (a test keeps them equal; this module imports no model code)
+
+
+def ls_range_of(study: dict[str, Any], method: str) -> int:
+    """The line search's ``gn.ls_range`` of a study's method (its override, else the study's base, else the
+    default); rows written since it was recorded carry their own."""
+    m = next(x for x in study["methods"] if x["name"] == method)
+    base = (study.get("base") or {}).get("gn") or {}
+    return int((m.get("overrides") or {}).get("gn.ls_range", base.get("ls_range", DEFAULT_LS_RANGE)))
+
+
+def eta_at_floor(rows: list[dict[str, Any]], ls_range: int) -> float | None:
+    """The share of GN outer steps, over ``rows``, whose line search chose its smallest step size (1/√2)^(range−1):
+    near 1, the range binds (the step wanted to be shorter still; a larger ``gn.ls_range`` lets it). None without
+    recorded η (or with the skip option's η = 0 only)."""
+    etas, floors = [], []
+    for r in rows:
+        floor = 2.0 ** (-(int(r.get("ls_range") or ls_range) - 1) / 2)
+        etas += [e for e in r.get("etas") or [] if e > 0]
+        floors += [floor] * len([e for e in r.get("etas") or [] if e > 0])
+    if not etas:
+        return None
+    return sum(abs(e - f) <= 1e-9 * f for e, f in zip(etas, floors)) / len(etas)
+
+
 EARLY_STEPS = 10
 
 
@@ -475,6 +500,7 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
             if reported and reported[0].get("family") == "gn":
                 cell["inner_steps"] = reported[0].get("inner_steps")
                 cell["skipped_steps"] = _median_or_none([float(r.get("skipped_steps") or 0) for r in reported])
+                cell["eta_at_floor"] = eta_at_floor(reported, ls_range_of(study, m))
             for t in targets:
                 crossing = [(r.get("crossings") or {}).get(target_key(t)) for r in reported]
                 ok = [c for c, r in zip(crossing, reported) if c is not None and not r.get("diverged")]

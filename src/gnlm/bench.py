@@ -699,6 +699,7 @@ def curve_fields(spec: RunSpec) -> dict[str, Any]:
     if spec.family == "gn":
         out["inner_steps"] = next((r["inner_steps"] for r in metrics if "inner_steps" in r), None)
         out["etas"] = [r["eta"] for r in metrics if "eta" in r]
+        out["ls_range"] = spec.config["gn"]["ls_range"]
     return out
 
 

@@ -695,7 +695,8 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
             md.append(f"| {m} | " + " | ".join(cells) + " |")
         md.append("")
     md += ["### Selected learning rates", "", "lr (trials used; ⚠ = still on an edge of what was tried; N = GN inner "
-           "steps per outer step; skipped = median skipped outer steps)", "",
+           "steps per outer step; skipped = median skipped outer steps; η floor = share of outer steps whose line "
+           "search chose its smallest step size)", "",
            "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for m in methods:
         cells = []
@@ -705,8 +706,15 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                 cells.append("—")
                 continue
             extra = f"; N {c['inner_steps']}; skipped {c['skipped_steps']:g}" if "inner_steps" in c else ""
-            cells.append(f"{c['best_lr']:g} ({c['trials']}{extra}){' ⚠' if c['lr_on_edge'] else ''}")
+            if c.get("eta_at_floor") is not None:
+                extra += f"; η floor {c['eta_at_floor']:.0%}"
+            cells.append(f"{c['best_lr']:.3g} ({c['trials']}{extra}){' ⚠' if c['lr_on_edge'] else ''}")
         md.append(f"| {m} | " + " | ".join(cells) + " |")
+    binding = [k for k, c in summary["cells"].items() if (c.get("eta_at_floor") or 0) >= 0.5 and not c["control_of"]]
+    if binding:
+        md += ["", f"⚠ The GN line search chose its smallest step size in at least half of the outer steps at "
+               f"{', '.join(binding)}: its range binds there (the step wanted to be shorter still). A larger "
+               f"`gn.ls_range` extends it downwards."]
     md += ["", "### Fitted critical batch", "",
            "S(B) = S_min·(1 + B_crit/B) fitted by least squares on log S (McCandlish et al. 2018) to the interpolated "
            "steps to the primary target; 90% interval by bootstrap over seeds. Second view: the fraction of steps "
