@@ -139,6 +139,9 @@ def test_bench_under_torchrun_records_the_same_study(tmp_path):
                                 "gn": {"inner_batch_size": 4, "ls_batches": 1, "ls_range": 3}},
         "warm_start": {"tokens": 2048, "batch_tokens": 512, "lr": 0.01},
         "target_loss": 5.6, "max_steps": 3, "batch_tokens": [512], "progress": False,
+        # lrs selected on seed 0: its runs ask the lr search whether to stop after every evaluation (rank 0
+        # decides for all ranks)
+        "selection_seed": 0, "seeds": [1],
         "methods": [{"name": "adamw", "lrs": [0.01]}, {"name": "gn", "lrs": [0.01]}],
     }
     path = tmp_path / "study.yaml"

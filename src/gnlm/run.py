@@ -566,9 +566,11 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
         bar.set_postfix(**out.postfix, eval=f"{st.get('eval_loss', math.nan):.3f}")
         if summary["diverged"]:
             break
-        if stop is not None and "eval_loss" in row and not last and (reason := stop(st)) is not None:
-            summary["stopped_early"] = reason
-            break
+        if stop is not None and "eval_loss" in row and not last:
+            # rank 0 decides (it reads files other processes write), so that every rank stops at the same step
+            if (reason := dist.broadcast_object(stop(st) if dist.is_main() else None)) is not None:
+                summary["stopped_early"] = reason
+                break
         every = cfg.train.checkpoint_every and st["step"] % cfg.train.checkpoint_every == 0
         if (every or run.checkpoint_due()) and not last:
             run.save(trainer.state_dict())
