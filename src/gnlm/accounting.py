@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 T = TypeVar("T")
 
@@ -36,11 +35,11 @@ class FlopMeter:
 
 
 def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
+    return sdpa_flop_count(query, key, value)
 
 
 def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return 2 * flop_counter.sdpa_flop_count(query, key, value)
+    return 2 * sdpa_flop_count(query, key, value)
 
 
 # FlopCounterMode knows the fused attention kernels of CUDA but not the one fused SDPA runs on CPU: without these,

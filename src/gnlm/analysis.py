@@ -440,14 +440,11 @@ def eta_at_floor(rows: list[dict[str, Any]], ls_range: int) -> float | None:
     """The share of GN outer steps, over ``rows``, whose line search chose its smallest step size (1/√2)^(range−1):
     near 1, the range binds (the step wanted to be shorter still; a larger ``gn.ls_range`` lets it). None without
     recorded η (or with the skip option's η = 0 only)."""
-    etas, floors = [], []
+    at_floor = []
     for r in rows:
         floor = 2.0 ** (-(int(r.get("ls_range") or ls_range) - 1) / 2)
-        etas += [e for e in r.get("etas") or [] if e > 0]
-        floors += [floor] * len([e for e in r.get("etas") or [] if e > 0])
-    if not etas:
-        return None
-    return sum(abs(e - f) <= 1e-9 * f for e, f in zip(etas, floors)) / len(etas)
+        at_floor += [abs(e - floor) <= 1e-9 * floor for e in r.get("etas") or [] if e > 0]
+    return sum(at_floor) / len(at_floor) if at_floor else None
 
 
 EARLY_STEPS = 10
@@ -459,9 +456,10 @@ def early_rise(row: dict[str, Any], steps: int = EARLY_STEPS) -> float | None:
     curve = row.get("curve") or {}
     pts = [(s, v) for s, v in zip(curve.get("step") or [], curve.get("eval_loss") or [])
            if v is not None and math.isfinite(v)]
-    if not pts or pts[0][0] != 0 or len(pts) < 2:
+    early = [v for s, v in pts[1:] if s <= steps]
+    if not pts or pts[0][0] != 0 or not early:
         return None
-    return max(v for s, v in pts[1:] if s <= steps) - pts[0][1] if any(s <= steps for s, _ in pts[1:]) else None
+    return max(early) - pts[0][1]
 
 
 def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap: int = 1000) -> dict[str, Any]:
@@ -524,13 +522,11 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
             fits[m] = {"reason": f"the primary target was reached (median over seeds) at {len(reached)} batch "
                                  f"sizes; a fit needs >= {MIN_FIT_BATCHES}"}
         if len(per_batch_steps) > 1:  # the per-doubling saving on the medians, as a second view of the same points
-            crit = critical_batch([b for b, _ in per_batch_steps], [statistics.median(s) for _, s in per_batch_steps],
-                                  study.get("critical_fraction", 0.2))
-            reached_at = {b: math.isfinite(statistics.median(s)) for b, s in per_batch_steps}
+            bs, medians = [b for b, _ in per_batch_steps], [statistics.median(s) for _, s in per_batch_steps]
+            saving = [doubling_reduction(bs, medians, i) for i in range(len(bs) - 1)]
             # a saving needs S(B) itself: from a batch that did not reach the target it is unknown
-            fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) and reached_at[b] else None)
-                                       for b, v in crit["reductions"].items()}
-            fits[m]["threshold_batch"], fits[m]["threshold_bound"] = crit["batch"], crit["bound"]
+            fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) and math.isfinite(s) else None)
+                                       for b, s, v in zip(bs, medians, saving)}
     return {"name": study.get("name"), "targets": targets, "primary_target": primary,
             "batch_tokens": sorted(study["batch_tokens"]), "lr_budget": study.get("lr_budget"),
             "selection_seed": sel_seed, "seeds": seeds, "cells": cells, "fit": fits,

@@ -151,12 +151,15 @@ def _batch_axis(ax, batches: list[int]) -> None:
         ax.set_xlim(batches[0] / 2, batches[0] * 2)
 
 
-def _legend_below(ax) -> None:
-    """The legend under the axes, where it hides no curve and no marker."""
+def _save_with_legend_below(fig, ax, path: Path) -> None:
+    """Put the legend under the axes (where it hides no curve and no marker), write the figure and free it."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
                   frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
 
 
 def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) -> None:
@@ -187,10 +190,7 @@ def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) ->
     ax.set_ylabel("steps to target (outer steps for GN)")
     ax.set_title("Steps to target vs batch size (best lr per point; △ = not reached)")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend_below(fig, ax, path)
 
 
 def _row_curve(results_dir: Path, row: dict[str, Any]) -> list[tuple[int, float]]:
@@ -282,10 +282,7 @@ def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | No
     ax.set_ylabel("validation loss")
     ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens\n({which})")
     ax.grid(True, alpha=0.3)
-    _legend_below(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend_below(fig, ax, path)
 
 
 def _plot_final_loss(path: Path, summary: dict[str, Any]) -> None:
@@ -593,9 +590,8 @@ def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     primary, batches = summary["primary_target"], summary["batch_tokens"]
     ys = []
-    fits = [(m, f) for m, f in summary["fit"].items()  # controls have a table of their own
-            if not any(c.get("control_of") for k, c in summary["cells"].items() if k.startswith(f"{m}/"))]
-    for i, (m, fit) in enumerate(fits):
+    controls = {c["method"] for c in summary["cells"].values() if c["control_of"]}  # they have a table of their own
+    for i, (m, fit) in enumerate((m, f) for m, f in summary["fit"].items() if m not in controls):
         pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(target_key(primary), {})
                 .get("steps_interp")) for b in batches]
         pts = [(b, s) for b, s in pts if s is not None]
@@ -622,10 +618,7 @@ def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
     ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
     ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)")
     ax.grid(True, which="major", alpha=0.3)
-    _legend_below(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend_below(fig, ax, path)
 
 
 def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[str, str], gn: str) -> None:
@@ -647,10 +640,7 @@ def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[st
     ax.set_ylabel(f"best baseline steps / {gn} steps (interpolated)")
     ax.set_title("How many times fewer steps GN needs, by target depth")
     ax.grid(True, alpha=0.3)
-    _legend_below(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend_below(fig, ax, path)
 
 
 def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary: dict[str, Any],
