@@ -42,3 +42,28 @@ def small_corpus(tmp_path_factory, small_docs) -> dict[str, Path]:
         for doc in small_docs:
             f.write(json.dumps({"text": doc, "id": len(doc)}) + "\n")
     return {"txt_dir": txt, "jsonl": jsonl, "root": root}
+
+
+def randomize_parameters(model, seed: int = 0, norm_spread: float = 0.5, bias_scale: float = 0.5,
+                         row_spread: float = 0.3):
+    """Move ``model`` (in place; returned) off its initialisation, where every norm weight is 1 and every bias 0
+    and an exactness test cannot see a dropped norm weight or a mishandled bias: 1-d weights (norm scales) become
+    1 + norm_spread·N(0, 1), biases bias_scale·N(0, 1), and each row of every matrix (embeddings included) is
+    scaled by exp(row_spread·N(0, 1)), so output channels differ in scale as after training. Deterministic in
+    ``seed`` (its own generator; the global RNG is untouched)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(bias_scale * randn(*p.shape))
+            elif p.ndim == 1:
+                p.copy_(1.0 + norm_spread * randn(*p.shape))
+            else:
+                p.mul_(torch.exp(row_spread * randn(p.shape[0], *[1] * (p.ndim - 1))).to(p.dtype))
+    return model

@@ -4,6 +4,8 @@ import torch
 from gnlm.config import ConfigError
 from gnlm.model import GPT, PRESETS, count_parameters, describe, get_preset, loss_fn, resolve_model_config
 
+from conftest import randomize_parameters
+
 
 @pytest.mark.parametrize("name,expected", [("45m", 45_363_712), ("150m", 134_142_720)])
 def test_paper_presets_have_the_papers_parameter_counts(name, expected):
@@ -105,12 +107,28 @@ def test_initial_loss_is_finite_and_learnable():
 
 
 def gn_stage_setup():
+    """A float64 nano GPT off its initialisation (random norm weights and QK-norm biases, rescaled matrix rows):
+    at init every norm weight is 1 and every bias 0, where a tangent rule that drops a norm weight is exact."""
     torch.manual_seed(0)
-    model = GPT(get_preset("nano", n_layers=2)).double()
+    model = randomize_parameters(GPT(get_preset("nano", n_layers=2)).double(), seed=0)
     model.attention = "math"
     x = torch.randint(0, 4096, (2, 16))
     params = {k: v.detach() for k, v in model.named_parameters()}
     return model, x, params
+
+
+def test_gn_stage_setup_is_off_initialisation():
+    """The stage tests below would not see a dropped norm weight or bias at init (weights 1, biases 0)."""
+    _, _, params = gn_stage_setup()
+    init = GPT(get_preset("nano", n_layers=2)).double()
+    for name, p in params.items():
+        if p.ndim == 1:
+            ref = torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p)
+            assert (p - ref).abs().min() > 0 and (p - ref).std() > 0.2, name
+    for name, p in init.named_parameters():
+        if p.ndim == 2:  # matrix rows rescaled unevenly: row norms spread more than at init
+            spread = lambda w: float(w.detach().norm(dim=1).log().std())
+            assert spread(params[name]) > spread(p) + 0.1, name
 
 
 def test_gn_stages_chain_to_forward():
