@@ -1,7 +1,7 @@
 """``gnlm bench --jobs 1`` against ``--jobs 2`` on the same study, side by side in one run: the wall time of the
 whole command (warm start included), their ratio, and how busy the machine was with other work meanwhile.
 
-    python benchmarks/bench_parallel.py                          # the quick preset, as packaged (36 runs)
+    python benchmarks/bench_parallel.py                          # the quick preset, as packaged (48 runs)
     python benchmarks/bench_parallel.py --order 1 2 2 1          # ABBA: cancels a drift in machine load
     python benchmarks/bench_parallel.py max_steps=8              # a shrunk quick study (any study override)
 
@@ -48,10 +48,11 @@ def loadavg() -> float:
 
 
 def prepare(study: str, overrides: list[str]) -> None:
-    from gnlm.bench import expand_runs, load_study
     from gnlm.data import prepare_data
+    from gnlm.plan import plan_runs
+    from gnlm.study import load_study
 
-    spec = expand_runs(load_study(study, overrides), tempfile.mkdtemp())[0]
+    spec = plan_runs(load_study(study, overrides), tempfile.mkdtemp(), [])[0][0]
     prepare_data(spec.run_config().data, progress=True)
 
 

@@ -6,8 +6,8 @@ Steps on the same model, batch and attention backend ("math" for all, since GN n
   layerwise  surrogate_grad with default_blocks (n_layers + 2 blocks) + AdamW step on φ
 
 Two cases, measured side by side in one run: the main one (``--preset``, default micro, batch 8×128) and the CPU
-study's GN inner step (``--nano``: the nano preset at the batch of ``configs/cpu-full.yaml``, 8 sequences of 64
-tokens, vocab 512), where fixed per-step costs weigh most. ``--nano none`` skips the second case.
+study's GN inner step (``--nano``: the nano preset at the inner batch of the shakespeare-nano study, 8 sequences of
+64 tokens, vocab 512), where fixed per-step costs weigh most. ``--nano none`` skips the second case.
 
 Time: all steps of both cases are interleaved, ``--rounds`` times after 2 warm-up rounds; the median is reported.
 On CPU with one thread the clock is the thread's CPU time (``time.thread_time``), so that other processes on a
@@ -21,14 +21,13 @@ RSS tracks live tensors.
 
 Goals (issue 12): GN ≤ 1.75× AdamW on the main case, ≤ 3× on the nano case, layerwise ≤ blocks/3 × full GN.
 ``--fused`` gives every step a fused AdamW (the inner-optimizer lever); ``--compile`` compiles the GN steps'
-``surrogate_grad`` with ``torch.compile`` (its first calls, in the warm-up, compile). ``--measure-fe`` also prints the
-forward-pass equivalents that ``gnlm.accounting`` uses (BENCHMARKS.md, "Compute accounting").
+``surrogate_grad`` with ``torch.compile`` (its first calls, in the warm-up, compile).
 
 The LAST line printed is one JSON object (gn_vs_adamw_time, layerwise_vs_gn_time, blocks, nano, goals, ...).
 
     python benchmarks/gn_step_cost.py                       # micro + nano on CPU, 1 thread
     python benchmarks/gn_step_cost.py --device cuda --preset 45m --batch 8 --seq 1024 --nano none
-    python benchmarks/gn_step_cost.py --layers 8 --measure-fe    # a deeper micro
+    python benchmarks/gn_step_cost.py --layers 8                 # a deeper micro
 """
 
 from __future__ import annotations
@@ -170,49 +169,6 @@ def measure_memory(args, case, kind: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 
-def measure_fe(args, case) -> None:
-    """Forward-pass equivalents of the operations ``gnlm.accounting`` counts (median times / forward time)."""
-    from gnlm.curvature import default_blocks, ggn_vector_product, surrogate_grad
-    from gnlm.model import loss_fn
-
-    model, x, y = make_model(args, case)
-    p0 = {k: v.detach().clone() for k, v in model.named_parameters()}
-    d = {k: 1e-3 * torch.randn_like(v) for k, v in p0.items()}
-    phi = {k: p0[k] + d[k] for k in p0}
-    blocks = default_blocks(model)
-
-    def fwd():
-        with torch.no_grad():
-            model(x)
-
-    def fwdbwd():
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-
-    ops = {"forward": fwd, "forward_backward": fwdbwd,
-           "gn": lambda: surrogate_grad(model, p0, phi, x, y, kind="gn"),
-           "prox_linear": lambda: surrogate_grad(model, p0, phi, x, y, kind="prox_linear"),
-           "ggn_vector_product": lambda: ggn_vector_product(model, p0, x, y, d),
-           "layerwise_gn": lambda: surrogate_grad(model, p0, phi, x, y, kind="gn", blocks=blocks),
-           "layerwise_ggn_vector_product": lambda: ggn_vector_product(model, p0, x, y, d, blocks=blocks)}
-    now = clock(args)
-    times = {k: [] for k in ops}
-    for r in range(7):
-        for k, fn in ops.items():
-            t = now()
-            fn()
-            if r >= 2:
-                times[k].append(now() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"forward-pass equivalents (median time / forward time), preset {case.preset}, batch {case.batch}x{case.seq}:")
-    for k, v in med.items():
-        print(f"  {k:<30} {1000 * v:8.1f} ms  {v / med['forward']:5.2f} F")
-    nb = len(blocks)
-    print(f"  layerwise_gn per block: {med['layerwise_gn'] / med['forward'] / nb:5.2f} F ({nb} blocks); "
-          f"layerwise GGN-vector product / full: {med['layerwise_ggn_vector_product'] / med['ggn_vector_product']:.2f}"
-          f" = {med['layerwise_ggn_vector_product'] / med['ggn_vector_product'] / nb:.2f} per block")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -221,13 +177,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--layers", type=int, default=0, help="override the preset's n_layers (0: keep it)")
     ap.add_argument("--nano", default="8x64", help="BATCHxSEQ of the nano case, or none")
-    ap.add_argument("--nano-vocab", type=int, default=512, help="the nano case's vocabulary (cpu-full's)")
+    ap.add_argument("--nano-vocab", type=int, default=512, help="the nano case's vocabulary (shakespeare-nano's)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fused", action="store_true", help="fused AdamW in every step")
     ap.add_argument("--compile", action="store_true", help="torch.compile the GN steps' surrogate_grad (the "
                     "warm-up rounds hold the compilation)")
-    ap.add_argument("--measure-fe", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -236,8 +191,6 @@ def main() -> None:
     if args.compile:  # each case and step kind compiles its own graphs; the default limit of 8 falls back to eager
         torch._dynamo.config.recompile_limit = 64
     todo = cases(args)
-    if args.measure_fe:
-        measure_fe(args, todo[0])
 
     steps, blocks = {}, {}
     for case in todo:

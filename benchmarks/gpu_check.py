@@ -37,7 +37,7 @@ import yaml
 
 import gnlm
 
-PAPER_STUDY = Path(gnlm.__file__).parent / "configs" / "paper-45m.yaml"
+PAPER_STUDY = Path(gnlm.__file__).parent / "configs" / "studies" / "paper-45m.yaml"
 
 
 def sizes(args) -> dict:
@@ -231,7 +231,7 @@ def part_train(args, device: torch.device) -> dict:
                       f"train.micro_batch_size={s['batch']}"]
     cfg = load_run_config(str(config), overrides)  # checked here, before the subprocess starts
     out: dict = {"model": cfg.model.preset, "inner_steps": cfg.gn.inner_steps,
-                 "inner_batch_size": cfg.gn.inner_batch_size, "ls_batches": cfg.gn.line_search_batches(),
+                 "inner_batch_size": cfg.gn.inner_batch_size, "line_search_batches": cfg.gn.line_search_batch_count(),
                  "seq_len": cfg.data.seq_len}
     cmd = [sys.executable, "-m", "gnlm", "train", str(config), *overrides]
     t = time.perf_counter()

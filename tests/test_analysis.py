@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-from gnlm.analysis import (bootstrap_fit, fit_steps_vs_batch, next_lr, selection_key, summarize_study,
-                           target_crossing)
+from gnlm.analysis import (bootstrap_fit, doubling_reduction, early_rise, eta_at_floor, fit_steps_vs_batch, next_lr,
+                           selection_key, summarize_study)
+from gnlm.results import Row, target_crossing
+from gnlm.study import study_from_dict
 
 
 def test_target_crossing_interpolates_linearly_in_loss_between_evaluations():
@@ -76,9 +78,10 @@ def test_bootstrap_interval_brackets_the_fit_and_is_deterministic():
     assert bootstrap_fit(batches, seeds, n=200, seed=1) == out
 
 
-def _row(lr, steps, final=3.0, **kw):
+def _row(lr, steps, final=3.0, method="adamw", batch=1000, seed=0, family="baseline", **kw):
     crossings = {} if steps is None else {"3.5": {"step": math.ceil(steps), "step_interp": steps}}
-    return {"lr": lr, "crossings": crossings, "final_eval_loss": final, "status": "finished", **kw}
+    return Row(run_id=f"{method}/b{batch}/lr{lr:g}/s{seed}", method=method, family=family, batch_tokens=batch, lr=lr,
+               seed=seed, run_dir="x", crossings=crossings, final_eval_loss=final, **kw)
 
 
 def test_lr_search_extends_at_an_edge_and_stops_inside_or_at_the_budget():
@@ -111,12 +114,11 @@ def test_every_method_gets_the_same_budget():
 
 
 def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_seeds():
-    def row(method, b, lr, seed, steps, final=3.4, family="baseline"):
-        r = _row(lr, steps, final=final)
-        r.update(method=method, batch_tokens=b, seed=seed, family=family, run_id=f"{method}/{b}/{lr}/{seed}")
+    def row(method, b, lr, seed, steps, final=3.4):
+        r = _row(lr, steps, final=final, method=method, batch=b, seed=seed)
         if steps is not None:
-            r["crossings"]["3.5"].update(flops_interp=100.0 * steps, wall_time_interp=2.0 * steps,
-                                         tokens_interp=b * steps)
+            r.crossings["3.5"].update(flops_interp=100.0 * steps, wall_time_interp=2.0 * steps,
+                                      tokens_interp=b * steps)
         return r
 
     batches = [1000, 2000, 4000, 8000]
@@ -127,9 +129,9 @@ def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_see
                  row("adamw", b, 0.1, 0, None, final=6.0)]
         rows += [row("adamw", b, 0.03, s, truth * f) for s, f in ((1, 0.9), (2, 1.0), (3, 1.1))]
         rows += [row("adamw", b, 0.01, 1, 1.0)]  # a reported seed at an unselected lr never counts
-    study = {"name": "s", "targets": [3.5], "primary_target": 3.5, "selection_seed": 0, "seeds": [1, 2, 3],
-             "batch_tokens": batches, "lr_budget": 5, "methods": [{"name": "adamw"}]}
-    out = summarize_study(study, rows, bootstrap=50)
+    raw = {"name": "s", "target_loss": 3.5, "selection_seed": 0, "seeds": [1, 2, 3], "batch_tokens": batches,
+           "lr_budget": 5, "methods": [{"name": "adamw", "lrs": [0.01, 0.03, 0.1]}]}
+    out = summarize_study(study_from_dict(raw), rows, bootstrap=50)
     cell = out["cells"]["adamw/1000"]
     assert cell["best_lr"] == 0.03 and cell["trials"] == 3 and not cell["lr_on_edge"] and cell["seeds"] == 3
     t = cell["per_target"]["3.5"]
@@ -141,33 +143,56 @@ def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_see
     # per doubling from 1000: S = 10(1 + 3000/B) gives 40 -> 25, a saving of 3/8
     assert fit["per_doubling"]["1000"] == pytest.approx(1 - 25 / 40) and set(fit["per_doubling"]) == {"1000", "2000",
                                                                                                      "4000"}
-    few = summarize_study({**study, "batch_tokens": batches[:3]}, rows, bootstrap=10)
+    few = summarize_study(study_from_dict({**raw, "batch_tokens": batches[:3]}), rows, bootstrap=10)
     assert "needs >= 4" in few["fit"]["adamw"]["reason"]
 
 
 def test_early_rise_is_the_restart_spike_above_the_start():
-    from gnlm.analysis import early_rise
-
     def row(losses, first=0):
-        return {"curve": {"step": list(range(first, first + len(losses))), "eval_loss": losses}}
+        return _row(0.01, None, curve={"step": list(range(first, first + len(losses))), "eval_loss": losses})
 
     assert early_rise(row([4.0, 4.1, 4.3, 3.9] + [3.0] * 20)) == pytest.approx(0.3)
     assert early_rise(row([4.0] + [3.0] * 8 + [5.0])) == pytest.approx(1.0)  # step 9: still early
     assert early_rise(row([4.0] + [3.0] * 10 + [5.0])) == pytest.approx(-1.0)  # step 11: not early; it only fell
-    assert early_rise(row([4.1, 4.0], first=5)) is None and early_rise({}) is None
+    assert early_rise(row([4.1, 4.0], first=5)) is None and early_rise(_row(0.01, None)) is None
 
 
 def test_eta_at_floor_is_the_share_of_steps_at_the_smallest_step_size():
-    from gnlm.analysis import eta_at_floor, ls_range_of
-
-    floor = 2.0 ** -2  # ls_range 5: η ∈ {1, .707, .5, .354, .25}
-    rows = [{"etas": [floor, floor, 0.5]}, {"etas": [floor, 1.0], "ls_range": 5}]
+    floor = 2.0 ** -2  # line_search_range 5: η ∈ {1, .707, .5, .354, .25}
+    rows = [_row(0.01, None, etas=[floor, floor, 0.5]), _row(0.01, None, etas=[floor, 1.0])]
     assert eta_at_floor(rows, 5) == pytest.approx(3 / 5)
-    assert eta_at_floor([{"etas": [floor], "ls_range": 7}], 5) == 0.0  # the row's own range wins
-    assert eta_at_floor([{"etas": [0.0]}], 5) is None and eta_at_floor([{}], 5) is None  # η = 0: a skipped step
-    study = {"base": {"gn": {"ls_range": 7}}, "methods": [{"name": "gn"}, {"name": "g2", "overrides": {"gn.ls_range": 3}},
-                                                          {"name": "g3"}]}
-    assert [ls_range_of(study, m) for m in ("gn", "g2")] == [7, 3]
-    from gnlm.runconfig import GNConfig
+    assert eta_at_floor(rows, 7) == 0.0
+    assert eta_at_floor([_row(0.01, None, etas=[0.0])], 5) is None  # η = 0: a skipped step
+    assert eta_at_floor([_row(0.01, None)], 5) is None
 
-    assert ls_range_of({"methods": [{"name": "gn"}]}, "gn") == GNConfig().ls_range
+
+def test_a_methods_line_search_range_comes_from_the_study():
+    """The study holds each method's settings: base, the method's built-in keys and its overrides."""
+    study = study_from_dict({"target_loss": 3.5, "batch_tokens": [512], "base": {"gn": {"line_search_range": 7}},
+                             "methods": [{"name": "gn", "lrs": [0.01]},
+                                         {"name": "g2", "type": "gn", "lrs": [0.01],
+                                          "overrides": {"gn.line_search_range": 3}}]})
+    assert [study.method_run_config(m).gn.line_search_range for m in ("gn", "g2")] == [7, 3]
+
+
+def test_a_budget_study_selects_the_lowest_final_loss():
+    rows = [_row(lr, None, final=f) for lr, f in ((0.01, 3.4), (0.03, 3.2), (0.1, 3.3))]
+    assert min(rows, key=lambda r: selection_key(r, None)).lr == 0.03
+    raw = {"kind": "budget", "token_budget": 10_000, "batch_tokens": [1000], "selection_seed": 0, "seeds": [1],
+           "methods": [{"name": "adamw", "lrs": [0.01, 0.03, 0.1]}]}
+    rows += [_row(0.03, None, final=3.25, seed=1, best_eval_loss=3.2)]
+    out = summarize_study(study_from_dict(raw), rows, bootstrap=0)
+    cell = out["cells"]["adamw/1000"]
+    assert cell["best_lr"] == 0.03 and cell["final_eval_loss"] == 3.25 and cell["best_eval_loss"] == 3.2
+    assert out["kind"] == "budget" and out["fit"] == {}
+
+
+def test_doubling_reduction_interpolates_on_log2_batch_when_batches_are_not_doublings():
+    # S(2) is interpolated geometrically between S(1)=1000 and S(4)=250: 500 -> 50% saving at B=1.
+    assert doubling_reduction([1, 4, 16], [1000, 250, 200], 0) == pytest.approx(0.5)
+    # at B=4: S(8) between S(4)=250 and S(16)=200 is 250*(0.8)**0.5 = 223.6 -> saving 10.56%
+    assert doubling_reduction([1, 4, 16], [1000, 250, 200], 1) == pytest.approx(1 - math.sqrt(0.8))
+    # the last span shorter than a doubling is scaled to one: 3 -> 4 with steps 100 -> 90
+    assert doubling_reduction([3, 4], [100, 90], 0) == pytest.approx(1 - 0.9 ** (1 / math.log2(4 / 3)))
+    assert doubling_reduction([1, 2, 4], [math.inf, 10, 10], 0) == 1.0  # reached only at the larger batch
+    assert doubling_reduction([1, 2, 4], [100, 50, math.inf], 1) == -math.inf  # reached, then lost

@@ -1,4 +1,4 @@
-"""Benchmark studies: analysis on synthetic curves, run expansion, bad input, and tiny end-to-end studies."""
+"""Benchmark studies: the declaration, planning (lr search), bad input, and tiny end-to-end studies."""
 
 import json
 import math
@@ -7,106 +7,18 @@ from dataclasses import replace
 
 import pytest
 
-from gnlm import bench
-from gnlm.analysis import (
-    aggregate_lrs,
-    best_lr,
-    critical_batch,
-    doubling_reduction,
-    read_rows,
-    steps_to_target,
-)
-from gnlm.bench import expand_runs, load_study, run_study, study_from_dict
+from gnlm import bench, results
+from gnlm.analysis import selection_key, steps_to
+from gnlm.bench import run_study
 from gnlm.config import ConfigError
-
-# ----------------------------------------------------------------------------------------- synthetic analysis
-
-
-def test_steps_to_target_is_the_first_eval_row_at_or_below_the_target():
-    curve = [{"step": 0, "tokens": 0, "eval_loss": 5.0, "wall_time": 0.0, "forward_equivalents": 0.0},
-             {"step": 1, "tokens": 100, "loss": 3.0},  # a training row: no eval_loss, never counts
-             {"step": 2, "tokens": 200, "eval_loss": 4.1, "wall_time": 2.0, "forward_equivalents": 600.0},
-             {"step": 4, "tokens": 400, "eval_loss": 4.0, "wall_time": 4.5, "forward_equivalents": 1200.0},
-             {"step": 6, "tokens": 600, "eval_loss": 3.5, "wall_time": 7.0, "forward_equivalents": 1800.0}]
-    assert steps_to_target(curve, 4.0) == {"step": 4, "tokens": 400, "forward_equivalents": 1200.0, "wall_time": 4.5}
-    assert steps_to_target(curve, 3.9)["step"] == 6
-    assert steps_to_target(curve, 3.0) is None
-    assert steps_to_target([{"step": 3, "eval_loss": float("nan")}], 10.0) is None
+from gnlm.plan import LrSearchStop, plan_runs
+from gnlm.results import Row
+from gnlm.study import load_study, preset_names, study_from_dict
 
 
-def test_critical_batch_on_exact_doublings():
-    batches = [1, 2, 4, 8, 16]
-    steps = [800, 400, 200, 180, 175]  # savings per doubling: 50%, 50%, 10%, 2.8%
-    out = critical_batch(batches, steps, 0.2)
-    assert out["batch"] == 4 and out["bound"] == "exact"
-    assert out["reductions"][1.0] == pytest.approx(0.5)
-    assert out["reductions"][4.0] == pytest.approx(0.1)
-    assert out["reductions"][8.0] == pytest.approx(1 - 175 / 180)
-    # a later big saving moves the critical batch: every doubling from B on must save < 20%
-    assert critical_batch(batches, [800, 400, 200, 180, 100], 0.2) == {
-        "batch": None, "bound": "above", "reductions": pytest.approx({1.0: 0.5, 2.0: 0.5, 4.0: 0.1, 8.0: 1 - 100 / 180})}
-
-
-def test_critical_batch_interpolates_on_log2_batch_when_batches_are_not_doublings():
-    # S(2) is interpolated geometrically between S(1)=1000 and S(4)=250: 500 -> 50% saving at B=1.
-    # At B=4: S(8) between S(4)=250 and S(16)=200 is 250*(0.8)**0.5 = 223.6 -> saving 10.56%.
-    out = critical_batch([1, 4, 16], [1000, 250, 200], 0.2)
-    assert out["reductions"][1.0] == pytest.approx(0.5)
-    assert out["reductions"][4.0] == pytest.approx(1 - math.sqrt(0.8))
-    assert out["batch"] == 4 and out["bound"] == "exact"
-    # the last span shorter than a doubling is scaled to one: 3 -> 4 with steps 100 -> 90
-    assert doubling_reduction([3, 4], [100, 90], 0) == pytest.approx(1 - 0.9 ** (1 / math.log2(4 / 3)))
-
-
-def test_critical_batch_edge_cases():
-    assert critical_batch([1, 2, 4], [100, 95, 94], 0.2)["bound"] == "at_or_below"
-    assert critical_batch([1, 2, 4], [100, 95, 94], 0.2)["batch"] == 1
-    assert critical_batch([1, 2, 4], [100, 50, 25], 0.2) == {"batch": None, "bound": "above",
-                                                             "reductions": {1.0: 0.5, 2.0: 0.5}}
-    never = critical_batch([1, 2], [math.inf, math.inf], 0.2)
-    assert never["bound"] == "none" and never["batch"] is None
-    # not reached at the small batch, reached at the larger: a full saving; the plateau starts after
-    out = critical_batch([1, 2, 4], [math.inf, 10, 10], 0.2)
-    assert out["reductions"][1.0] == 1.0 and out["batch"] == 2
-    # reached at small batches, lost at the largest: no saving (the method got worse)
-    assert critical_batch([1, 2, 4], [100, 50, math.inf], 0.2)["batch"] == 2
-
-
-def _row(method, batch, lr, steps, final, seed=0, family="baseline", **extra):
-    reached = steps is not None
-    return {"run_id": f"{method}/b{batch}/lr{lr:g}/s{seed}", "method": method, "family": family,
-            "batch_tokens": batch, "lr": lr, "seed": seed, "status": "finished", "reached": reached,
-            "steps": steps, "tokens": steps * batch if reached else None, "line_search_tokens": 0 if reached else None,
-            "forward_equivalents": 3.0 * steps * batch if reached else None,
-            "wall_time": 0.1 * steps if reached else None, "final_eval_loss": final, "diverged": False,
-            "steps_run": steps or 100, "tokens_run": (steps or 100) * batch, "total_wall_time": 1.0,
-            "error": None, "run_dir": "x", **extra}
-
-
-def test_best_lr_fewest_steps_then_lowest_final_loss_and_grid_edge_flag():
-    rows = [_row("adamw", 64, 1e-3, 40, 3.2), _row("adamw", 64, 3e-3, 20, 3.1), _row("adamw", 64, 1e-2, 20, 3.0)]
-    best = best_lr(aggregate_lrs(rows))
-    assert best.lr == 1e-2 and best.edge == "high"  # tie on steps -> lower final loss, which is the top of the grid
-    rows[2]["steps"] = 25
-    best = best_lr(aggregate_lrs(rows))
-    assert best.lr == 3e-3 and best.edge is None
-    none = [_row("gn", 64, 1e-3, None, 3.5), _row("gn", 64, 3e-3, None, 3.4), _row("gn", 64, 1e-2, None, 3.6)]
-    best = best_lr(aggregate_lrs(none))
-    assert best.lr == 3e-3 and not best.result.reached and best.edge is None
-    assert best_lr(aggregate_lrs([_row("gn", 64, 1e-3, 5, 3.0)])).edge == "single"
-    low = [_row("muon", 64, 1e-3, 10, 3.0), _row("muon", 64, 3e-3, 12, 3.0)]
-    assert best_lr(aggregate_lrs(low)).edge == "low"
-    budget = [_row("soap", 64, 1e-3, None, 3.3), _row("soap", 64, 3e-3, None, 3.2), _row("soap", 64, 1e-2, None, 3.25)]
-    assert best_lr(aggregate_lrs(budget), kind="budget").lr == 3e-3
-
-
-def test_seeds_aggregate_by_median_and_a_diverged_seed_makes_the_final_loss_infinite():
-    rows = [_row("adamw", 64, 1e-3, 10, 3.0, seed=0), _row("adamw", 64, 1e-3, 14, 3.2, seed=1),
-            _row("adamw", 64, 1e-3, None, 3.4, seed=2)]
-    (r,) = aggregate_lrs(rows)
-    assert r.steps == 14 and r.reached_seeds == 2 and r.final_eval_loss == pytest.approx(3.2)
-    rows[2]["diverged"] = True
-    assert aggregate_lrs(rows)[0].final_eval_loss == math.inf
+def _selection_runs(study, res):
+    """The runs of the declared grids on the selection seed (what a study starts with)."""
+    return plan_runs(study, res, [])[0]
 
 
 # -------------------------------------------------------------------------------------------- study configs
@@ -118,20 +30,21 @@ def _study(tmp_path, **changes):
         "base": {"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
                  "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1}, "gn": {"inner_batch_size": 2}},
         "target_loss": 7.0, "max_steps": 3, "batch_tokens": [256, 1024], "progress": False,
+        "selection_seed": 0, "seeds": [1],
         "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
     }
     raw.update(changes)
     return study_from_dict(raw)
 
 
-def test_expand_runs_maps_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
+def test_runs_map_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
     study = _study(tmp_path, methods=[
         {"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]},
         {"name": "gn_layerwise", "lrs": [1e-2, 3e-2], "lrs_by_batch": {1024: [1e-3, 3e-3]}},
         {"name": "sgdm", "optimizer": "torch.optim.SGD", "kwargs": {"momentum": 0.9}, "lrs": [0.1, 0.3]},
         {"name": "gn_adamw_inner", "type": "gn", "lrs": [1e-3, 3e-3],
          "overrides": {"gn.inner_optim.name": "adamw", "gn.warm_start": False}}])
-    specs = expand_runs(study, tmp_path / "res")
+    specs = _selection_runs(study, tmp_path / "res")
     assert len(specs) == 2 * 5 * 2
     by = {s.run_id: s for s in specs}
     a = by["adamw/b1024/lr0.03/s0"].config
@@ -140,7 +53,7 @@ def test_expand_runs_maps_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
     g = by["gn/b1024/lr0.01/s0"]
     assert g.config["method"] == "gn" and g.config["gn"]["inner_steps"] == 1024 // (2 * 128)
     assert g.config["gn"]["inner_optim"]["lr"] == 0.01 and g.config["gn"]["inner_optim"]["name"] == "muon"
-    assert g.config["gn"]["ls_batches"] == "auto"  # the paper's line search: another full outer batch
+    assert g.config["gn"]["line_search_batches"] == "auto"  # the paper's line search: another full outer batch
     assert g.line_search_tokens_per_step == 1024
     assert by["gn_layerwise/b1024/lr0.001/s0"].config["gn"]["layerwise"] is True
     assert "gn_layerwise/b256/lr0.01/s0" in by
@@ -153,7 +66,7 @@ def test_expand_runs_maps_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
 
 def test_budget_study_sets_steps_from_the_token_budget_counting_line_search(tmp_path):
     study = _study(tmp_path, kind="budget", token_budget=8192, target_loss=None)
-    by = {s.run_id: s for s in expand_runs(study, tmp_path / "res")}
+    by = {s.run_id: s for s in _selection_runs(study, tmp_path / "res")}
     assert by["adamw/b1024/lr0.01/s0"].config["train"]["steps"] == 8
     ls = by["gn/b1024/lr0.01/s0"].line_search_tokens_per_step
     assert by["gn/b1024/lr0.01/s0"].config["train"]["steps"] == 8192 // (1024 + ls)
@@ -173,21 +86,21 @@ def test_budget_study_sets_steps_from_the_token_budget_counting_line_search(tmp_
 ])
 def test_bad_study_input_is_one_line_config_error(tmp_path, changes, message):
     with pytest.raises(ConfigError) as err:
-        expand_runs(_study(tmp_path, **changes), tmp_path / "res")
+        _selection_runs(_study(tmp_path, **changes), tmp_path / "res")
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unequal_grids_allowed_when_asked(tmp_path):
     study = _study(tmp_path, allow_unequal_grids=True,
                    methods=[{"name": "adamw", "lrs": [1e-3, 3e-3]}, {"name": "gn", "lrs": [1e-2]}])
-    assert len(expand_runs(study, tmp_path)) == 6
+    assert len(_selection_runs(study, tmp_path)) == 6
 
 
-def test_presets_load_and_expand(tmp_path):
-    assert {"quick", "cpu-full", "ablations", "paper-45m", "paper-150m", "budget-quick"} <= set(bench.preset_names())
-    for name in bench.preset_names():
+def test_presets_load_and_plan(tmp_path):
+    assert {"quick", "ablations", "paper-45m", "paper-150m", "budget-quick", "shakespeare-nano"} == set(preset_names())
+    for name in preset_names():
         study = load_study(name)
-        assert expand_runs(study, tmp_path / name)
+        assert _selection_runs(study, tmp_path / name)
     with pytest.raises(ConfigError, match="did you mean the preset 'quick'"):
         load_study("quik")
 
@@ -200,13 +113,14 @@ def test_study_runs_records_every_run_and_refuses_a_different_study(tmp_path):
     study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [1e-2, 1e3]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
                    batch_tokens=[256])
     rows = run_study(study, res)
-    assert [r["run_id"] for r in rows] == ["adamw/b256/lr0.01/s0", "adamw/b256/lr1000/s0", "gn/b256/lr0.01/s0",
-                                           "gn/b256/lr0.03/s0"]
+    ids = [r.run_id for r in rows]
+    assert ids[:4] == ["adamw/b256/lr0.01/s0", "adamw/b256/lr1000/s0", "gn/b256/lr0.01/s0", "gn/b256/lr0.03/s0"]
+    assert sorted(ids[4:]) == ["adamw/b256/lr0.01/s1", f"gn/b256/lr{rows[-1].lr:g}/s1"]  # the reported seed
     wild = rows[1]
-    assert wild["reached"] is False and wild["steps"] is None  # lr 1e3: never reaches the target
+    assert wild.reached is False and wild.steps is None  # lr 1e3: never reaches the target
     for r in rows:
-        assert (res / r["run_dir"] / "metrics.jsonl").exists() and r["status"] == "finished"
-    assert (res / "study.yaml").exists() and (res / "report.md").exists()
+        assert (res / r.run_dir / "metrics.jsonl").exists() and r.status == "finished" and r.schema == results.SCHEMA
+    assert (res / "study.yaml").exists() and (res / "report.md").exists() and (res / "summary.json").exists()
     with pytest.raises(ConfigError, match="holds a different study"):
         run_study(_study(tmp_path, batch_tokens=[256], max_steps=4), res)
 
@@ -222,8 +136,8 @@ def test_a_raising_run_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_training", flaky)
     study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [1e-2, 3e-2]}], batch_tokens=[256])
     rows = run_study(study, tmp_path / "res")
-    assert rows[1]["status"] == "error" and rows[1]["error"] == "RuntimeError: boom" and not rows[1]["reached"]
-    assert rows[0]["status"] == "finished"
+    assert rows[1].status == "error" and rows[1].error == "RuntimeError: boom" and not rows[1].reached
+    assert rows[0].status == "finished"
 
 
 def test_interrupted_study_continues_without_repeating_runs(tmp_path, monkeypatch):
@@ -242,21 +156,19 @@ def test_interrupted_study_continues_without_repeating_runs(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "run_training", counting)
     with pytest.raises(KeyboardInterrupt):
         run_study(study, res)
-    assert len(read_rows(res / "runs.jsonl")) == 2
+    assert len(results.read_rows(res)) == 2
     assert (res / "runs.jsonl").read_text().endswith("\n")
     warm_calls = len(calls)
     rows = run_study(study, res, max_runs=3)  # warm start reused; 3 more runs
     assert len(rows) == 5
     rows = run_study(study, res)
-    ids = [r["run_id"] for r in rows]
-    assert len(ids) == len(set(ids)) == 8
-    assert sorted(ids) == sorted(s.run_id for s in expand_runs(study, res))
+    ids = [r.run_id for r in rows]
+    assert len(ids) == len(set(ids)) == 8 + 4  # 8 selection runs, then 2 methods x 2 batches x 1 reported seed
+    assert sorted(ids) == sorted(s.run_id for s in plan_runs(study, res, rows)[0])
     later = calls[warm_calls:]
     assert not any(c.endswith("warm_start") for c in later)  # the warm start was trained once
-    assert len(later) == 6  # the interrupted run again, plus the 5 never started
-    for r in rows:
-        cfg = json.loads(json.dumps(r))
-        assert cfg["status"] == "finished"
+    assert len(later) == 10  # the interrupted run again, plus the 9 never started
+    assert all(r.status == "finished" for r in rows)
 
 
 def test_a_target_the_warm_start_already_meets_is_refused(tmp_path):
@@ -269,11 +181,14 @@ def test_a_target_the_warm_start_already_meets_is_refused(tmp_path):
 @pytest.mark.slow
 def test_budget_study_end_to_end(tmp_path):
     study = _study(tmp_path, kind="budget", token_budget=1024, target_loss=None, batch_tokens=[256, 512],
-                   methods=[{"name": "adamw", "lrs": [1e-2]}, {"name": "gn", "lrs": [1e-2]}])
+                   methods=[{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]}])
     rows = run_study(study, tmp_path / "res")
-    assert {r["run_id"]: r["steps_run"] for r in rows}["adamw/b512/lr0.01/s0"] == 2
-    assert all(r["final_eval_loss"] is not None for r in rows)
+    assert {r.run_id: r.steps_run for r in rows}["adamw/b512/lr0.01/s0"] == 2
+    assert all(r.final_eval_loss is not None for r in rows) and len(rows) == 8 + 4
     assert (tmp_path / "res" / "final_loss_vs_batch.png").exists()
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["kind"] == "budget" and summary["cells"]["gn/512"]["final_eval_loss"] is not None
+    assert "## Final validation loss vs batch size" in (tmp_path / "res" / "report.md").read_text()
 
 
 def test_cli_bench_and_report(tmp_path, capsys):
@@ -283,11 +198,12 @@ def test_cli_bench_and_report(tmp_path, capsys):
     study = tmp_path / "s.yaml"
     study.write_text(json.dumps({
         "name": "cli", "base": {"model": "nano", "data": {"eval_sequences": 4}, "train": {"eval_batch_size": 4}},
-        "target_loss": 7.0, "max_steps": 2, "batch_tokens": [256], "methods": [{"name": "adamw", "lrs": [1e-2]}]}))
+        "target_loss": 7.0, "max_steps": 2, "batch_tokens": [256], "seeds": [1],
+        "methods": [{"name": "adamw", "lrs": [1e-2]}]}))
     res = tmp_path / "res"
     args = parser.parse_args(["bench", str(study), "progress=false", "--results", str(res)])
     assert args.func(args) == 0
-    assert len(read_rows(res / "runs.jsonl")) == 1
+    assert len(results.read_rows(res)) == 2
     (res / "report.md").unlink()
     args = parser.parse_args(["report", str(res)])
     assert args.func(args) == 0 and (res / "report.md").exists()
@@ -306,7 +222,7 @@ def test_paper_presets_run_two_outer_steps_on_a_local_stand_in(tmp_path, preset,
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in small_docs))
     _train_spm(small_docs, tmp_path / "spm")
     study = load_study(preset)
-    spec = next(s for s in expand_runs(study, tmp_path / "res") if s.method == "gn")
+    spec = next(s for s in _selection_runs(study, tmp_path / "res") if s.method == "gn")
     stand_in = {
         "out_dir": str(tmp_path / "run"),
         "data": {"source": "hf", "hf_path": "json", "paths": [str(corpus)], "hf_val_split": None,
@@ -314,7 +230,7 @@ def test_paper_presets_run_two_outer_steps_on_a_local_stand_in(tmp_path, preset,
                  "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")},
         "train": {"steps": 2, "init_from": None, "eval_every": 1, "eval_batch_size": 2, "micro_batch_size": None,
                   "threads": 1, "target_loss": None},
-        "gn": {"inner_steps": 2, "inner_batch_size": 1, "ls_batches": 1},
+        "gn": {"inner_steps": 2, "inner_batch_size": 1, "line_search_batches": 1},
     }
     cfg = build_run_config(merge(spec.config, stand_in))
     assert cfg.model.preset == preset.split("-")[1] and cfg.gn.inner_optim.name == "muon"
@@ -335,7 +251,7 @@ def _train_spm(docs, prefix):
 def test_targets_are_declared_and_checked(tmp_path):
     study = _study(tmp_path, target_loss=None, targets=[6.8, 7.2, 7.0], primary_target=7.0)
     assert study.targets == [7.2, 7.0, 6.8] and study.deepest_target == 6.8
-    spec = expand_runs(study, tmp_path / "res")[0]
+    spec = _selection_runs(study, tmp_path / "res")[0]
     assert spec.config["train"]["target_loss"] == 6.8 and spec.targets == (7.2, 7.0, 6.8)  # runs stop at the deepest
     for changes, message in [({"targets": [7.0, 6.9]}, "at least three"),
                              ({"targets": [7.2, 7.0, 6.8], "primary_target": 6.5}, "primary_target must be one of"),
@@ -346,7 +262,7 @@ def test_targets_are_declared_and_checked(tmp_path):
 
 def test_fixed_inner_steps_grow_the_inner_batch(tmp_path):
     study = _study(tmp_path, gn_inner_steps=2, batch_tokens=[256, 1024])
-    by = {s.run_id: s.config["gn"] for s in expand_runs(study, tmp_path / "res") if s.family == "gn"}
+    by = {s.run_id: s.config["gn"] for s in _selection_runs(study, tmp_path / "res") if s.family == "gn"}
     assert (by["gn/b256/lr0.01/s0"]["inner_steps"], by["gn/b256/lr0.01/s0"]["inner_batch_size"]) == (2, 1)
     assert (by["gn/b1024/lr0.01/s0"]["inner_steps"], by["gn/b1024/lr0.01/s0"]["inner_batch_size"]) == (2, 4)
 
@@ -355,21 +271,22 @@ def test_lr_search_plan_extends_at_the_edge_then_runs_the_reported_seeds(tmp_pat
     study = _study(tmp_path, methods=[{"name": "adamw", "lrs": [0.01, 0.03]}], batch_tokens=[256],
                    lr_budget=4, selection_seed=0, seeds=[1, 2])
     res = tmp_path / "res"
-    specs, final = bench.plan_runs(study, res, [])
+    specs, final = plan_runs(study, res, [])
     assert [s.run_id for s in specs] == ["adamw/b256/lr0.01/s0", "adamw/b256/lr0.03/s0"] and not final
 
     def row(spec, steps):
-        return {"run_id": spec.run_id, "lr": spec.lr, "status": "finished", "final_eval_loss": 6.0,
-                "crossings": {"7": {"step": steps, "step_interp": steps}}}
+        return Row(run_id=spec.run_id, method=spec.method, family=spec.family, batch_tokens=spec.batch_tokens,
+                   lr=spec.lr, seed=spec.seed, run_dir="x", final_eval_loss=6.0,
+                   crossings={"7": {"step": steps, "step_interp": steps}})
 
     rows = [row(specs[0], 3.0), row(specs[1], 2.0)]  # best on the top edge: extend upwards by the grid's ratio
-    specs, final = bench.plan_runs(study, res, rows)
+    specs, final = plan_runs(study, res, rows)
     assert specs[-1].run_id == "adamw/b256/lr0.09/s0" and not final
     rows.append(row(specs[-1], 2.5))  # now bracketed: 0.03 wins; the reported seeds run at it
-    specs, final = bench.plan_runs(study, res, rows)
+    specs, final = plan_runs(study, res, rows)
     assert [s.run_id for s in specs[-2:]] == ["adamw/b256/lr0.03/s1", "adamw/b256/lr0.03/s2"] and final
-    with pytest.raises(ConfigError, match="needs selection_seed"):
-        _study(tmp_path, lr_budget=4)
+    with pytest.raises(ConfigError, match="is also in seeds"):
+        _study(tmp_path, lr_budget=4, seeds=[0, 1])
     with pytest.raises(ConfigError, match="not log-spaced"):
         _study(tmp_path, methods=[{"name": "adamw", "lrs": [0.01, 0.02, 0.1]}], lr_budget=4, selection_seed=0,
                seeds=[1])
@@ -386,12 +303,12 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
                          "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1},
                          "schedule": {"name": "constant", "warmup_steps": 2}})
     rows = run_study(study, res)
-    ids = [r["run_id"] for r in rows]
+    ids = [r.run_id for r in rows]
     assert ids[:2] == ["adamw/b256/lr0.001/s0", "adamw/b256/lr0.003/s0"]
     assert len([i for i in ids if i.endswith("/s0")]) == 3  # the budget: one more lr beyond the better edge
-    best = next(r for r in rows if r["method"] == "adamw" and r["seed"] == 1)["lr"]
+    best = next(r for r in rows if r.method == "adamw" and r.seed == 1).lr
     assert f"adamw_no_warmup/b256/lr{best:g}/s1" in ids and len(ids) == 5
-    assert all(set(r["crossings"]) == {"7.6", "7.3", "7"} and r["curve"]["eval_loss"] for r in rows)
+    assert all(set(r.crossings) == {"7.6", "7.3", "7"} and r.curve["eval_loss"] for r in rows)
     summary = json.loads((res / "summary.json").read_text())
     cell = summary["cells"]["adamw/256"]
     assert cell["trials"] == 3 and cell["best_lr"] == best and cell["seeds"] == 1
@@ -399,26 +316,23 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
     assert summary["cells"]["adamw_no_warmup/256"]["control_of"] == "adamw"
     report = (res / "report.md").read_text()
     assert "### target 7.3 (primary)" in report and "### Controls" in report
-    # lrs chosen on one seed: no section judges an lr by the median over whatever seeds ran it
-    assert "## Per batch size" not in report and "## Critical batch size" not in report
     assert "saving per doubling" in report and "per_doubling" not in summary["fit"]["adamw"]  # one batch: no doubling
 
 
 def test_lr_search_stop_waits_for_an_incumbent_of_its_own_cell(tmp_path):
-    rows_path = tmp_path / "runs.jsonl"
-    stop = bench.LrSearchStop(rows_path, "gn/b256/lr0.01/s0", "gn", 256, 0, 3.5)
+    stop = LrSearchStop(tmp_path, "gn/b256/lr0.01/s0", "gn", 256, 0, 3.5)
     assert stop({"step": 50, "eval_loss": 4.0}) is None  # no rows file yet
 
     def row(run_id, method, batch, seed, lr, crossing):
-        return {"run_id": run_id, "method": method, "batch_tokens": batch, "seed": seed, "lr": lr,
-                "status": "finished", "crossings": {"3.5": None if crossing is None else {"step_interp": crossing}}}
+        return Row(run_id=run_id, method=method, family="gn", batch_tokens=batch, seed=seed, lr=lr, run_dir="x",
+                   crossings={"3.5": None if crossing is None else {"step_interp": crossing}})
 
     others = [row("adamw/b256/lr0.1/s0", "adamw", 256, 0, 0.1, 2.0), row("gn/b512/lr0.1/s0", "gn", 512, 0, 0.1, 2.0),
               row("gn/b256/lr0.1/s1", "gn", 256, 1, 0.1, 2.0), row("gn/b256/lr0.001/s0", "gn", 256, 0, 1e-3, None)]
-    rows_path.write_text("".join(json.dumps(r) + "\n" for r in others))
+    for r in others:
+        results.append_row(tmp_path, r)
     assert stop({"step": 50, "eval_loss": 4.0}) is None  # other methods, batches, seeds; a loser of its own cell
-    with rows_path.open("a") as f:
-        f.write(json.dumps(row("gn/b256/lr0.1/s0", "gn", 256, 0, 0.1, 4.25)) + "\n")
+    results.append_row(tmp_path, row("gn/b256/lr0.1/s0", "gn", 256, 0, 0.1, 4.25))
     assert stop({"step": 4, "eval_loss": 4.0}) is None  # step 4 < 4.25: it could still cross first
     assert stop({"step": 5, "eval_loss": 3.4}) is None  # below the target: it is the run's own crossing
     reason = stop({"step": 5, "eval_loss": 3.6})
@@ -435,22 +349,22 @@ def test_lr_search_stop_keeps_the_selection_and_the_reported_runs(tmp_path):
                    base={"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
                          "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1},
                          "schedule": {"name": "constant", "warmup_steps": 2}})
-    full = {r["run_id"]: r for r in run_study(study, res, report=False)}
-    search = [r for r in full.values() if r["seed"] == 0]
-    best = min(search, key=lambda r: bench.selection_key(r, 7.3))
-    crossing = bench.steps_to(best, 7.3)
-    losers = [r for r in search if r is not best and bench.steps_to(r, 7.3) > math.ceil(crossing) and not r["diverged"]]
+    full = {r.run_id: r for r in run_study(study, res, report=False)}
+    search = [r for r in full.values() if r.seed == 0]
+    best = min(search, key=lambda r: selection_key(r, 7.3))
+    crossing = steps_to(best, 7.3)
+    losers = [r for r in search if r is not best and steps_to(r, 7.3) > math.ceil(crossing) and not r.diverged]
     assert math.isfinite(crossing) and losers, "the test needs an lr that ran on past the winner's crossing"
     loser = losers[0]
-    kept = [line for line in (res / "runs.jsonl").read_text().splitlines() if json.loads(line)["run_id"] != loser["run_id"]]
+    kept = [line for line in (res / "runs.jsonl").read_text().splitlines() if json.loads(line)["run_id"] != loser.run_id]
     (res / "runs.jsonl").write_text("\n".join(kept) + "\n")
-    shutil.rmtree(res / loser["run_dir"])
-    again = {r["run_id"]: r for r in run_study(replace(study, prune_lr_search=True), res, report=False)}
+    shutil.rmtree(res / loser.run_dir)
+    again = {r.run_id: r for r in run_study(replace(study, prune_lr_search=True), res, report=False)}
     assert set(again) == set(full)
-    stopped = again[loser["run_id"]]
-    assert stopped["stopped_early"] and stopped["steps_run"] == math.ceil(crossing)
-    n = len(stopped["curve"]["eval_loss"])
-    assert stopped["curve"]["eval_loss"] == loser["curve"]["eval_loss"][:n] and n < len(loser["curve"]["eval_loss"])
+    stopped = again[loser.run_id]
+    assert stopped.stopped_early and stopped.steps_run == math.ceil(crossing)
+    n = len(stopped.curve["eval_loss"])
+    assert stopped.curve["eval_loss"] == loser.curve["eval_loss"][:n] and n < len(loser.curve["eval_loss"])
     for run_id, row in full.items():
-        if run_id != loser["run_id"]:
+        if run_id != loser.run_id:
             assert again[run_id] == row

@@ -26,7 +26,7 @@ from gnlm.train import run_training
 COMMON = ["model=nano", "train.progress=false", "train.threads=1", "train.dtype=float64", "data.seq_len=64"]
 BASELINE = ["train.steps=20", "train.batch_size=8", "train.eval_every=10", "data.eval_sequences=8"]
 GN = ["method=gn", "train.steps=3", "train.eval_every=3", "data.eval_sequences=6", "gn.inner_steps=3",
-      "gn.inner_batch_size=4", "gn.ls_batches=1", "gn.ls_range=3"]
+      "gn.inner_batch_size=4", "gn.line_search_batches=1", "gn.line_search_range=3"]
 
 CASES = {
     "adamw_micro": [*BASELINE, "optim.name=adamw", "optim.lr=3e-3", "train.micro_batch_size=2"],
@@ -136,7 +136,7 @@ def test_bench_under_torchrun_records_the_same_study(tmp_path):
         "name": "ddp", "base": {"model": {"preset": "nano", "vocab_size": 512, "max_seq_len": 64},
                                 "data": {"vocab_size": 512, "seq_len": 64, "eval_sequences": 4},
                                 "train": {"eval_every": 1, "threads": 1, "dtype": "float64"},
-                                "gn": {"inner_batch_size": 4, "ls_batches": 1, "ls_range": 3}},
+                                "gn": {"inner_batch_size": 4, "line_search_batches": 1, "line_search_range": 3}},
         "warm_start": {"tokens": 2048, "batch_tokens": 512, "lr": 0.01},
         "target_loss": 5.6, "max_steps": 3, "batch_tokens": [512], "progress": False,
         # lrs selected on seed 0: its runs ask the lr search whether to stop after every evaluation (rank 0
@@ -148,7 +148,8 @@ def test_bench_under_torchrun_records_the_same_study(tmp_path):
     import yaml
 
     path.write_text(yaml.safe_dump(study))
-    from gnlm.bench import load_study, run_study
+    from gnlm.bench import run_study
+    from gnlm.study import load_study
 
     one = run_study(load_study(path), tmp_path / "one", report=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -157,6 +158,6 @@ def test_bench_under_torchrun_records_the_same_study(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(line) for line in (tmp_path / "two" / "runs.jsonl").read_text().splitlines()]
-    assert [r["run_id"] for r in two] == [r["run_id"] for r in one]  # each run recorded once, by rank 0
+    assert [r["run_id"] for r in two] == [r.run_id for r in one]  # each run recorded once, by rank 0
     for a, b in zip(one, two):
-        assert rel(b["final_eval_loss"], a["final_eval_loss"]) < 1e-5 and a["steps"] == b["steps"]
+        assert rel(b["final_eval_loss"], a.final_eval_loss) < 1e-5 and a.steps == b["steps"]

@@ -15,17 +15,20 @@ import yaml
 
 import gnlm.run as run_mod
 from gnlm import bench
-from gnlm.analysis import aggregate_lrs, best_lr, critical_batch
+from gnlm.analysis import select_lr
 from gnlm.cli import main
 from gnlm.config import ConfigError, dumps_json
-from gnlm.run import RunDirLock, divergence
+from gnlm.results import Row
+from gnlm.run import divergence
+from gnlm.rundir import LOCK_NAME, RunDirLock
 from gnlm.runconfig import load_run_config
+from gnlm.study import study_from_dict
 from gnlm.train import BaselineTrainer, run_training
 
 COMMON = ["model=nano", "data.seq_len=32", "data.eval_sequences=4", "train.progress=false", "train.threads=1",
           "train.eval_every=1"]
 BASE = [*COMMON, "train.batch_size=4"]
-GN = [*COMMON, "method=gn", "gn.inner_steps=2", "gn.inner_batch_size=2", "gn.ls_batches=1"]
+GN = [*COMMON, "method=gn", "gn.inner_steps=2", "gn.inner_batch_size=2", "gn.line_search_batches=1"]
 
 
 def cfg_of(run_dir: Path | str, *args: str):
@@ -130,9 +133,9 @@ def _study(**changes):
     raw = {"name": "t", "progress": False, "target_loss": 1.0, "max_steps": 2, "batch_tokens": [128],
            "base": {"model": {"preset": "nano"}, "data": {"seq_len": 32, "eval_sequences": 4},
                     "train": {"threads": 1, "eval_every": 1, "eval_batch_size": 4}},
-           "methods": [{"name": "adamw", "lrs": [1e-2]}]}
+           "seeds": [1], "methods": [{"name": "adamw", "lrs": [1e-2]}]}
     raw.update(changes)
-    return bench.study_from_dict(raw)
+    return study_from_dict(raw)
 
 
 def test_an_interrupted_warm_start_resumes_from_its_checkpoint(tmp_path, monkeypatch):
@@ -154,7 +157,7 @@ def test_an_interrupted_warm_start_resumes_from_its_checkpoint(tmp_path, monkeyp
     rows = bench.run_study(study, tmp_path / "res")
     assert calls[1] == ("warm_start", True, False)  # resumed, not retrained with overwrite
     ws = metrics(tmp_path / "res" / "warm_start")
-    assert [r["step"] for r in ws if "eval_loss" in r][-1] == 5 and rows[0]["status"] == "finished"
+    assert [r["step"] for r in ws if "eval_loss" in r][-1] == 5 and rows[0].status == "finished"
 
 
 def test_max_runs_0_trains_nothing_not_even_the_warm_start(tmp_path, monkeypatch, capsys):
@@ -196,7 +199,7 @@ def test_a_second_writer_on_a_run_directory_is_refused_with_the_holders_pid(tmp_
 
     run_dir = tmp_path / "run"
     run_training(cfg_of(run_dir, *BASE, "train.steps=1"))
-    assert not (run_dir / run_mod.LOCK_NAME).exists()  # released when the run ended
+    assert not (run_dir / LOCK_NAME).exists()  # released when the run ended
     holder = RunDirLock(run_dir)
     holder.acquire()  # another open file description: flock treats it as another writer
     try:
@@ -219,7 +222,7 @@ def test_a_finite_blow_up_is_divergence_and_a_study_records_the_reason(tmp_path,
     assert "train.divergence_margin" in summary["message"]
     assert capsys.readouterr().err.count("gnlm: run diverged") == 1
     rows = bench.run_study(_study(methods=[{"name": "adamw", "lrs": [100.0]}]), tmp_path / "res")
-    assert rows[0]["diverged"] is True and rows[0]["diverged_reason"] == "above_bound" and not rows[0]["reached"]
+    assert rows[0].diverged is True and rows[0].diverged_reason == "above_bound" and not rows[0].reached
 
 
 def test_the_divergence_rule(tmp_path):
@@ -276,10 +279,9 @@ def test_non_finite_values_are_written_as_null_in_every_json_file(tmp_path, monk
 
 
 def _row(lr, final, best, skipped, steps_run=3):
-    return {"run_id": f"gn/b128/lr{lr:g}/s0", "method": "gn", "family": "gn", "batch_tokens": 128, "lr": lr,
-            "seed": 0, "status": "finished", "reached": False, "steps": None, "final_eval_loss": final,
-            "best_eval_loss": best, "diverged": False, "skipped_steps": skipped, "steps_run": steps_run,
-            "run_dir": f"runs/gn/lr{lr:g}"}
+    return Row(run_id=f"gn/b128/lr{lr:g}/s0", method="gn", family="gn", batch_tokens=128, lr=lr, seed=0,
+               run_dir=f"runs/gn/lr{lr:g}", final_eval_loss=final, best_eval_loss=best, skipped_steps=skipped,
+               steps_run=steps_run)
 
 
 def test_a_gn_run_whose_every_step_was_skipped_is_counted_and_never_best_over_a_lower_loss(tmp_path, capsys):
@@ -289,9 +291,9 @@ def test_a_gn_run_whose_every_step_was_skipped_is_counted_and_never_best_over_a_
     assert "every outer step of the run was skipped (2 of 2)" in capsys.readouterr().err
     # the stuck run keeps its starting loss 3.92; lr 0.03 went down to 3.80 and ended at 3.95
     rows = [_row(1000.0, 3.92, 3.92, 3), _row(0.03, 3.95, 3.80, 0)]
-    assert best_lr(aggregate_lrs(rows)).lr == 0.03
-    rows[1]["best_eval_loss"] = 3.99  # never lower than the stuck run: then the stuck run may stay best
-    assert best_lr(aggregate_lrs(rows)).lr == 1000.0
+    assert select_lr(rows, 3.5)[0] == 0.03 and select_lr(rows, None)[0] == 0.03
+    rows[1].best_eval_loss = 3.99  # never lower than the stuck run: then the stuck run may stay best
+    assert select_lr(rows, 3.5)[0] == 1000.0
 
 
 # ----------------------------------------------------------------------------------------------- 8, 9. config traps
@@ -370,13 +372,15 @@ def test_report_on_broken_results_is_one_line(tmp_path, capsys):
     res.mkdir()
     (res / "study.yaml").write_text(yaml.safe_dump({"name": "x", "batch_tokens": [128]}))
     assert main(["report", str(res)]) == 2
-    assert "has no 'methods' list" in capsys.readouterr().err
+    assert "a study needs methods" in capsys.readouterr().err
     (res / "study.yaml").write_text(yaml.safe_dump({"name": "x", "batch_tokens": [128], "max_steps": 2,
+                                                    "target_loss": 3.0, "seeds": [1],
                                                     "methods": [{"name": "adamw", "lrs": [0.01]}]}))
     (res / "runs.jsonl").write_text(json.dumps({"run_id": "adamw/b128/lr0.01/s0", "method": "adamw"}) + "\n")
-    assert main(["report", str(res)]) == 2
+    assert main(["report", str(res)]) == 0
     err = capsys.readouterr().err
-    assert "row 1 (adamw/b128/lr0.01/s0) lacks batch_tokens, lr, seed, run_dir" in err and "Traceback" not in err
+    assert "runs.jsonl: line 1 is not a complete study row: lacks family, batch_tokens, lr, seed, run_dir" in err
+    assert "Traceback" not in err
 
 
 # -------------------------------------------------------------------------------------- 11. failed runs, retried
@@ -387,7 +391,7 @@ def test_bench_exits_non_zero_when_a_run_failed_and_retry_failed_runs_it_again(t
     study.write_text(yaml.safe_dump({
         "name": "t", "progress": False, "target_loss": 1.0, "max_steps": 1, "batch_tokens": [128],
         "base": {"model": "nano", "data": {"seq_len": 32, "eval_sequences": 4}, "train": {"threads": 1}},
-        "methods": [{"name": "adamw", "lrs": [0.01, 0.03]}]}))
+        "seeds": [1], "methods": [{"name": "adamw", "lrs": [0.01, 0.03]}]}))
     res = tmp_path / "res"
     real = bench.run_training
 
@@ -398,12 +402,12 @@ def test_bench_exits_non_zero_when_a_run_failed_and_retry_failed_runs_it_again(t
 
     monkeypatch.setattr(bench, "run_training", flaky)
     assert main(["bench", str(study), "--results", str(res)]) == 1
-    assert "1 of 2 runs failed" in capsys.readouterr().err
+    assert "1 of 3 runs failed" in capsys.readouterr().err
     monkeypatch.setattr(bench, "run_training", real)
     assert main(["bench", str(study), "--results", str(res)]) == 1  # not retried unless asked
     assert main(["bench", str(study), "--results", str(res), "--retry-failed"]) == 0
     rows = [strict_json(line) for line in (res / "runs.jsonl").read_text().splitlines()]
-    assert sorted(r["run_id"] for r in rows) == ["adamw/b128/lr0.01/s0", "adamw/b128/lr0.03/s0"]
+    assert {"adamw/b128/lr0.01/s0", "adamw/b128/lr0.03/s0"} < {r["run_id"] for r in rows}
     assert all(r["status"] == "finished" for r in rows)
     failed = [strict_json(line) for line in (res / "runs.failed.jsonl").read_text().splitlines()]
     assert [r["error"] for r in failed] == ["RuntimeError: node lost"]  # the failure stays on record
@@ -412,24 +416,23 @@ def test_bench_exits_non_zero_when_a_run_failed_and_retry_failed_runs_it_again(t
 # ------------------------------------------------------------------------------------------------ 12. the report
 
 
-def test_one_batch_study_renders_valid_tables_and_claims_no_critical_batch(tmp_path):
+def test_one_batch_study_renders_valid_tables_and_fits_nothing(tmp_path):
     from gnlm.report import write_report
 
-    assert critical_batch([128], [5.0], 0.2)["bound"] == "one_batch"
     res = tmp_path / "res"
-    (res / "runs" / "a").mkdir(parents=True)
+    (res / "study.yaml").parent.mkdir(parents=True)
     (res / "study.yaml").write_text(yaml.safe_dump({"name": "one", "batch_tokens": [128], "max_steps": 3,
-                                                    "target_loss": 3.0, "critical_fraction": 0.2,
+                                                    "target_loss": 3.0, "seeds": [1],
                                                     "methods": [{"name": "adamw", "lrs": [0.01]}]}))
-    row = {"run_id": "adamw/b128/lr0.01/s0", "method": "adamw", "family": "baseline", "batch_tokens": 128,
-           "lr": 0.01, "seed": 0, "status": "finished", "reached": True, "steps": 2, "tokens": 256,
-           "final_eval_loss": 2.9, "diverged": False, "steps_run": 2, "run_dir": "runs/a"}
-    (res / "runs.jsonl").write_text(json.dumps(row) + "\n")
-    (res / "runs" / "a" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "eval_loss": 4.0 - s / 2}) + "\n" for s in range(3)))
+    rows = []
+    for seed in (0, 1):
+        rows.append(Row(run_id=f"adamw/b128/lr0.01/s{seed}", method="adamw", family="baseline", batch_tokens=128,
+                        lr=0.01, seed=seed, run_dir=f"runs/{seed}", reached=True, steps=2, tokens=256,
+                        final_eval_loss=2.9, steps_run=2, curve={"step": [0, 1, 2], "eval_loss": [4.0, 3.5, 2.9]},
+                        crossings={"3": {"step": 2, "step_interp": 1.8333}}))
+    (res / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
     text = write_report(res).read_text()
-    assert "Not estimated: the critical batch size needs steps to target at two or more batch sizes" in text
-    assert "still improving" not in text
+    assert "a fit needs >= 4" in text and "| adamw | 1.8 (2) |" in text
     table: list[str] = []
     for line in text.splitlines() + [""]:
         if line.startswith("|"):

@@ -10,14 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from gnlm import launch
-from gnlm.analysis import read_rows
-from gnlm.bench import run_study, study_from_dict
+from gnlm.bench import run_study
+from gnlm.results import read_rows
+from gnlm.study import study_from_dict
 from gnlm.cli import main
 from gnlm.config import ConfigError
 
@@ -27,9 +29,9 @@ STUDY = {
     "name": "par",
     "base": {"model": "nano", "data": {"seq_len": 32, "eval_sequences": 4},
              "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1, "checkpoint_every": 1},
-             "gn": {"inner_batch_size": 2, "ls_batches": 1, "ls_range": 2}},
+             "gn": {"inner_batch_size": 2, "line_search_batches": 1, "line_search_range": 2}},
     "warm_start": {"tokens": 256, "batch_tokens": 128, "lr": 1e-2},
-    "target_loss": 1.0, "max_steps": 4, "batch_tokens": [128], "progress": False,
+    "target_loss": 1.0, "max_steps": 4, "batch_tokens": [128], "progress": False, "seeds": [1],
     "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2]}],
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -42,8 +44,8 @@ def untimed(value):
     return [untimed(v) for v in value] if isinstance(value, list) else value
 
 
-def comparable(rows: list[dict]) -> list[dict]:
-    return sorted((untimed(r) for r in rows), key=lambda r: r["run_id"])
+def comparable(rows: list) -> list[dict]:
+    return sorted((untimed(asdict(r)) for r in rows), key=lambda r: r["run_id"])
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +59,13 @@ def study_file(tmp_path_factory) -> Path:
 def reference(tmp_path_factory) -> list[dict]:
     """The uninterrupted study, one run after another in this process."""
     rows = run_study(study_from_dict(STUDY), tmp_path_factory.mktemp("ref") / "res", report=False)
-    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    assert len(rows) == 6 and all(r.status == "finished" for r in rows)  # 4 selection runs, 2 reported
     return comparable(rows)
 
 
 def in_flight(res: Path) -> list[str]:
     """Runs that have a checkpoint but no row yet: started, not finished."""
-    done = {r["run_id"] for r in read_rows(res / "runs.jsonl")}
+    done = {r.run_id for r in read_rows(res)}
     ids = [str(p.parent.relative_to(res / "runs")) for p in (res / "runs").glob("**/checkpoint.pt")]
     return [i for i in ids if i not in done]
 
@@ -75,7 +77,7 @@ def kill_study_with_runs_in_flight(cmd: list[str], res: Path, min_rows: int) -> 
                             text=True)
     try:
         deadline = time.monotonic() + 240
-        while not (len(read_rows(res / "runs.jsonl")) >= min_rows and in_flight(res)):
+        while not (len(read_rows(res)) >= min_rows and in_flight(res)):
             assert proc.poll() is None, f"the study ended before the kill: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no run was ever in flight"
             time.sleep(0.02)
@@ -86,7 +88,7 @@ def kill_study_with_runs_in_flight(cmd: list[str], res: Path, min_rows: int) -> 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     time.sleep(0.5)  # the group's last processes are gone (their claim locks with them)
-    return {r["run_id"] for r in read_rows(res / "runs.jsonl")}
+    return {r.run_id for r in read_rows(res)}
 
 
 def bench_cmd(study_file: Path, res: Path, *flags: str) -> list[str]:
@@ -101,13 +103,13 @@ def test_kill_9_of_a_parallel_study_with_runs_in_flight_then_restart_gives_the_s
     res = tmp_path / "res"
     cmd = bench_cmd(study_file, res, "--jobs", "2")
     finished = kill_study_with_runs_in_flight(cmd, res, min_rows=1)
-    assert 1 <= len(finished) < 4
+    assert 1 <= len(finished) < 6
     warm = (res / "warm_start" / "summary.json").stat().st_mtime_ns
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{len(finished)} already finished" in out.stderr
-    rows = read_rows(res / "runs.jsonl")
-    assert len(rows) == 4  # every run once: none lost, none recorded twice
+    rows = read_rows(res)
+    assert len(rows) == 6  # every run once: none lost, none recorded twice
     assert comparable(rows) == reference
     assert (res / "warm_start" / "summary.json").stat().st_mtime_ns == warm  # the warm start was not trained again
 
@@ -144,11 +146,11 @@ def test_a_run_claimed_by_another_process_is_skipped_then_run_later(tmp_path):
     held.acquire()  # another gnlm bench process is running this run
     try:
         rows = run_study(study, res, report=False)
-        assert [r["run_id"] for r in rows] == ["adamw/b128/lr0.01/s0"]
+        assert [r.run_id for r in rows] == ["adamw/b128/lr0.01/s0"]  # the selection waits for the held run
     finally:
         held.release()
-    assert [r["run_id"] for r in run_study(study, res, report=False)] == ["adamw/b128/lr0.01/s0",
-                                                                          "adamw/b128/lr0.03/s0"]
+    rows = run_study(study, res, report=False)
+    assert [r.run_id for r in rows] == ["adamw/b128/lr0.01/s0", "adamw/b128/lr0.03/s0", f"adamw/b128/lr{rows[2].lr:g}/s1"]
 
 
 def test_progress_text_counts_parallel_runs():
@@ -213,11 +215,12 @@ def test_submitit_local_executor_submits_collects_and_resubmits_only_missing_run
                     "--slurm.time=10")
     finished = kill_study_with_runs_in_flight(cmd, res, min_rows=0)
     records = (res / "slurm" / "jobs.jsonl").read_text().splitlines()
-    assert sorted(json.loads(r)["key"] for r in records) == sorted(["warm_start", *(r["run_id"] for r in expected)])
+    first_wave = [r["run_id"] for r in expected if r["seed"] == 0]  # the reported seed waits for the selection
+    assert sorted(json.loads(r)["key"] for r in records) == sorted(["warm_start", *first_wave])
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = read_rows(res / "runs.jsonl")
-    assert len(rows) == 2 and comparable(rows) == expected
+    rows = read_rows(res)
+    assert len(rows) == 3 and comparable(rows) == expected
     again = [json.loads(r)["key"] for r in (res / "slurm" / "jobs.jsonl").read_text().splitlines()[len(records):]]
     missing = sorted(r["run_id"] for r in expected if r["run_id"] not in finished)
     assert sorted(k for k in again if k != "warm_start") == missing  # only what was missing was submitted again
@@ -235,7 +238,7 @@ def test_a_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path, refere
                                    "--slurm.time=10", "--slurm.tasks_per_job=2"),
                          env=ENV, capture_output=True, text=True, check=False, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = comparable(read_rows(res / "runs.jsonl"))
+    rows = comparable(read_rows(res))
     expected = [r for r in reference if r["method"] == "adamw"]
     assert [r["run_id"] for r in rows] == [r["run_id"] for r in expected]
     for r, e in zip(rows, expected):

@@ -2,7 +2,9 @@
 
 Ground truth (float64, tiny models): the parameters flattened into one vector, the dense Jacobian J of the logits
 (``torch.func.jacrev``), the dense Hessian H of the mean cross-entropy w.r.t. the logits (``torch.func.hessian``),
-G = Jᵀ H J, M = G + λI and dense solves.
+G = Jᵀ H J, M = G + λI and dense solves. Every model is taken off its initialisation (``randomize_parameters``: norm
+weights 1 + 0.5·N(0, 1), biases 0.5·N(0, 1), matrix rows rescaled): at init every norm weight is 1 and every bias 0,
+which hides errors in their tangents.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 from gnlm.cli import main
-from gnlm.curvature import default_blocks, math_attention
+from gnlm.curvature import damped_ggn_product, default_blocks, math_attention
 from gnlm.model import GPT, ModelConfig
-from gnlm.probe import direction_efficiency, probe_directions, step_direction
+from gnlm.oracle import direction_efficiency, probe_directions, step_direction
+from gnlm.results import Row
+
+from conftest import randomize_parameters
 
 DT = torch.float64
 LAM = 1e-2
@@ -42,15 +47,18 @@ class TinyMLP(nn.Module):
 MLP_BLOCKS = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["head.weight"]]
 
 
-def make(kind: str):
+def make(kind: str, n_batches: int = 1):
     torch.manual_seed(0)
     if kind == "mlp":
         model, vocab, blocks = TinyMLP(), 7, MLP_BLOCKS
     else:
         model = GPT(ModelConfig(d_model=4, n_layers=1, n_heads=2, d_ff=8, vocab_size=5, max_seq_len=4))
         vocab, blocks = 5, default_blocks(model)
-    model = model.to(DT).eval()
-    x, y = torch.randint(0, vocab, (2, 4)), torch.randint(0, vocab, (2, 4))
+    model = randomize_parameters(model.to(DT)).eval()
+    batches = [(torch.randint(0, vocab, (2, 4)), torch.randint(0, vocab, (2, 4))) for _ in range(n_batches)]
+    if n_batches > 1:
+        return model, batches, blocks
+    (x, y), = batches
     return model, x, y, blocks
 
 
@@ -85,18 +93,54 @@ class Dense:
         gd = float(self.g @ d)
         return gd * gd / (float(d @ self.M @ d) * self.gmg) if gd < 0 else 0.0
 
-    def block_diagonal(self, blocks):
+    def block_diagonal(self, blocks, lam=LAM):
         owner = torch.empty(len(self.g), dtype=torch.long)
         start = 0
         for name, size in zip(self.names, self.sizes):
             owner[start:start + size] = next(b for b, names in enumerate(blocks) if name in names)
             start += size
-        return torch.where(owner[:, None] == owner[None, :], self.G, 0.0) + LAM * torch.eye(len(self.g), dtype=DT)
+        return torch.where(owner[:, None] == owner[None, :], self.G, 0.0) + lam * torch.eye(len(self.g), dtype=DT)
 
 
 def score(dense, d_flat):
     return direction_efficiency(dense.unflat(dense.g), dense.unflat(d_flat), dense.unflat(dense.M @ d_flat),
                                 dense.gmg)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+def test_damped_ggn_product_is_the_dense_mean_of_batch_ggns_plus_damping(kind):
+    model, batches, blocks = make(kind, n_batches=3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    dense = [Dense(model, x, y) for x, y in batches]
+    lam = 0.37
+    eye = torch.eye(len(dense[0].g), dtype=DT)
+    full = sum(d.G for d in dense) / len(dense) + lam * eye
+    layerwise = sum(d.block_diagonal(blocks, lam=0.0) for d in dense) / len(dense) + lam * eye
+    v = torch.randn(len(dense[0].g), generator=torch.Generator().manual_seed(2), dtype=DT)
+    for block_arg, m in ((None, full), (blocks, layerwise)):
+        mv = damped_ggn_product(model, params, batches, dense[0].unflat(v), lam, blocks=block_arg)
+        assert list(mv) == dense[0].names
+        want = m @ v
+        assert float((dense[0].flat(mv) - want).norm() / want.norm()) < 1e-12, block_arg
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+def test_probe_m_products_are_the_dense_damped_ggn(kind):
+    model, x, y, _ = make(kind)
+    dense = Dense(model, x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    r = torch.randn(len(dense.g), generator=torch.Generator().manual_seed(3), dtype=DT)
+    mr = damped_ggn_product(model, params, [(x, y)], dense.unflat(r), LAM)
+    assert float((dense.flat(mr) - dense.M @ r).norm() / (dense.M @ r).norm()) < 1e-12
+    res = probe_directions(model, params, x, y, {"random": dense.unflat(r)}, damping=LAM, cg_iters=4, cg_tol=1e-13)
+    for name, d in (("random", r), ("gn", dense.flat(res.references["gn"])),
+                    ("gradient", dense.flat(res.references["gradient"]))):
+        dmd = float(d @ dense.M @ d)
+        assert abs(res.scores[name]["dmd"] / dmd - 1.0) < 1e-12, name
+        assert abs(res.scores[name]["gtd"] / float(dense.g @ d) - 1.0) < 1e-12, name
+    g = dense.g
+    assert float((dense.flat(res.references["gradient"]) + float(g @ g) / float(g @ dense.M @ g) * g).norm()
+                 / g.norm()) < 1e-12  # the gradient reference is −α g with α = gᵀg / gᵀMg
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gpt"])
@@ -224,12 +268,13 @@ def test_probe_of_a_study_uses_its_warm_start_and_best_lrs(tiny_run, capsys):
     for name in ("config.yaml", "checkpoint.pt"):
         shutil.copy(tiny_run / name, study / "warm_start" / name)
     (study / "study.yaml").write_text(yaml.safe_dump({
-        "name": "t", "kind": "steps_to_target", "batch_tokens": [64, 128],
-        "methods": [{"name": "adamw", "type": None, "optimizer": None}, {"name": "muon"}]}))
-    rows = [{"method": m, "batch_tokens": b, "lr": lr, "seed": 0, "reached": True, "steps": steps,
-             "final_eval_loss": 5.0, "diverged": False}
+        "name": "t", "kind": "steps_to_target", "batch_tokens": [64, 128], "target_loss": 5.5, "seeds": [1],
+        "methods": [{"name": "adamw", "lrs": [1e-3, 1e-2]}, {"name": "muon", "lrs": [0.02, 0.06]}]}))
+    rows = [Row(run_id=f"{m}/b{b}/lr{lr:g}/s0", method=m, family="baseline", batch_tokens=b, lr=lr, seed=0,
+                run_dir="x", reached=True, steps=steps, final_eval_loss=5.0,
+                crossings={"5.5": {"step": steps, "step_interp": float(steps)}})
             for m, b, lr, steps in (("adamw", 64, 1e-3, 9), ("adamw", 64, 1e-2, 5), ("muon", 128, 0.02, 3))]
-    (study / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (study / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
     assert main(["probe", str(study), "--optimizers", "adamw,muon", "--probe-batches", "1", "--warmup-steps", "1",
                  "--cg-iters", "4", "--no-progress"]) == 0
     assert "muon: lr 0.003 (OptimConfig default)" in capsys.readouterr().err  # no muon run at batch 64

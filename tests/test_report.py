@@ -1,92 +1,83 @@
-"""`gnlm report`: the Markdown report and figures from a synthetic results directory (no training)."""
+"""`gnlm report`: the Markdown report, summary.json and figures from a synthetic results directory (no training)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from gnlm.config import ConfigError
-from gnlm.report import ratio, write_report
+from gnlm.report import write_report
+from gnlm.results import Row
 
 METHODS = ["adamw", "muon", "soap", "gn", "gn_prox_linear", "gn_layerwise"]
-# steps to target at the best lr, per batch: baselines flatten, GN keeps improving
-STEPS = {"adamw": [80, 60, 55], "muon": [60, 40, 36], "soap": [50, 32, 29],
-         "gn": [20, 10, 5], "gn_prox_linear": [21, 11, 6], "gn_layerwise": [30, 15, 8]}
-BATCHES = [1024, 2048, 4096]
+# steps to target at the selected lr, per batch: baselines flatten, GN keeps improving
+STEPS = {"adamw": [80, 60, 55, 52], "muon": [60, 40, 36, 34], "soap": [50, 32, 29, 28],
+         "gn": [20, 10, 5, 2.5], "gn_prox_linear": [21, 11, 6, 3], "gn_layerwise": [30, 15, 8, 4]}
+BATCHES = [1024, 2048, 4096, 8192]
 LRS = [1e-3, 3e-3, 1e-2]
 
 
+def _row(m, b, lr, seed, steps, kind):
+    family = "gn" if m.startswith("gn") else "baseline"
+    n = 100 if steps is None else int(steps) + 1
+    losses = [4.0 - 1.2 * s / (n - 1) if steps is None else 4.0 - s / steps for s in range(n)]
+    curve = {"step": list(range(n)), "eval_loss": losses, "tokens": [s * b for s in range(n)],
+             "flops": [s * 1e9 for s in range(n)], "wall_time": [0.5 * s for s in range(n)]}
+    crossing = None if steps is None else {"step": int(steps), "step_interp": float(steps), "flops_interp": steps * 1e9,
+                                           "wall_time_interp": 0.5 * steps, "tokens_interp": steps * b}
+    return Row(run_id=f"{m}/b{b}/lr{lr:g}/s{seed}", method=m, family=family, batch_tokens=b, lr=lr, seed=seed,
+               run_dir=f"runs/{m}/b{b}/lr{lr:g}/s{seed}", reached=steps is not None, steps=None if steps is None
+               else int(steps), final_eval_loss={3e-3: 2.9, 1e-3: 3.0}.get(lr, 3.2 if kind == "steps_to_target" else 3.1),
+               steps_run=n - 1, curve=curve, crossings={} if kind == "budget" else {"3": crossing},
+               inner_steps=8 if family == "gn" else None, etas=[1.0] * (n - 1) if family == "gn" else None)
+
+
 def _write_results(root, kind="steps_to_target"):
-    study = {"name": "synthetic", "kind": kind, "batch_tokens": BATCHES, "seeds": [0], "target_loss": 3.0,
-             "max_steps": 100, "token_budget": 8192 if kind == "budget" else None, "critical_fraction": 0.2,
-             "methods": [{"name": m, "lrs": LRS} for m in METHODS], "base": {}}
+    """A finished study: lrs selected on seed 0 (3e-3 is best), reported seed 1 at the selected lr."""
+    study = {"name": "synthetic", "kind": kind, "batch_tokens": BATCHES, "selection_seed": 0, "seeds": [1],
+             "max_steps": 100, "methods": [{"name": m, "lrs": LRS} for m in METHODS], "base": {}}
+    study.update({"token_budget": 16384} if kind == "budget" else {"target_loss": 3.0})
     root.mkdir(parents=True)
     (root / "study.yaml").write_text(yaml.safe_dump(study))
     rows = []
     for m in METHODS:
-        family = "gn" if m.startswith("gn") else "baseline"
         for i, b in enumerate(BATCHES):
             for lr in LRS:
-                best = lr == 3e-3
-                steps = STEPS[m][i] if best else (STEPS[m][i] + 7 if lr == 1e-3 else None)
-                ls = 256 if family == "gn" else 0
-                run_dir = f"runs/{m}/b{b}/lr{lr:g}/s0"
-                reached = steps is not None
-                rows.append({
-                    "run_id": f"{m}/b{b}/lr{lr:g}/s0", "method": m, "family": family, "batch_tokens": b, "lr": lr,
-                    "seed": 0, "status": "finished", "reached": reached, "steps": steps,
-                    "tokens": steps * (b + ls) if reached else None,
-                    "line_search_tokens": steps * ls if reached else None,
-                    "forward_equivalents": 3.0 * steps * b if reached else None,
-                    "wall_time": 0.5 * steps if reached else None,
-                    "final_eval_loss": 2.9 if reached else (3.2 if kind == "steps_to_target" else 3.1),
-                    "diverged": False, "steps_run": steps or 100, "tokens_run": (steps or 100) * b,
-                    "total_wall_time": 1.0, "error": None, "run_dir": run_dir})
-                d = root / run_dir
-                d.mkdir(parents=True)
-                n = steps or 100
-                curve = [{"step": s, "tokens": s * b, "eval_loss": 4.0 - s / n} for s in range(n + 1)]
-                (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
-    (root / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                steps = STEPS[m][i] if lr == 3e-3 else (STEPS[m][i] + 7 if lr == 1e-3 else None)
+                rows.append(_row(m, b, lr, 0, steps, kind))
+            rows.append(_row(m, b, 3e-3, 1, STEPS[m][i], kind))
+    (root / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
     return rows
 
 
-def test_report_renders_tables_ratios_critical_batch_and_figures(tmp_path):
+def test_report_renders_the_declared_target_tables_the_fit_and_the_headline(tmp_path):
     root = tmp_path / "res"
     _write_results(root)
-    path = write_report(root)
-    text = path.read_text()
-    for fig in ("steps_vs_batch.png", "curves_largest_batch.png"):
+    text = write_report(root).read_text()
+    for fig in ("curves_largest_batch.png", "steps_vs_batch_fit.png"):
         assert (root / fig).stat().st_size > 1000 and f"({fig})" in text
-    # the steps-vs-batch table
-    assert "| gn | 20 | 10 | 5 |" in text and "| soap | 50 | 32 | 29 |" in text
-    # the per-batch table at 4096: gn best lr 3e-3 (middle of the grid), 5 steps, tokens 5*(4096+256) (LS 1,280)
-    assert "| gn | 0.003 | 5 | 21,760 (1,280) | 6.14e+04 | 2.5 | 1/1 | 2.9000 |" in text
-    # ratios at the largest batch: best baseline soap 29 / gn 5 = 5.8x; layerwise 8 / 5 = 1.6x
-    assert "best baseline (soap) / gn: steps 5.8×" in text
-    assert "gn_layerwise / gn: steps 1.6×" in text
-    # critical batch: adamw saves 25% then 8.3% -> 2K; gn saves 50% at every doubling -> beyond the grid
-    assert "| adamw | 2K | 25% | 8% |" in text
-    assert "| gn | > 4K (still improving) | 50% | 50% |" in text
-    assert "Every best learning rate lies inside its grid." in text
+    assert "| gn | 20.0 (20) | 10.0 (10) | 5.0 (5) | 2.5 (2) |" in text  # interpolated (integer step)
+    assert "| soap | 50.0 (50) | 32.0 (32) | 29.0 (29) | 28.0 (28) |" in text
+    # the headline at 8K: best baseline soap 28 / gn 2.5 = 11.2x; layerwise 4 / 2.5 = 1.6x
+    assert "| 8K | 2.5 | soap | 28.0 | 11.20× |" in text and "| 1.60× |" in text
+    assert "0.003 (3; N 8; skipped 0; η floor 0%)" in text  # the selected lr, its trials, GN's N, η at its floor
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["cells"]["gn/8192"]["per_target"]["3"]["steps_interp"] == 2.5
+    assert summary["fit"]["adamw"]["b_crit"] > 0 and summary["fit"]["gn"]["b_crit_unbounded"]
 
 
-def test_report_flags_grid_edges_and_bounds_ratios_when_baselines_miss(tmp_path):
+def test_report_shows_where_a_method_missed_the_target_within_its_own_budget(tmp_path):
     root = tmp_path / "res"
     rows = _write_results(root)
-    for r in rows:  # make the largest lr the best for muon at 1024, and no baseline reach at 4096
-        if r["method"] == "muon" and r["batch_tokens"] == 1024 and r["lr"] == 1e-2:
-            r.update(reached=True, steps=1, tokens=1024, line_search_tokens=0, forward_equivalents=3072.0,
-                     wall_time=0.1)
-        if r["family"] == "baseline" and r["batch_tokens"] == 4096:
-            r.update(reached=False, steps=None, tokens=None, line_search_tokens=None, forward_equivalents=None,
-                     wall_time=None)
-    (root / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:  # no baseline reaches the target at 8K
+        if r.family == "baseline" and r.batch_tokens == 8192:
+            r.reached, r.steps, r.crossings = False, None, {"3": None}
+            r.final_eval_loss = 3.0 if r.lr == 3e-3 else 3.1  # selected: the lowest final loss
+    (root / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
     text = write_report(root).read_text()
-    assert "⚠ muon at batch 1,024: best lr 0.01 is the largest value of [0.001, 0.003, 0.01]" in text
-    assert "the grid must grow" in text
-    assert "no baseline reached the target within 100 steps: best baseline / gn steps > 20.0×" in text
-    assert "| adamw | 80 | 60 | > 100 |" in text
+    assert "| adamw | 80.0 (80) | 60.0 (60) | 55.0 (55) | not reached in 100 (0/1) |" in text
+    assert "| 8K | 2.5 | none reached |" in text
 
 
 def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):
@@ -95,18 +86,15 @@ def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):
     text = write_report(root).read_text()
     assert (root / "final_loss_vs_batch.png").exists()
     assert "## Final validation loss vs batch size" in text
-    assert "| gn | 2.9000 | 2.9000 | 2.9000 |" in text
+    assert "| gn | 2.9000 (—; lr 0.003) |" in text
+    assert json.loads((root / "summary.json").read_text())["kind"] == "budget"
 
 
 def test_report_of_a_directory_without_a_study_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not a gnlm results directory"):
         write_report(tmp_path)
-
-
-def test_ratio_formatting():
-    assert ratio(292, 54) == "5.4×"
-    assert ratio(100, 20, num_capped=True) == "> 5.0×"
-    assert ratio(float("inf"), 20) == "—" and ratio(10, None) == "—"
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_report(tmp_path / "missing")
 
 
 def test_headline_puts_steps_flops_and_time_ratios_side_by_side():
@@ -126,3 +114,32 @@ def test_headline_puts_steps_flops_and_time_ratios_side_by_side():
     # muon has the fewest steps: 40/10 = 4× fewer steps for GN, but 0.8× the FLOPs and 0.6× the time
     assert row == "| 1K | 10.0 | muon | 40.0 | 4.00× | 0.80× | 0.60× | 1.25× |"
     assert next(line for line in lines if line.startswith("| 2K |")).startswith("| 2K | not reached | adamw | 30.0 | —")
+
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "studies" / "shakespeare-nano"
+
+
+def test_the_published_study_is_the_preset_and_recomputes_its_cells_from_its_rows():
+    """studies/shakespeare-nano was written by an earlier gnlm (old key names, schema-1 rows): it is still the same
+    study as the packaged preset, and its rows alone give the committed summary's cells."""
+    from gnlm.analysis import summarize_study
+    from gnlm.results import read_rows
+    from gnlm.study import load_study, study_differences
+
+    study = load_study("shakespeare-nano")
+    assert study_differences(yaml.safe_load((PUBLISHED / "study.yaml").read_text()), study) == []
+    committed = json.loads((PUBLISHED / "summary.json").read_text())
+    assert json.loads(json.dumps(summarize_study(study, read_rows(PUBLISHED), bootstrap=0)["cells"])) == \
+        committed["cells"]
+
+
+@pytest.mark.slow
+def test_the_published_report_regenerates_identically(tmp_path):
+    """gnlm report on a copy of the published study writes the committed summary.json byte for byte."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(PUBLISHED, copy, ignore=shutil.ignore_patterns("*.pt"))
+    write_report(copy)
+    assert (copy / "summary.json").read_text() == (PUBLISHED / "summary.json").read_text()
+    assert (copy / "report.md").read_text() == (PUBLISHED / "report.md").read_text()

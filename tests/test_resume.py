@@ -27,8 +27,8 @@ from gnlm.train import run_training
 COMMON = ["model=nano", "train.progress=false", "train.threads=1", "data.seq_len=64", "data.eval_sequences=4"]
 BASELINE = [*COMMON, "optim.name=muon", "optim.lr=2e-2", "train.batch_size=4", "train.eval_every=5",
             "train.ema_decay=0.9", "train.checkpoint_every=1"]
-GN = [*COMMON, "method=gn", "train.eval_every=1", "gn.inner_steps=6", "gn.inner_batch_size=4", "gn.ls_batches=1",
-      "gn.ls_range=3", "gn.checkpoint_every_inner=1", "train.ema_decay=0.5"]
+GN = [*COMMON, "method=gn", "train.eval_every=1", "gn.inner_steps=6", "gn.inner_batch_size=4", "gn.line_search_batches=1",
+      "gn.line_search_range=3", "gn.checkpoint_every_inner=1", "train.ema_decay=0.5"]
 VOLATILE = ("tokens_per_s", "wall_time")
 
 
@@ -193,7 +193,7 @@ def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch
     import shutil as _shutil
 
     usage = _shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("gnlm.run.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr("gnlm.rundir.shutil.disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(ConfigError, match=r"not enough free disk space in .*: checkpoints need about .* MiB"):
         run_training(cfg_of(tmp_path / "run", [*BASELINE, "train.steps=2"]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

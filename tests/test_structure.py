@@ -65,3 +65,63 @@ def test_no_import_cycle_in_gnlm():
     assert graph["gnlm.cli"], "the walk found no imports at all"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The house, bottom to top: a module may import only from layers below its own (data flows config -> data + model
+# -> trainer -> results -> report). Every module of the package is in exactly one layer.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("typed config", {"config"}),
+    ("files and processes", {"checkpoint", "distributed"}),
+    ("components: model, data, optimizers, linearisation, FLOP counting",
+     {"model", "data", "optim", "schedules", "curvature", "accounting"}),
+    ("a run's config", {"runconfig"}),
+    ("methods and declarations: the GN step, the probe's measure, a run directory, a study",
+     {"gauss_newton", "oracle", "rundir", "study"}),
+    ("one run and the results file", {"run", "results"}),
+    ("trainers, analysis of rows, launchers", {"train", "analysis", "launch"}),
+    ("planning a study, the report, the probe", {"plan", "report", "probe"}),
+    ("orchestrating a study", {"bench"}),
+    ("the command line", {"cli"}),
+    ("python -m gnlm", {"__main__"}),
+]
+HARNESS = {"run", "rundir", "train", "bench", "plan", "results", "launch", "report", "probe", "cli"}
+
+
+def layer_violations(graph: dict[str, set[str]], layers: list[tuple[str, set[str]]]) -> list[str]:
+    """Every import of ``graph`` (module -> modules it imports, short names) that goes to the same or a higher
+    layer, as 'a imports b (layer i -> j)'."""
+    level = {m: i for i, (_, mods) in enumerate(layers) for m in mods}
+    return [f"{a} imports {b} (layer {level[a]} -> {level[b]})" for a in sorted(graph) for b in sorted(graph[a])
+            if level[b] >= level[a]]
+
+
+def package_graph() -> dict[str, set[str]]:
+    return {p.stem: {m.removeprefix("gnlm.") for m in gnlm_imports(p)} for p in PACKAGE.glob("*.py")
+            if p.stem != "__init__"}
+
+
+def test_every_module_has_a_layer():
+    placed = [m for _, mods in LAYERS for m in mods]
+    assert len(placed) == len(set(placed)), "a module is in two layers"
+    assert set(package_graph()) == set(placed), "LAYERS and the package's modules differ"
+
+
+def test_imports_go_down_the_layers_only():
+    assert layer_violations(package_graph(), LAYERS) == []
+
+
+def test_the_method_imports_no_run_machinery():
+    """The maths and the GN step never reach up into a run, a study or the command line."""
+    graph = package_graph()
+    for module in ("model", "curvature", "optim", "gauss_newton", "oracle"):
+        assert not graph[module] & HARNESS, f"{module} imports {sorted(graph[module] & HARNESS)}"
+
+
+def test_a_back_import_is_caught(tmp_path):
+    """The check itself can fail: gauss_newton importing run (the harness) breaks the layering."""
+    graph = package_graph()
+    graph["gauss_newton"] = graph["gauss_newton"] | {"run"}
+    assert layer_violations(graph, LAYERS) == ["gauss_newton imports run (layer 4 -> 5)"]
+    f = tmp_path / "gauss_newton.py"
+    f.write_text("from gnlm.run import Run\n")
+    assert gnlm_imports(f) == {"gnlm.run"}

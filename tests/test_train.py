@@ -44,7 +44,7 @@ def test_metrics_rows_have_the_documented_fields(tmp_path):
     run_training(cfg)
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "wall_time", "forward_equivalents"):
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "wall_time", "flops"):
         assert key in rows[1]
     assert rows[2]["tokens"] == 2 * 4 * 128
     assert "eval_loss" in rows[2] and "eval_loss" not in rows[1]

@@ -1,66 +1,20 @@
-"""Pure analysis of study results: rows and curves in, numbers out. Used by ``bench.py`` and ``report.py``.
+"""Pure analysis of study results: a study's declaration (``study.StudyConfig``) and its rows (``results.Row``) in,
+numbers out (``summary.json``). Used by ``plan.py`` (lr selection) and ``report.py``.
 
-Nothing here trains, writes or reads anything but the files named in its arguments.
+Nothing here trains, reads or writes files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The complete rows of a JSONL file (a torn last line, from a crash mid-write, is ignored)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-
-def steps_to_target(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    """The first evaluation row of a run's metrics with ``eval_loss <= target``: its step, tokens,
-    forward-equivalents and wall time (None when the target is never reached)."""
-    for row in curve:
-        loss = row.get("eval_loss")
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            return {"step": row["step"], "tokens": row.get("tokens"),
-                    "forward_equivalents": row.get("forward_equivalents"), "wall_time": row.get("wall_time")}
-    return None
-
-
-def target_crossing(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    """Where a run's eval curve first reaches ``target``: the integer step of the first evaluation at or below it
-    (``step``) and the interpolated crossing (``step_interp``): linear in loss between the last evaluation above
-    the target and the first at or below it. ``tokens``, ``flops`` and ``wall_time`` are interpolated the same
-    way (``*_interp``) next to their values at the integer step. None when the target is never reached."""
-    prev = None
-    keys = ("step", "tokens", "flops", "forward_equivalents", "wall_time")
-    for row in curve:
-        loss = row.get("eval_loss")
-        if loss is None or not math.isfinite(loss):
-            continue
-        if loss <= target:
-            out = {k: row.get(k) for k in keys}
-            t = 1.0 if prev is None else (prev["eval_loss"] - target) / (prev["eval_loss"] - loss)
-            for k in keys:
-                a, b = (prev or row).get(k), row.get(k)
-                out[f"{k}_interp"] = None if a is None or b is None else a + t * (b - a)
-            return out
-        prev = row
-    return None
+from gnlm.results import Row, target_key
+from gnlm.study import StudyConfig
 
 
 @dataclass
@@ -154,160 +108,41 @@ def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int
             "s_min_lo": quantile(s_mins, q), "s_min_hi": quantile(s_mins, 1 - q), "resamples": len(b_crits)}
 
 
-def target_key(target: float) -> str:
-    """How a target loss is written as a JSON key (rows' ``crossings``)."""
-    return f"{target:g}"
-
-
-def steps_to(row: dict[str, Any], target: float | None, interpolated: bool = True) -> float:
+def steps_to(row: Row, target: float | None, interpolated: bool = True) -> float:
     """A study row's steps to ``target`` (interpolated crossing by default); inf when not reached, diverged or
-    failed."""
-    if target is None or row.get("status") == "error" or row.get("diverged"):
+    failed, or when there is no target (a budget study)."""
+    if target is None or row.failed or row.diverged:
         return math.inf
-    c = (row.get("crossings") or {}).get(target_key(target))
+    c = row.crossings.get(target_key(target))
     if c is None:
         return math.inf
     v = c.get("step_interp" if interpolated else "step")
     return math.inf if v is None else float(v)
 
 
-def selection_key(row: dict[str, Any], target: float | None) -> tuple[float, float]:
+def selection_key(row: Row, target: float | None) -> tuple[float, float]:
     """How learning rates are ranked: fewest (interpolated) steps to ``target``, ties to the lower final eval
-    loss. A diverged or failed run ranks last; a run that never moved (every GN step skipped) keeps the warm
-    start's loss, so any run that got lower ranks before it."""
-    final = row.get("final_eval_loss")
-    bad = row.get("status") == "error" or row.get("diverged") or final is None or not math.isfinite(final)
+    loss (without a target, a budget study: the lower final eval loss alone). A diverged or failed run ranks last;
+    a run that never moved (every GN step skipped) keeps the warm start's loss, so any run that got lower ranks
+    before it."""
+    final = row.final_eval_loss
+    bad = row.failed or row.diverged or final is None or not math.isfinite(final)
     return steps_to(row, target), math.inf if bad else float(final)
 
 
-def next_lr(results: dict[float, dict[str, Any]], ratio: float, budget: int, target: float | None) -> float | None:
+def next_lr(results: dict[float, Row], ratio: float, budget: int, target: float | None) -> float | None:
     """The learning-rate search of one method at one batch size (on the selection seed): while the best lr of
     ``results`` (lr → row, every lr tried so far) sits on an edge and fewer than ``budget`` lrs were tried, the
     next point beyond that edge (×``ratio`` above, ÷``ratio`` below). None when the search is done."""
     lrs = sorted(results)
     if len(lrs) >= budget:
         return None
-    best = min(lrs, key=lambda lr: (*selection_key(results[lr], target), lr))
+    best = _best_lr({lr: [row] for lr, row in results.items()}, target)
     if best == lrs[-1]:
         return lrs[-1] * ratio
     if best == lrs[0]:
         return lrs[0] / ratio
     return None
-
-
-def eval_curve(curve: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
-    """(steps, eval losses) of the evaluation rows of a run's metrics."""
-    pts = [(r["step"], r["eval_loss"]) for r in curve if r.get("eval_loss") is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-@dataclass
-class LrResult:
-    """One learning rate of one method at one batch size, aggregated over seeds (medians; a seed that did not
-    reach the target counts as infinitely many steps, so the median is finite only if most seeds reached it)."""
-
-    method: str
-    family: str
-    batch_tokens: int
-    lr: float
-    seeds: int
-    reached_seeds: int
-    steps: float
-    tokens: float
-    line_search_tokens: float
-    forward_equivalents: float
-    wall_time: float
-    final_eval_loss: float
-    diverged_seeds: int
-    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    best_eval_loss: float = math.inf  # the lowest eval loss a run reached on its way (median over seeds)
-    all_skipped: bool = False  # every seed skipped every step it took (GN: no line-search step size helped)
-
-    @property
-    def reached(self) -> bool:
-        return math.isfinite(self.steps)
-
-
-def all_steps_skipped(row: dict[str, Any]) -> bool:
-    """A run whose every step was skipped (GN, η = 0 each time): it never moved from its starting point."""
-    skipped, ran = row.get("skipped_steps") or 0, row.get("steps_run") or 0
-    return ran > 0 and skipped >= ran
-
-
-def _median(values: list[float | None]) -> float:
-    vals = [math.inf if v is None else float(v) for v in values]
-    return statistics.median(vals) if vals else math.inf
-
-
-def aggregate_lrs(rows: list[dict[str, Any]]) -> list[LrResult]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(r["method"], r["batch_tokens"], float(r["lr"]))].append(r)
-    out = []
-    for (method, batch, lr), rs in groups.items():
-        reached = [r for r in rs if r.get("reached")]
-
-        def med(key: str) -> float:
-            return _median([r.get(key) if r.get("reached") else None for r in rs])
-
-        finals = [r.get("final_eval_loss") for r in rs]
-        final = (statistics.fmean(finals) if all(f is not None and math.isfinite(f) for f in finals)
-                 and not any(r.get("diverged") for r in rs) else math.inf)
-        out.append(LrResult(method=method, family=rs[0].get("family", ""), batch_tokens=batch, lr=lr, seeds=len(rs),
-                            reached_seeds=len(reached), steps=med("steps"), tokens=med("tokens"),
-                            line_search_tokens=med("line_search_tokens"),
-                            forward_equivalents=med("forward_equivalents"), wall_time=med("wall_time"),
-                            final_eval_loss=final, diverged_seeds=sum(bool(r.get("diverged")) for r in rs), rows=rs,
-                            best_eval_loss=_median([r.get("best_eval_loss") for r in rs]),
-                            all_skipped=all(all_steps_skipped(r) for r in rs)))
-    return out
-
-
-@dataclass
-class Best:
-    """The best learning rate of a method at a batch size, and whether it sits on the edge of its grid."""
-
-    result: LrResult
-    grid: list[float]
-    edge: Literal["low", "high", "single"] | None
-
-    @property
-    def lr(self) -> float:
-        return self.result.lr
-
-
-def best_lr(results: list[LrResult], kind: str = "steps_to_target") -> Best:
-    """Fewest steps to target (budget studies: lowest final loss); ties and 'none reached' go to the lowest final
-    eval loss, then the smaller learning rate. A learning rate whose runs skipped every step (they never moved, so
-    they keep their starting loss) is never chosen over one whose runs reached a lower loss on their way.
-    ``edge`` is "low"/"high" when the winner is the smallest/largest lr of a grid of two or more (the grid must
-    grow that way), "single" for a one-point grid."""
-    if not results:
-        raise ValueError("best_lr needs at least one result")
-
-    def key(r: LrResult) -> tuple:
-        return (r.final_eval_loss, r.lr) if kind == "budget" else (r.steps, r.final_eval_loss, r.lr)
-
-    best = min(results, key=key)
-    if best.all_skipped:
-        moved = [r for r in results if not r.all_skipped and r.best_eval_loss < best.final_eval_loss]
-        best = min(moved, key=key) if moved else best
-    grid = sorted(r.lr for r in results)
-    edge = None
-    if len(grid) == 1:
-        edge = "single"
-    elif best.lr == grid[0]:
-        edge = "low"
-    elif best.lr == grid[-1]:
-        edge = "high"
-    return Best(result=best, grid=grid, edge=edge)
-
-
-def best_by_method_batch(rows: list[dict[str, Any]], kind: str = "steps_to_target") -> dict[tuple[str, int], Best]:
-    by: dict[tuple[str, int], list[LrResult]] = defaultdict(list)
-    for r in aggregate_lrs(rows):
-        by[(r.method, r.batch_tokens)].append(r)
-    return {key: best_lr(rs, kind) for key, rs in by.items()}
 
 
 def doubling_reduction(batches: list[float], steps: list[float], i: int) -> float:
@@ -350,55 +185,6 @@ def doubling_reduction(batches: list[float], steps: list[float], i: int) -> floa
     return 1.0 - (s_end / s0) ** (1.0 / span)
 
 
-def critical_batch(batches: list[float], steps: list[float], fraction: float) -> dict[str, Any]:
-    """The critical batch size: the smallest measured batch B such that at B and at every larger measured batch
-    (except the largest, which has no larger neighbour) doubling the batch saves less than ``fraction`` of the
-    steps (:func:`doubling_reduction`). Returns ``{"batch": B or None, "bound": ..., "reductions": {B: saving}}``
-    with bound "exact"; "at_or_below" when already the smallest batch qualifies (the plateau may start earlier);
-    "above" (batch None) when doubling still saves at least ``fraction`` at the end of the grid; "none" when the
-    method never reached the target; "one_batch" (batch None) when only one batch size was measured."""
-    order = sorted(range(len(batches)), key=lambda k: batches[k])
-    bs = [float(batches[k]) for k in order]
-    ss = [float(steps[k]) if steps[k] is not None else math.inf for k in order]
-    reductions = {bs[i]: doubling_reduction(bs, ss, i) for i in range(len(bs) - 1)}
-    if not any(math.isfinite(s) for s in ss):
-        return {"batch": None, "bound": "none", "reductions": reductions}
-    if len(bs) < 2:  # one point says nothing about how steps change with the batch
-        return {"batch": None, "bound": "one_batch", "reductions": reductions}
-    candidate = None
-    for i in reversed(range(len(bs) - 1)):
-        r = reductions[bs[i]]
-        if math.isnan(r) or r >= fraction:
-            break
-        candidate = i
-    if candidate is None:
-        return {"batch": None, "bound": "above", "reductions": reductions}
-    batch = bs[candidate]
-    return {"batch": int(batch) if batch.is_integer() else batch,
-            "bound": "at_or_below" if candidate == 0 else "exact", "reductions": reductions}
-
-
-def summarize(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the report shows, from the study dict and the rows of runs.jsonl."""
-    kind = study.get("kind", "steps_to_target")
-    best = best_by_method_batch(rows, kind)
-    methods = [m["name"] for m in study["methods"]]
-    batches = sorted(study["batch_tokens"])
-    critical = {}
-    if kind == "steps_to_target":
-        for m in methods:
-            pts = [(b, best[(m, b)].result.steps) for b in batches if (m, b) in best]
-            if pts:
-                critical[m] = critical_batch([p[0] for p in pts], [p[1] for p in pts], study["critical_fraction"])
-    edges = [(m, b, best[(m, b)]) for m in methods for b in batches
-             if (m, b) in best and best[(m, b)].edge is not None]
-    return {"kind": kind, "best": best, "methods": methods, "batches": batches, "critical": critical,
-            "edges": edges, "errors": [r for r in rows if r.get("status") == "error"]}
-
-
-# ------------------------------------------------------------------------------------------ declared-target studies
-
-
 def _median_or_none(values: list[float]) -> float | None:
     if not values:
         return None
@@ -406,55 +192,55 @@ def _median_or_none(values: list[float]) -> float | None:
     return m if math.isfinite(m) else None
 
 
-def select_lr(rows: list[dict[str, Any]], target: float | None) -> tuple[float, int, str | None]:
-    """The selected lr of one method at one batch size from its selection rows: (lr, trials, edge).
-
-    Ranked by the median over the rows' seeds of :func:`selection_key` (one seed: that seed's own key); ``edge`` is
-    "low"/"high" when the winner is the smallest/largest lr tried (of two or more), "single" for one lr."""
-    by_lr: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_lr[float(r["lr"])].append(r)
+def _best_lr(by_lr: dict[float, list[Row]], target: float | None) -> float:
+    """The lr whose rows have the lowest median :func:`selection_key` (ties: the smaller lr). An lr whose every run
+    skipped every step (it never moved, so it keeps its starting loss) is not chosen over one whose runs reached a
+    lower loss on their way (median best eval loss below its final loss)."""
 
     def key(lr: float) -> tuple[float, float, float]:
         keys = [selection_key(r, target) for r in by_lr[lr]]
         return statistics.median(k[0] for k in keys), statistics.median(k[1] for k in keys), lr
 
+    best = min(by_lr, key=key)
+    if all(r.all_steps_skipped for r in by_lr[best]):
+        final = statistics.median(math.inf if r.final_eval_loss is None else r.final_eval_loss for r in by_lr[best])
+        moved = [lr for lr, rs in by_lr.items() if not all(r.all_steps_skipped for r in rs)
+                 and statistics.median(math.inf if r.best_eval_loss is None else r.best_eval_loss for r in rs) < final]
+        best = min(moved, key=key) if moved else best
+    return best
+
+
+def select_lr(rows: list[Row], target: float | None) -> tuple[float, int, str | None]:
+    """The selected lr of one method at one batch size from its selection rows: (lr, trials, edge).
+
+    Ranked by the median over the rows' seeds of :func:`selection_key` (one seed: that seed's own key), see
+    :func:`_best_lr`; ``edge`` is "low"/"high" when the winner is the smallest/largest lr tried (of two or more),
+    "single" for one lr."""
+    by_lr: dict[float, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_lr[float(r.lr)].append(r)
     lrs = sorted(by_lr)
-    best = min(lrs, key=key)
+    best = _best_lr(by_lr, target)
     edge = "single" if len(lrs) == 1 else "low" if best == lrs[0] else "high" if best == lrs[-1] else None
     return best, len(lrs), edge
 
 
-DEFAULT_LS_RANGE = 5  # runconfig.GNConfig.ls_range (a test keeps them equal; this module imports no model code)
-
-
-def ls_range_of(study: dict[str, Any], method: str) -> int:
-    """The line search's ``gn.ls_range`` of a study's method (its override, else the study's base, else the
-    default); rows written since it was recorded carry their own."""
-    m = next(x for x in study["methods"] if x["name"] == method)
-    base = (study.get("base") or {}).get("gn") or {}
-    return int((m.get("overrides") or {}).get("gn.ls_range", base.get("ls_range", DEFAULT_LS_RANGE)))
-
-
-def eta_at_floor(rows: list[dict[str, Any]], ls_range: int) -> float | None:
-    """The share of GN outer steps, over ``rows``, whose line search chose its smallest step size (1/√2)^(range−1):
-    near 1, the range binds (the step wanted to be shorter still; a larger ``gn.ls_range`` lets it). None without
-    recorded η (or with the skip option's η = 0 only)."""
-    at_floor = []
-    for r in rows:
-        floor = 2.0 ** (-(int(r.get("ls_range") or ls_range) - 1) / 2)
-        at_floor += [abs(e - floor) <= 1e-9 * floor for e in r.get("etas") or [] if e > 0]
+def eta_at_floor(rows: list[Row], line_search_range: int) -> float | None:
+    """The share of GN outer steps, over ``rows``, whose line search chose its smallest step size
+    (1/√2)^(range−1): near 1, the range binds (the step wanted to be shorter still; a larger
+    ``gn.line_search_range`` lets it). None without recorded η (or with the skip option's η = 0 only)."""
+    floor = 2.0 ** (-(line_search_range - 1) / 2)
+    at_floor = [abs(e - floor) <= 1e-9 * floor for r in rows for e in r.etas or [] if e > 0]
     return sum(at_floor) / len(at_floor) if at_floor else None
 
 
 EARLY_STEPS = 10
 
 
-def early_rise(row: dict[str, Any], steps: int = EARLY_STEPS) -> float | None:
+def early_rise(row: Row, steps: int = EARLY_STEPS) -> float | None:
     """How far a run's eval loss rose above where it started within its first ``steps`` steps (the restart spike
     of a fresh optimizer on a warm start; ≤ 0 when it only fell). None without a logged curve."""
-    curve = row.get("curve") or {}
-    pts = [(s, v) for s, v in zip(curve.get("step") or [], curve.get("eval_loss") or [])
+    pts = [(s, v) for s, v in zip(row.curve.get("step") or [], row.curve.get("eval_loss") or [])
            if v is not None and math.isfinite(v)]
     early = [v for s, v in pts[1:] if s <= steps]
     if not pts or pts[0][0] != 0 or not early:
@@ -462,46 +248,66 @@ def early_rise(row: dict[str, Any], steps: int = EARLY_STEPS) -> float | None:
     return max(early) - pts[0][1]
 
 
-def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap: int = 1000) -> dict[str, Any]:
-    """The machine-readable summary of a steps-to-target study (``summary.json``), from the study dict and the rows
-    of runs.jsonl alone.
+def _reported(study: StudyConfig, rows: list[Row], method: str, batch: int) -> tuple[list[Row], list[Row]]:
+    """(selection rows, reported rows) of a method at a batch: the selection seed's rows and the reported seeds'
+    rows (a control has no selection of its own: all its rows are reported)."""
+    rs = [r for r in rows if not r.failed and r.method == method and r.batch_tokens == batch]
+    if method in study.controls:
+        return rs, rs
+    return [r for r in rs if r.seed == study.selection_seed], [r for r in rs if r.seed in study.seeds]
 
-    Per method and batch size: the selected lr (on ``selection_seed`` when the study has one, else by the median
-    over seeds), the trials used and whether the selected lr is on an edge; then, per declared target, from the
-    reported rows (``seeds`` at the selected lr): median integer and interpolated steps, seeds that reached it,
-    median FLOPs and wall time to it (interpolated), and GN's skipped steps and inner steps N. Per method: the fit
-    S(B) = S_min(1 + B_crit/B) on the primary target with a bootstrap interval over seeds (None, with the reason,
-    below 4 batch sizes reached)."""
-    targets = [float(t) for t in study.get("targets") or []]
-    primary = study.get("primary_target")
-    sel_seed = study.get("selection_seed")
-    seeds = list(study.get("seeds") or [])
-    finished = [r for r in rows if r.get("status") != "error"]
-    controls = {m["name"]: m["control_of"] for m in study["methods"] if m.get("control_of")}
+
+def selected_cell(study: StudyConfig, rows: list[Row], method: str, batch: int) -> dict[str, Any] | None:
+    """The selected lr of a method at a batch (``best_lr``, ``trials``, ``edge``, ``lr_on_edge``) and the rows of
+    the reported seeds at it (``reported``); None when no selection row is in yet."""
+    sel_rows, reported = _reported(study, rows, method, batch)
+    if not sel_rows:
+        return None
+    lr, trials, edge = select_lr(sel_rows, study.primary_target)
+    return {"best_lr": lr, "trials": trials, "edge": edge, "lr_on_edge": edge is not None and edge != "single",
+            "reported": [r for r in reported if float(r.lr) == lr]}
+
+
+def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) -> dict[str, Any]:
+    """The machine-readable summary of a study (``summary.json``), from its declaration and the rows of runs.jsonl
+    alone.
+
+    Per method and batch size: the lr selected on ``selection_seed`` (controls: the lr they ran at), the trials
+    used and whether the selected lr is on an edge; then, from the reported rows (``seeds`` at the selected lr),
+    per declared target: median integer and interpolated steps, seeds that reached it, median FLOPs, wall time and
+    tokens to it (interpolated), and GN's skipped steps, inner steps N and line-search floor share. Per method: the
+    fit S(B) = S_min(1 + B_crit/B) on the primary target with a bootstrap interval over seeds (None, with the
+    reason, below 4 batch sizes reached) and the saving per doubling. A budget study (no targets) reports the
+    median final and best eval loss per cell instead."""
+    targets = list(study.targets)
+    primary = study.primary_target
     cells: dict[str, dict[str, Any]] = {}
     fits: dict[str, Any] = {}
-    for m in [m["name"] for m in study["methods"]]:
+    for m in [m.name for m in study.methods]:
         per_batch_steps: list[tuple[int, list[float]]] = []
-        for b in sorted(study["batch_tokens"]):
-            rs = [r for r in finished if r["method"] == m and r["batch_tokens"] == b]
-            own_selection = sel_seed is not None and m not in controls  # a control runs at another's lr
-            sel_rows = [r for r in rs if r["seed"] == sel_seed] if own_selection else rs
-            if not sel_rows:
+        for b in study.batch_tokens:
+            sel = selected_cell(study, rows, m, b)
+            if sel is None:
                 continue
-            lr, trials, edge = select_lr(sel_rows, primary)
-            reported = [r for r in rs if float(r["lr"]) == lr and (not own_selection or r["seed"] in seeds)]
-            cell: dict[str, Any] = {"best_lr": lr, "lr_on_edge": edge is not None and edge != "single",
-                                    "control_of": controls.get(m),
-                                    "edge": edge, "trials": trials, "seeds": len(reported), "per_target": {}}
+            reported = sel.pop("reported")
+            cell: dict[str, Any] = {**{k: sel[k] for k in ("best_lr", "lr_on_edge")},
+                                    "control_of": study.controls.get(m), "edge": sel["edge"], "trials": sel["trials"],
+                                    "seeds": len(reported), "per_target": {}}
             rises = [early_rise(r) for r in reported]
             cell["early_rise"] = _median_or_none([x for x in rises if x is not None])
-            if reported and reported[0].get("family") == "gn":
-                cell["inner_steps"] = reported[0].get("inner_steps")
-                cell["skipped_steps"] = _median_or_none([float(r.get("skipped_steps") or 0) for r in reported])
-                cell["eta_at_floor"] = eta_at_floor(reported, ls_range_of(study, m))
+            if reported and reported[0].family == "gn":
+                cell["inner_steps"] = reported[0].inner_steps
+                cell["skipped_steps"] = _median_or_none([float(r.skipped_steps or 0) for r in reported])
+                cell["eta_at_floor"] = eta_at_floor(reported, study.method_run_config(m).gn.line_search_range)
+            if study.kind == "budget":
+                cell["final_eval_loss"] = _median_or_none([r.final_eval_loss for r in reported
+                                                           if r.final_eval_loss is not None and not r.diverged])
+                cell["best_eval_loss"] = _median_or_none([r.best_eval_loss for r in reported
+                                                          if r.best_eval_loss is not None])
+                cell["diverged"] = sum(r.diverged for r in reported)
             for t in targets:
-                crossing = [(r.get("crossings") or {}).get(target_key(t)) for r in reported]
-                ok = [c for c, r in zip(crossing, reported) if c is not None and not r.get("diverged")]
+                crossing = [r.crossings.get(target_key(t)) for r in reported]
+                ok = [c for c, r in zip(crossing, reported) if c is not None and not r.diverged]
                 cell["per_target"][target_key(t)] = {
                     "steps": _median_or_none([steps_to(r, t, interpolated=False) for r in reported]),
                     "steps_interp": _median_or_none([steps_to(r, t) for r in reported]),
@@ -515,19 +321,24 @@ def summarize_study(study: dict[str, Any], rows: list[dict[str, Any]], bootstrap
             cells[f"{m}/{b}"] = {"method": m, "batch_tokens": b, **cell}
             if primary is not None and reported:
                 per_batch_steps.append((b, [steps_to(r, primary) for r in reported]))
+        if study.kind == "budget":
+            continue
         reached = [(b, s) for b, s in per_batch_steps if math.isfinite(statistics.median(s))]
         if len(reached) >= MIN_FIT_BATCHES:
             fits[m] = bootstrap_fit([b for b, _ in reached], [s for _, s in reached], n=bootstrap)
         else:
             fits[m] = {"reason": f"the primary target was reached (median over seeds) at {len(reached)} batch "
-                                 f"sizes; a fit needs >= {MIN_FIT_BATCHES}"}
+                                 f"size{'' if len(reached) == 1 else 's'}; a fit needs >= {MIN_FIT_BATCHES}"}
         if len(per_batch_steps) > 1:  # the per-doubling saving on the medians, as a second view of the same points
             bs, medians = [b for b, _ in per_batch_steps], [statistics.median(s) for _, s in per_batch_steps]
             saving = [doubling_reduction(bs, medians, i) for i in range(len(bs) - 1)]
             # a saving needs S(B) itself: from a batch that did not reach the target it is unknown
             fits[m]["per_doubling"] = {str(int(b)): (v if math.isfinite(v) and math.isfinite(s) else None)
                                        for b, s, v in zip(bs, medians, saving)}
-    return {"name": study.get("name"), "targets": targets, "primary_target": primary,
-            "batch_tokens": sorted(study["batch_tokens"]), "lr_budget": study.get("lr_budget"),
-            "selection_seed": sel_seed, "seeds": seeds, "cells": cells, "fit": fits,
-            "failed_runs": sum(r.get("status") == "error" for r in rows)}
+    out = {"name": study.name, "targets": targets, "primary_target": primary, "batch_tokens": list(study.batch_tokens),
+           "lr_budget": study.lr_budget, "selection_seed": study.selection_seed, "seeds": list(study.seeds),
+           "cells": cells, "fit": fits, "failed_runs": sum(r.failed for r in rows)}
+    if study.kind == "budget":
+        out.update(kind="budget", token_budget=study.token_budget,
+                   count_line_search_tokens=study.count_line_search_tokens)
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gnlm import __version__, bench, launch
+from gnlm import __version__, bench, launch, study
 from gnlm import distributed as dist
 from gnlm.checkpoint import CheckpointError
 from gnlm.config import ConfigError, dumps_json
@@ -21,7 +21,7 @@ from gnlm.model import GPT, get_preset
 from gnlm.model import describe as describe_model
 from gnlm.probe import add_probe_arguments, cmd_probe
 from gnlm.report import write_report
-from gnlm.run import has_checkpoint
+from gnlm.rundir import has_checkpoint
 from gnlm.runconfig import load_run_config
 from gnlm.train import run_training
 
@@ -80,10 +80,14 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args.items)
-    study = bench.load_study(path, overrides)
+    spec = study.load_study(path, overrides)
     launch_cfg = launch.config_from_args(args)  # bad --jobs/--launcher/--slurm.* input fails here
-    results = Path(args.results) if args.results else Path("results") / study.name
+    results = Path(args.results) if args.results else Path("results") / spec.name
     args.study_results = results  # for the message of a Ctrl-C
+
+    if results.exists() and not results.is_dir():
+        raise ConfigError(f"--results {results} is a file, not a directory; choose another results directory "
+                          f"(gnlm never deletes it, even with --overwrite)")
 
     def overwrite() -> None:
         if args.overwrite and results.exists():
@@ -94,21 +98,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        dist.init(str(study.base.get("train", {}).get("device", "auto")))
+        dist.init(str(spec.base.get("train", {}).get("device", "auto")))
         main = dist.is_main()
         dist.main_first(overwrite)
-        rows = bench.run_study(study, results, max_runs=args.max_runs, report=not args.no_report,
+        rows = bench.run_study(spec, results, max_runs=args.max_runs, report=not args.no_report,
                                launch_cfg=launch_cfg, retry_failed=args.retry_failed)
         dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
-    failed = bench.failed_runs(rows)
+    failed = [r for r in rows if r.failed]
     if main:
         print(f"gnlm bench: {len(rows)} runs recorded in {results} ({time.perf_counter() - t0:.0f} s this "
               f"session)", file=sys.stderr)
         if failed:
-            print(f"gnlm bench: {len(failed)} of {len(rows)} runs failed (first: {failed[0].get('run_id')}: "
-                  f"{failed[0].get('error')}); fix the cause and run the same command with --retry-failed",
+            print(f"gnlm bench: {len(failed)} of {len(rows)} runs failed (first: {failed[0].run_id}: "
+                  f"{failed[0].error}); fix the cause and run the same command with --retry-failed",
                   file=sys.stderr)
     return 1 if failed else 0
 
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark study: steps to a target loss across batch sizes")
     p.add_argument("items", nargs="*", metavar="STUDY [key.sub=value ...]",
-                   help=f"a study YAML file or a packaged preset ({', '.join(bench.preset_names())}; default quick), "
+                   help=f"a study YAML file or a packaged preset ({', '.join(study.preset_names())}; default quick), "
                         f"then dotted overrides such as max_steps=50 or base.train.threads=2")
     p.add_argument("--results", metavar="DIR", help="results directory (default results/<study name>)")
     p.add_argument("--overwrite", action="store_true", help="delete the results directory first and start afresh")

@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,6 +120,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed is not None:
+                raise ConfigError(f"config key '{full}' was renamed: write '{prefix + '.' if prefix else ''}{renamed}' "
+                                  f"instead")
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
                 f"valid keys: {', '.join(fields)}")
@@ -212,6 +217,38 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of '{p}'")
         node[parts[-1]] = value
     return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"gn": {"damping": 0.1}}`` -> ``{"gn.damping": 0.1}`` (lists and other values are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: set[str] | frozenset[str] = frozenset(),
+                       normalize: Callable[[str, Any], Any] | None = None) -> list[str]:
+    """The dotted keys in which a config written earlier (``saved``: a run's config.yaml, a study's study.yaml)
+    differs from ``now``, sorted: the one comparison behind every "is this the same run / the same study?".
+
+    Both sides should be complete (every option, defaults included; bring an older file up to date first), so
+    that a key on one side only is a real difference. Keys in ``ignore`` (or below one of them) are skipped;
+    ``normalize(key, value)`` maps equivalent values to one (e.g. paths to absolute paths). Tuples and lists
+    compare alike."""
+    a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(now)))
+
+    def ignored(key: str) -> bool:
+        return any(key == i or key.startswith(i + ".") for i in ignore)
+
+    def norm(key: str, value: Any) -> Any:
+        return normalize(key, value) if normalize is not None else value
+
+    return sorted(k for k in set(a) | set(b) if not ignored(k) and norm(k, a.get(k)) != norm(k, b.get(k)))
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

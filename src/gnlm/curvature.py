@@ -76,9 +76,11 @@ __all__ = [
     "math_attention",
     "ggn_vector_product",
     "surrogate_grad",
+    "damped_ggn_product",
     "cg_solve",
     "default_blocks",
     "blocks_from_patterns",
+    "layerwise_blocks",
 ]
 
 Params = dict[str, Tensor]
@@ -428,6 +430,30 @@ def surrogate_grad(model: nn.Module, params0: Params, params: Params, inputs: Te
     return loss.detach(), {k: grads[k] for k in params0}
 
 
+def damped_ggn_product(model: nn.Module, params: Params, batches: Sequence[Batch], vector: Params, damping: float,
+                       blocks: Sequence[Sequence[str]] | None = None,
+                       reduce: Callable[[list[Tensor]], Any] | None = None) -> Params:
+    r"""M v = (G + λI) v at ``params`` with G the mean GGN of ``batches`` (a list of ``(inputs, targets)``).
+
+    M v = (1/n_b) Σ_b G_b v + λ v, G_b = J_bᵀ H_b J_b of batch b (:func:`ggn_vector_product`; block-diagonal with
+    ``blocks``). ``reduce`` (data parallel, e.g. an all-reduce mean) is called in place on the list of the
+    (1/n_b) Σ_b G_b v entries before λ v is added, so every process gets M of all processes' batches. The one
+    damped-curvature operator: CG's products (:func:`cg_solve`) and the probe's (``gnlm.oracle``) are this.
+    """
+    if not batches:
+        raise ValueError("damped_ggn_product: no batches given")
+    names = list(params)
+    nb = len(batches)
+    out = [torch.zeros_like(vector[k]) for k in names]
+    for x, y in batches:
+        gv = ggn_vector_product(model, params, x, y, vector, blocks=blocks)
+        torch._foreach_add_(out, [gv[k] for k in names], alpha=1.0 / nb)
+    if reduce is not None:
+        reduce(out)
+    torch._foreach_add_(out, [vector[k] for k in names], alpha=damping)
+    return dict(zip(names, out))
+
+
 def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch], targets: Tensor | None = None,
              damping: float = 1e-4, max_iters: int = 100, tol: float = 1e-6,
              blocks: Sequence[Sequence[str]] | None = None, init: Params | None = None,
@@ -467,15 +493,8 @@ def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch]
     loss = float(loss_t)
 
     def apply_a(v: list[Tensor]) -> list[Tensor]:
-        vd = dict(zip(names, v))
-        out = [torch.zeros_like(t) for t in v]
-        for x, y in batches:
-            gv = ggn_vector_product(model, params0, x, y, vd, blocks=blocks)
-            torch._foreach_add_(out, [gv[k] for k in names], alpha=1.0 / nb)
-        if reduce is not None:
-            reduce(out)
-        torch._foreach_add_(out, v, alpha=damping)
-        return out
+        out = damped_ggn_product(model, params0, batches, dict(zip(names, v)), damping, blocks=blocks, reduce=reduce)
+        return [out[k] for k in names]
 
     def dot(a: list[Tensor], b: list[Tensor]) -> float:
         return float(sum((ai * bi).sum() for ai, bi in zip(a, b)))
@@ -545,10 +564,22 @@ def blocks_from_patterns(names: Sequence[str], patterns: Sequence[Sequence[str]]
     return blocks
 
 
-def default_blocks(model: nn.Module) -> list[list[str]]:
+def layerwise_blocks(names: Sequence[str], patterns: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+    """The layerwise partition of parameter ``names``: the blocks of ``patterns`` (:func:`blocks_from_patterns`),
+    or by default the paper's partition of gnlm's GPT (:func:`default_blocks`). The one place both the config check
+    (before any compute) and the trainers resolve it."""
+    if patterns is not None:
+        return blocks_from_patterns(names, patterns)
+    return default_blocks(names)
+
+
+def default_blocks(model_or_names: nn.Module | Sequence[str]) -> list[list[str]]:
     """The paper's layerwise partition for gnlm's GPT: [embedding], each transformer block (``ln_f`` joins the last
     one), [lm_head]; i.e. n_layers + 2 blocks."""
-    names = [n for n, _ in model.named_parameters()]
+    if isinstance(model_or_names, nn.Module):
+        names = [n for n, _ in model_or_names.named_parameters()]
+    else:
+        names = list(model_or_names)
     layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))})
     if not layers or not any(n.startswith("wte.") for n in names) or not any(n.startswith("lm_head.") for n in names):
         raise ConfigError("default_blocks needs gnlm's GPT parameter names (wte, blocks.i, ln_f, lm_head); "

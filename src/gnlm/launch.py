@@ -32,6 +32,7 @@ MASTER_PORT) and gnlm's torchrun path (``distributed.py``) does the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -403,6 +404,9 @@ class InProcess:
             result, seconds = run_task(task)
             yield Outcome(task, result, seconds=seconds)
 
+    def close(self) -> None:
+        """Nothing to stop."""
+
 
 def _outcomes(finished: list[tuple[Any, Task]], broken: list[Task]) -> Iterator[Outcome]:
     """The outcome of each finished future; tasks whose pool broke under them are added to ``broken`` instead."""
@@ -440,6 +444,13 @@ class LocalPool:
             for _ in range(self.slots):
                 self._started.submit(_ready)  # a submit to a pool without an idle worker spawns one
         return run_task(task)[0]
+
+    def close(self) -> None:
+        """Stop the workers started for the warm start when no run used them (every run already finished): a
+        process that exits with a pool still starting prints one traceback per worker."""
+        if self._started is not None:
+            self._started.shutdown(wait=True, cancel_futures=True)
+            self._started = None
 
     def _pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or CUDA state
@@ -523,6 +534,9 @@ class SlurmLauncher:
                 raise ConfigError(f"the {task.key} job failed: {out.error}")
             return out.result
 
+    def close(self) -> None:
+        """Nothing to stop: submitted jobs run on (a restarted study re-attaches to them)."""
+
     def _recorded(self) -> dict[str, str]:
         out: dict[str, str] = {}
         if self.records.exists():
@@ -563,6 +577,8 @@ class SlurmLauncher:
             except Exception as e:  # noqa: BLE001 - sbatch refused: unknown partition or account, too long a time
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                 raise ConfigError(f"submitting the jobs failed ({lines[-1]}); check the --slurm.* options") from None
+            with contextlib.suppress(OSError):  # submitit leaves the folder of its job-id template behind, empty
+                (self.folder / "%j").rmdir()
             self._record([(t.key, str(j.job_id)) for t, j in zip(new, submitted)])
             jobs.update({t.key: j for t, j in zip(new, submitted)})
         if dist.is_main() and len(tasks) > 1:

@@ -495,3 +495,13 @@ def clip_grad_norm(optimizer: Optimizer, max_norm: float, per_group: bool = Fals
         else:
             norms.append(torch.nn.utils.get_total_norm([p.grad for p in v]).detach().float())
     return float(torch.linalg.vector_norm(torch.stack([n.cpu() for n in norms])))
+
+
+def optimizer_step(optimizer: Optimizer, clip: float, per_group: bool = False) -> float:
+    """One update from the gradients already in ``p.grad``: clip (:func:`clip_grad_norm`), step, zero the gradients.
+    Every optimizer step of gnlm (baseline, GN inner step, the probe) goes through here. Returns the gradient norm
+    before clipping."""
+    grad_norm = clip_grad_norm(optimizer, clip, per_group=per_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,29 +1,10 @@
 r"""``gnlm probe``: how far is an optimizer's step from the Gauss-Newton step? (design.md; issue 10)
 
-The measure. On one batch at θ₀ let ℓ be the mean next-token cross-entropy, g = ∇ℓ(θ₀), G = JᵀHJ the batch's
-Gauss-Newton matrix (curvature.py), λ ≥ 0 a damping and M = G + λI. The GN model of the loss change along d is
-
-    q(d) = gᵀd + ½ dᵀMd,      best decrease Δq* = −min_d q(d) = ½ gᵀM⁻¹g   at the GN step d* = −M⁻¹g.
-
-* Direction efficiency ρ(d) = (gᵀd)² / (dᵀMd · gᵀM⁻¹g) if gᵀd < 0, else 0. It is the squared cosine between d and
-  d* in the M inner product, i.e. the fraction of Δq* that d reaches with its best step size
-  α(d) = −gᵀd / dᵀMd (reported as ``best_scale``: > 1 means the step was too short for the GN model). ρ ∈ [0, 1],
-  ρ = 1 only along d*, and ρ does not depend on the scale of d.
-* Step efficiency −q(d)/Δq* at the step as taken. With s = 1/α it equals ρ·(2s − s²): ρ when the step has the
-  model's best length, less when it is shorter or longer, negative when it overshoots more than twofold.
-
-References, per probe batch: the GN step d* (CG, :func:`gnlm.curvature.cg_solve`, relative residual reported), the
-layerwise GN step (CG on the block-diagonal M of ``gn.layerwise``'s partition; scored under the full M) and the
-gradient, taken at the GN model's best step size along it, −α g with α = gᵀg / gᵀMg (so its step efficiency equals
-its ρ).
-
-gᵀM⁻¹g is not known exactly: CG gives −gᵀd*, and every direction d gives the lower bound (gᵀd)²/dᵀMd (Cauchy-Schwarz
-in the M inner product, equality at d*). The estimate is the largest of these bounds, so no ρ exceeds 1 and every ρ
-is at most slightly high. For the CG iterate, gᵀM⁻¹g − (−gᵀd*) = rᵀM⁻¹r ≤ ‖r‖²/λ (r the residual, exact
-arithmetic), so ``gmg_rel_gap_bound`` = ‖r‖² / (λ · estimate) bounds the relative error of the estimate, and of
-every ρ (reported when λ > 0). It is far smaller than the relative residual (≤ 0.2% at residual 1e-2 in the README
-example), which is why the default CG tolerance is 1e-2. ρ(d*) ≈ 1 checks that CG and the separate M-products
-agree; it is not a convergence test (the residual and the bound are).
+The measure (direction efficiency ρ, step efficiency, the references d*, layerwise GN step and gradient, and the
+estimate of gᵀM⁻¹g with its error bound) is :mod:`gnlm.oracle`. This module is the job around it: where the
+checkpoint and the learning rates come from (a run, a checkpoint, a study or every checkpoint of a run), the
+optimizers' steps, the real-loss curves, and the table and figure. The layerwise reference uses the run's
+partition (``gn.blocks``, default the paper's, :func:`gnlm.curvature.layerwise_blocks`).
 
 Optimizer steps. Each optimizer is built with :func:`gnlm.optim.build_optimizer` (the paper's Muon/AdamW routing,
 clipping as in the baseline trainer) at the checkpoint's parameters θ₀ and takes ``warmup_steps`` steps on the
@@ -33,9 +14,9 @@ numbers compare directions and nothing else. For each probe batch the optimizer 
 takes one step with the batch's gradient g: d = θ_after − θ₀.
 
 Real loss. On a second fresh batch per probe batch, ℓ(θ₀ + η d) − ℓ(θ₀) for η on the line search's grid
-(:func:`gnlm.gauss_newton.line_search_etas`, ``gn.ls_range`` of the run), next to the GN model's prediction
-q(η d) from the probe batch. Every direction is taken at the scale it is reported at: an optimizer's actual step,
-d* and the layerwise step at their natural scale (what the GN trainer line-searches), the gradient at α.
+(:meth:`gnlm.runconfig.GNConfig.line_search_etas`, ``gn.line_search_range`` of the run), next to the GN model's
+prediction q(η d) from the probe batch. Every direction is taken at the scale it is reported at: an optimizer's
+actual step, d* and the layerwise step at their natural scale (what the GN trainer line-searches), the gradient at α.
 
 Data parallel (torchrun): every rank holds θ₀ and a shard of every batch; gradients, GGN-vector products (CG's
 ``reduce``) and losses are averaged over the ranks, so every rank scores the same directions; only rank 0 writes.
@@ -49,184 +30,32 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
 from gnlm import distributed as dist
-from gnlm.analysis import best_by_method_batch, read_rows, summarize_study
+from gnlm.analysis import selected_cell
+from gnlm.results import read_rows
+from gnlm.study import upgrade_saved_study
 from gnlm.checkpoint import atomic_write_bytes, load_checkpoint
 from gnlm.config import ConfigError, dumps_json
-from gnlm.curvature import (
-    blocks_from_patterns,
-    cg_solve,
-    default_blocks,
-    ggn_vector_product,
-    surrogate_grad,
-)
-from gnlm.data import BatchStream, load_prepared, prepare_data
-from gnlm.gauss_newton import line_search_etas
-from gnlm.model import GPT, loss_fn
-from gnlm.optim import OptimConfig, build_optimizer, clip_grad_norm
-from gnlm.run import resolve_device
-from gnlm.runconfig import RunConfig, build_run_config
+from gnlm.curvature import layerwise_blocks
+from gnlm.model import loss_fn
+from gnlm.optim import OptimConfig, build_optimizer, optimizer_step
+from gnlm.oracle import REFERENCES, loss_along, probe_directions, step_direction
+from gnlm.run import build_model, load_weights, open_data, resolve_device, train_stream
+from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
 
-__all__ = ["ProbeResult", "direction_efficiency", "damped_product", "probe_directions", "step_direction",
-           "loss_along", "run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
+__all__ = ["run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
 
 Params = dict[str, Tensor]
-Reduce = Callable[[list[Tensor]], Any]
-REFERENCES = ("gn", "layerwise", "gradient")
 _LABELS = {"gn": "GN step (CG)", "layerwise": "layerwise GN", "gradient": "gradient"}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the measure (pure functions on dicts of tensors)
-
-
-def _dot(a: Params, b: Params) -> float:
-    return float(sum(torch.dot(a[k].reshape(-1).double(), b[k].reshape(-1).double()) for k in a))
-
-
-def direction_efficiency(g: Params, d: Params, md: Params, gmg: float) -> dict[str, float]:
-    r"""Scores of direction ``d`` given the gradient ``g``, ``md`` = M d and ``gmg`` = gᵀM⁻¹g.
-
-    Returns ``rho`` = (gᵀd)² / (dᵀMd · gᵀM⁻¹g) if gᵀd < 0 (else 0), ``step_efficiency`` = −q(d) / (½ gᵀM⁻¹g) with
-    q(d) = gᵀd + ½ dᵀMd, ``best_scale`` α = −gᵀd / dᵀMd (the GN model's best multiple of d; 0 if gᵀd ≥ 0),
-    ``gtd``, ``dmd``, ``q`` and ``norm`` = ‖d‖.
-    """
-    gtd, dmd = _dot(g, d), _dot(d, md)
-    descent = gtd < 0 and dmd > 0
-    q = gtd + 0.5 * dmd
-    return {"rho": gtd * gtd / (dmd * gmg) if descent and gmg > 0 else 0.0,
-            "step_efficiency": -q / (0.5 * gmg) if gmg > 0 else 0.0,
-            "best_scale": -gtd / dmd if descent else 0.0,
-            "gtd": gtd, "dmd": dmd, "q": q, "norm": math.sqrt(_dot(d, d))}
-
-
-def damped_product(model: nn.Module, params: Params, inputs: Tensor, targets: Tensor, d: Params, damping: float,
-                   reduce: Reduce | None = None) -> Params:
-    """M d = G d + λ d on one batch; ``reduce`` (data parallel) averages G d over the ranks first."""
-    gd = ggn_vector_product(model, params, inputs, targets, d)
-    if reduce is not None:
-        reduce(list(gd.values()))
-    return {k: gd[k] + damping * d[k] for k in gd}
-
-
-@dataclass
-class ProbeResult:
-    """What :func:`probe_directions` measured on one batch.
-
-    ``references``: the directions ``gn`` (d*), ``layerwise`` (absent without blocks) and ``gradient`` (−α g);
-    ``scores``: :func:`direction_efficiency` of every reference and every given direction; ``gmg``: the estimate of
-    gᵀM⁻¹g used; ``cg``: per reference solve its ``iterations``, ``relative_residual``, ``converged``.
-    """
-
-    loss: float
-    grad: Params
-    gmg: float
-    gmg_rel_gap_bound: float | None
-    references: dict[str, Params]
-    scores: dict[str, dict[str, float]]
-    cg: dict[str, dict[str, Any]]
-
-
-def probe_directions(model: nn.Module, params: Params, inputs: Tensor, targets: Tensor,
-                     directions: dict[str, Params] | None = None, damping: float = 1e-3, cg_iters: int = 100,
-                     cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None, grad: Params | None = None,
-                     reduce: Reduce | None = None) -> ProbeResult:
-    r"""Score ``directions`` (name -> dict like ``params``) against the GN step of one batch at ``params``.
-
-    Solves (G + λI) d* = −g by CG (``cg_iters``, ``cg_tol`` relative to ‖g‖) and, with ``blocks`` (a partition of
-    the parameter names, e.g. :func:`gnlm.curvature.default_blocks`), the layerwise system with block-diagonal G;
-    then one M-product per direction. ``grad`` is g when the caller already has it (else it is computed).
-    ``reduce`` (data parallel, e.g. :func:`gnlm.distributed.all_reduce_mean`) averages gradients and products
-    over the ranks; ``inputs, targets`` are then this rank's shard. Works on any module mapping ids to logits.
-    """
-    directions = dict(directions or {})
-    clash = sorted(set(directions) & set(REFERENCES))
-    if clash:
-        raise ValueError(f"probe_directions: direction names {clash} are reserved for the references")
-    params = {k: v.detach() for k, v in params.items()}
-    if grad is None:
-        _, grad = surrogate_grad(model, params, params, inputs, targets, kind="gn")
-        if reduce is not None:
-            reduce(list(grad.values()))
-    d_star, info = cg_solve(model, params, inputs, targets, damping=damping, max_iters=cg_iters, tol=cg_tol,
-                            reduce=reduce)
-    cg = {"gn": _cg_summary(info)}
-    refs: dict[str, Params] = {"gn": d_star}
-    if blocks is not None:
-        refs["layerwise"], info_lw = cg_solve(model, params, inputs, targets, damping=damping, max_iters=cg_iters,
-                                              tol=cg_tol, blocks=blocks, reduce=reduce)
-        cg["layerwise"] = _cg_summary(info_lw)
-    products = {name: damped_product(model, params, inputs, targets, d, damping, reduce)
-                for name, d in {**refs, **directions}.items()}
-    neg_g = {k: -v for k, v in grad.items()}
-    mg = damped_product(model, params, inputs, targets, neg_g, damping, reduce)
-    alpha = _dot(grad, grad) / max(_dot(neg_g, mg), 1e-300)
-    refs["gradient"] = {k: alpha * v for k, v in neg_g.items()}
-    products["gradient"] = {k: alpha * v for k, v in mg.items()}
-    all_dirs = {**refs, **directions}
-    # gᵀM⁻¹g ≥ (gᵀd)²/dᵀMd for every d (equality at d*); CG's −gᵀd* is the same bound for an exact CG iterate
-    bounds = [-_dot(grad, d_star)]
-    for name, d in all_dirs.items():
-        gtd, dmd = _dot(grad, d), _dot(d, products[name])
-        if gtd < 0 and dmd > 0:
-            bounds.append(gtd * gtd / dmd)
-    gmg = max(bounds)
-    gap = info["residual_norm"] ** 2 / (damping * gmg) if damping > 0 and gmg > 0 else None
-    scores = {name: direction_efficiency(grad, d, products[name], gmg) for name, d in all_dirs.items()}
-    return ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs, scores=scores,
-                       cg=cg)
-
-
-def _cg_summary(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: info[k] for k in ("iterations", "relative_residual", "converged", "residual_norm")}
-
-
-def step_direction(model: nn.Module, optimizer: torch.optim.Optimizer, grad: Params, clip: float = 0.0,
-                   per_group: bool = False) -> Params:
-    """d = θ_after − θ₀ of one ``optimizer`` step with gradient ``grad`` (clipped like the baseline trainer:
-    :func:`gnlm.optim.clip_grad_norm`); the parameters are put back to θ₀, the optimizer keeps its new state."""
-    params = dict(model.named_parameters())
-    theta0 = {n: p.detach().clone() for n, p in params.items()}
-    for n, p in params.items():
-        p.grad = grad[n].detach().to(p.dtype).clone()  # clipping and the optimizer may write into it
-    clip_grad_norm(optimizer, clip, per_group=per_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        d = {n: p.detach() - theta0[n] for n, p in params.items()}
-        for n, p in params.items():
-            p.copy_(theta0[n])
-    return d
-
-
-@torch.no_grad()
-def loss_along(model: nn.Module, params0: Params, directions: dict[str, Params], inputs: Tensor, targets: Tensor,
-               etas: Sequence[float]) -> tuple[float, dict[str, list[float]]]:
-    """ℓ(θ₀) and ℓ(θ₀ + η d) − ℓ(θ₀) for every direction and η on one batch, averaged over the ranks; the
-    model's parameters are left at θ₀."""
-    params = dict(model.named_parameters())
-    values = [loss_fn(model(inputs), targets).item()]
-    for d in directions.values():
-        for eta in etas:
-            for n, p in params.items():
-                p.copy_(params0[n] + eta * d[n])
-            values.append(loss_fn(model(inputs), targets).item())
-    for n, p in params.items():
-        p.copy_(params0[n])
-    device = next(iter(params.values())).device
-    values = dist.mean_of_floats(values, device)
-    base, rest = values[0], values[1:]
-    k = len(etas)
-    return base, {name: [v - base for v in rest[i * k:(i + 1) * k]] for i, name in enumerate(directions)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,7 +122,7 @@ def _load_config(path: Path) -> RunConfig:
     except yaml.YAMLError:
         raise ConfigError(f"{path} is not valid YAML; restore the run's config.yaml") from None
     try:
-        return build_run_config(raw)
+        return build_run_config(upgrade_run_config(raw))  # a run of an earlier gnlm is probed too
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -316,21 +145,23 @@ def _check_optimizer(name: str) -> str:
 
 def _study_lrs(study: dict[str, Any], study_dir: Path, optimizers: list[str],
                batch_tokens: int) -> dict[str, tuple[float, str]]:
-    """Best learning rate of each optimizer at ``batch_tokens`` from a study's runs.jsonl, where the study has a
-    method of that name (a plain built-in, or a label whose ``optimizer`` is that import path) run at that batch."""
-    rows = read_rows(study_dir / "runs.jsonl")
-    if study.get("targets"):  # declared targets: the lr selected on the primary target (summary.json's best_lr)
-        cells = summarize_study(study, rows, bootstrap=0)["cells"]
-        best = {(c["method"], c["batch_tokens"]): c["best_lr"] for c in cells.values()}
-    else:
-        best = {k: b.lr for k, b in best_by_method_batch(rows, study.get("kind", "steps_to_target")).items()}
+    """The lr selected for each optimizer at ``batch_tokens`` in a study (summary.json's ``best_lr``), where the
+    study has a method of that name (a plain built-in, or a label whose ``optimizer`` is that import path) run at
+    that batch."""
+    try:
+        spec = upgrade_saved_study(study)
+    except ConfigError as e:
+        raise ConfigError(f"{study_dir / 'study.yaml'}: {e}") from None
+    rows = read_rows(study_dir)
     out = {}
     for opt in optimizers:
-        for m in study.get("methods", []):
-            name = m.get("name")
-            plain = name == opt and m.get("type") in (None, opt) and not m.get("optimizer")
-            if (plain or m.get("optimizer") == opt) and (name, batch_tokens) in best:
-                out[opt] = (best[(name, batch_tokens)], f"study best lr of {name} at batch {batch_tokens}")
+        for m in spec.methods:
+            plain = m.name == opt and m.type in (None, opt) and m.optimizer is None
+            if not (plain or m.optimizer == opt) or m.control_of is not None:
+                continue
+            cell = selected_cell(spec, rows, m.name, batch_tokens)
+            if cell is not None:
+                out[opt] = (cell["best_lr"], f"study best lr of {m.name} at batch {batch_tokens}")
                 break
     return out
 
@@ -361,25 +192,18 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
                  device: torch.device, bar) -> dict[str, Any]:
     """Every number of one checkpoint: optimizer steps, references, real-loss curves over the probe batches."""
     ckpt = load_checkpoint(ckpt_path, map_location=device, verbose=dist.is_main())
-    model = GPT(cfg.model).to(device=device, dtype=getattr(torch, cfg.train.dtype))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"checkpoint {ckpt_path} does not fit the model of its config.yaml ({first}); "
-                          "give the run's own checkpoint") from None
+    model = build_model(cfg, device)
+    load_weights(model, ckpt["model"], f"checkpoint {ckpt_path}")
     step = ckpt.get("state", {}).get("step")
-    stream = BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
-                         rank=dist.rank(), world_size=dist.world_size())
+    stream = train_stream(cfg, data)
     if "stream" in ckpt:
         stream.load_state_dict(ckpt["stream"])
     del ckpt
     reduce = dist.all_reduce_mean if dist.world_size() > 1 else None
     params = dict(model.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
-    blocks = (blocks_from_patterns(list(params), cfg.gn.blocks) if cfg.gn.blocks is not None
-              else default_blocks(model))
-    etas = line_search_etas(cfg.gn.ls_range)
+    blocks = layerwise_blocks(list(params), cfg.gn.blocks)
+    etas = cfg.gn.line_search_etas()
 
     def to_device(b):
         return b[0].to(device), b[1].to(device)
@@ -403,9 +227,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
             grads = loss_grad(x, y)
             for n, p in params.items():
                 p.grad = grads[n]
-            clip_grad_norm(opt, ocfg.clip, per_group=ocfg.clip_per_group)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, ocfg.clip, per_group=ocfg.clip_per_group)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(theta0[n])
@@ -427,7 +249,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
             steps[name] = step_direction(model, opt, g, opt_cfgs[name].clip, opt_cfgs[name].clip_per_group)
         res = probe_directions(model, theta0, x, y, steps, damping=damping, cg_iters=cg_iters, cg_tol=cg_tol,
                                blocks=blocks, grad=g, reduce=reduce)
-        base, changes = loss_along(model, theta0, {**res.references, **steps}, xl, yl, etas)
+        base, changes = loss_along(model, theta0, {**res.references, **steps}, xl, yl, etas, reduce=reduce)
         for name in names:
             sc = res.scores[name]
             scores[name].append(sc)
@@ -555,11 +377,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     if threads or cfg.train.threads:
         torch.set_num_threads(threads or cfg.train.threads)
     dev = resolve_device(device or cfg.train.device)
-    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress and dist.is_main()).dir))
-    data = load_prepared(data_dir)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
-                          f"{cfg.model.vocab_size}; the config does not describe this data")
+    data = open_data(cfg, progress=progress)
 
     from tqdm.auto import tqdm
 
@@ -581,7 +399,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         **points[-1], "source": str(source if source is not None else along), "source_kind": src.kind,
         "config": str(src.config_path), "batch_tokens": batch_tokens, "probe_batches": probe_batches,
         "warmup_steps": warmup_steps, "damping": damping, "cg_iters": cg_iters, "cg_tol": cg_tol,
-        "etas": line_search_etas(cfg.gn.ls_range), "world_size": world,
+        "etas": cfg.gn.line_search_etas(), "world_size": world,
         "real_loss_scales": {"optimizers": "the actual step", "gn": "d* (natural scale)",
                              "layerwise": "the layerwise GN step (natural scale)",
                              "gradient": "-alpha*g, alpha = g'g / g'Mg (the GN model's best step along -g)"},

@@ -1,40 +1,31 @@
 """``gnlm report RESULTS_DIR``: a Markdown report and PNG figures from a study's results files (never trains).
 
-Reads ``study.yaml``, ``runs.jsonl``, the warm start's ``summary.json`` and each best run's ``metrics.jsonl``;
-writes ``report.md`` and the figures beside them:
+Reads ``study.yaml``, ``runs.jsonl`` and the warm start's ``summary.json``; writes ``report.md``, ``summary.json``
+(every number of the report, machine-readable: ``analysis.summarize_study``) and the figures beside them:
 
-* ``steps_vs_batch.png``: steps to the target vs batch size, log-log, one line per method (the paper's key figure;
-  hollow triangles mark "not reached within max_steps" at the step budget),
-* ``curves_largest_batch.png``: validation loss vs step at the largest batch, best learning rate per method,
-* ``final_loss_vs_batch.png`` (budget studies): final validation loss vs batch size,
-* ``steps_vs_batch_fit.png``: interpolated steps to the primary target with the fitted S(B) = S_min(1 + B_crit/B),
+* ``curves_largest_batch.png``: validation loss vs step at the largest batch, selected lr per method,
+* ``steps_vs_batch_fit.png``: interpolated steps to the primary target with the fitted S(B) = S_min(1 + B_crit/B)
+  (hollow triangles at a method's step budget mark "not reached"),
 * ``ratio_vs_target.png``: best baseline / full GN steps against target depth, one line per batch size,
-* ``summary.json``: every number of the declared-target sections, machine-readable (``analysis.summarize_study``).
+* ``final_loss_vs_batch.png`` (budget studies): final validation loss vs batch size.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gnlm.analysis import (
-    EARLY_STEPS,
-    Best,
-    all_steps_skipped,
-    eval_curve,
-    read_rows,
-    summarize,
-    summarize_study,
-    target_key,
-)
+from gnlm.analysis import EARLY_STEPS, summarize_study
+from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
+from gnlm.results import Row, read_jsonl, read_rows, target_key
+from gnlm.study import StudyConfig, upgrade_saved_study
 
 BASELINE_FAMILY = "baseline"
-# The fields of a runs.jsonl row that the report cannot do without.
-REQUIRED_ROW_FIELDS = ("run_id", "method", "batch_tokens", "lr", "seed", "run_dir")
 DIVERGENCE_RULE = ("a run is diverged when its training or eval loss is non-finite, exceeds max(initial eval loss, "
                    "ln V) + train.divergence_margin, or returns to within train.collapse_tolerance of ln V (the "
                    "uniform predictor) after having been below it")
@@ -63,58 +54,30 @@ def _fmt_batch(b: float) -> str:
     return f"{b:,.0f}"
 
 
-def load_results(results_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_results(results_dir: str | Path) -> tuple[StudyConfig, list[Row]]:
+    """The study and its rows; one-line ConfigErrors for a directory that is not a readable results directory.
+    Lines of runs.jsonl that are not complete rows are named on stderr and left out."""
     results_dir = Path(results_dir)
+    if not results_dir.exists():
+        raise ConfigError(f"results directory {results_dir} does not exist; give the directory that gnlm bench wrote")
+    if not results_dir.is_dir():
+        raise ConfigError(f"{results_dir} is a file, not a results directory; give the directory that gnlm bench wrote")
     study_path = results_dir / "study.yaml"
-    if not study_path.exists():
+    if not study_path.is_file():
         raise ConfigError(f"{results_dir} is not a gnlm results directory (no study.yaml); give the directory that "
                           f"gnlm bench wrote")
-    study = yaml.safe_load(study_path.read_text()) or {}
-    for key in ("methods", "batch_tokens"):
-        if not isinstance(study, dict) or not isinstance(study.get(key), list) or not study[key]:
-            raise ConfigError(f"{study_path} has no {key!r} list, so it is not a complete gnlm study; restore it (gnlm "
-                              f"bench writes it) or run gnlm bench STUDY --results {results_dir} again")
-    if not all(isinstance(m, dict) and m.get("name") for m in study["methods"]):
-        raise ConfigError(f"{study_path}: every entry of 'methods' needs a name; restore the file gnlm bench wrote")
-    rows = read_rows(results_dir / "runs.jsonl")
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in REQUIRED_ROW_FIELDS if not isinstance(row, dict) or row.get(k) is None]
-        if missing:
-            rid = row.get("run_id") if isinstance(row, dict) else None
-            raise ConfigError(f"{results_dir / 'runs.jsonl'}: row {i}{f' ({rid})' if rid else ''} lacks "
-                              f"{', '.join(missing)}; restore that line or delete it (gnlm bench then runs that run "
-                              f"again)")
-    return study, rows
-
-
-def ratio(num: float, den: float, num_capped: bool = False) -> str:
-    """``num/den`` as "5.4×"; when ``num`` did not reach the target (``num_capped``: num is the step budget, a lower
-    bound) the ratio is a lower bound "> 5.4×"."""
-    if den is None or not math.isfinite(den) or den <= 0 or num is None:
-        return "—"
-    if num_capped:
-        return f"> {num / den:.1f}×"
-    if not math.isfinite(num):
-        return "—"
-    return f"{num / den:.1f}×"
-
-
-def _reference_methods(study: dict[str, Any], families: dict[str, str]) -> tuple[str | None, str | None]:
-    """The method compared against ('gn', else the first full-GN-type method) and the layerwise one."""
-    types = {m["name"]: (m.get("type") or m["name"]) for m in study["methods"] if not m.get("optimizer")}
-    gn = "gn" if types.get("gn") == "gn" else next((n for n, t in types.items() if t == "gn"), None)
-    lw = "gn_layerwise" if types.get("gn_layerwise") == "gn_layerwise" else next(
-        (n for n, t in types.items() if t == "gn_layerwise"), None)
-    return gn, lw
-
-
-def _families(study: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
-    fam = {r["method"]: r.get("family", "") for r in rows}
-    for m in study["methods"]:
-        if m["name"] not in fam:
-            t = m.get("type") or m["name"]
-            fam[m["name"]] = "gn" if (t.startswith("gn") and not m.get("optimizer")) else BASELINE_FAMILY
-    return fam
+    try:
+        raw = yaml.safe_load(study_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        raise ConfigError(f"{study_path} is not valid YAML; restore it (gnlm bench writes it) or run gnlm bench "
+                          f"STUDY --results {results_dir} again") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{study_path} does not hold a study (a YAML mapping); restore the file gnlm bench wrote")
+    try:
+        study = upgrade_saved_study(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{study_path}: {e}") from None
+    return study, read_rows(results_dir, warn=True)
 
 
 def _pyplot():
@@ -162,74 +125,34 @@ def _save_with_legend_below(fig, ax, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _plot_steps_vs_batch(path: Path, summary: dict[str, Any], max_steps: int) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    methods, all_steps = summary["methods"], [float(max_steps)]
-    for i, m in enumerate(methods):
-        color = f"C{i % 10}"
-        pts = [(b, summary["best"][(m, b)].result.steps) for b in summary["batches"] if (m, b) in summary["best"]]
-        reached = [(b, s) for b, s in pts if math.isfinite(s)]
-        missed = [b for b, s in pts if not math.isfinite(s)]
-        if reached:
-            ax.plot([p[0] for p in reached], [p[1] for p in reached], "o-", color=color, label=m)
-            all_steps += [p[1] for p in reached]
-        if missed:
-            # side by side, not on top of each other: each method's triangles are shifted a little along the
-            # (log2) batch axis, and named in the legend
-            shift = 2.0 ** (0.08 * (i - (len(methods) - 1) / 2))
-            ax.plot([b * shift for b in missed], [max_steps] * len(missed), "^", mfc="none", mew=1.5, ms=8,
-                    color=color, label=f"{m}: not reached")
-    ax.axhline(max_steps, color="0.5", ls=":", lw=1, label=f"step budget ({max_steps})")
-    _batch_axis(ax, summary["batches"])
-    ax.set_yscale("log")
-    lo, hi = max(min(all_steps) / 1.4, 0.5), max(all_steps) * 1.4
-    ax.set_ylim(lo, hi)
-    _plain_log_axis(ax.yaxis, lo, hi)
-    ax.set_xlabel("batch size (tokens)")
-    ax.set_ylabel("steps to target (outer steps for GN)")
-    ax.set_title("Steps to target vs batch size (best lr per point; △ = not reached)")
-    ax.grid(True, which="major", alpha=0.3)
-    _save_with_legend_below(fig, ax, path)
-
-
-def _row_curve(results_dir: Path, row: dict[str, Any]) -> list[tuple[int, float]]:
+def _row_curve(results_dir: Path, row: Row) -> list[tuple[int, float]]:
     """A run's finite (step, eval loss) points: from its row (studies keep the curve) or its metrics file."""
-    if row.get("curve"):
-        steps, losses = row["curve"]["step"], row["curve"]["eval_loss"]
+    if row.curve:
+        steps, losses = row.curve["step"], row.curve["eval_loss"]
     else:
-        steps, losses = eval_curve(read_rows(results_dir / row["run_dir"] / "metrics.jsonl"))
+        evals = [r for r in read_jsonl(results_dir / row.run_dir / "metrics.jsonl") if r.get("eval_loss") is not None]
+        steps, losses = [r["step"] for r in evals], [r["eval_loss"] for r in evals]
     return [(s, v) for s, v in zip(steps, losses) if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def _curve_entry(results_dir: Path, i: int, method: str, lr: float, run: dict[str, Any]) -> tuple | None:
+def _curve_entry(results_dir: Path, i: int, method: str, lr: float, run: Row) -> tuple | None:
     pts = _row_curve(results_dir, run)
     if not pts:
         return None
-    note = " — diverged" if run.get("diverged") else " — every step skipped" if all_steps_skipped(run) else ""
-    return f"{method} (lr {lr:.3g}){note}", f"C{i % 10}", pts, bool(run.get("diverged"))
+    note = " — diverged" if run.diverged else " — every step skipped" if run.all_steps_skipped else ""
+    return f"{method} (lr {lr:.3g}){note}", f"C{i % 10}", pts, run.diverged
 
 
-def _best_lr_curves(results_dir: Path, summary: dict[str, Any], batch: int) -> list[tuple]:
-    """Per method, the lowest seed of its best lr at ``batch`` (studies without a selection seed)."""
-    curves = []
-    for i, m in enumerate(summary["methods"]):
-        best = summary["best"].get((m, batch))
-        if best is not None:
-            curves.append(_curve_entry(results_dir, i, m, best.lr, min(best.result.rows, key=lambda r: r["seed"])))
-    return [c for c in curves if c is not None]
-
-
-def _selected_lr_curves(results_dir: Path, study: dict[str, Any], rows: list[dict[str, Any]],
-                        cells: dict[str, Any], batch: int) -> list[tuple]:
+def _selected_lr_curves(results_dir: Path, study: StudyConfig, rows: list[Row], cells: dict[str, Any],
+                        batch: int) -> list[tuple]:
     """Per method (controls aside), the lowest reported seed at its selected lr at ``batch``."""
     curves = []
-    for i, m in enumerate(m["name"] for m in study["methods"] if not m.get("control_of")):
+    for i, m in enumerate(m.name for m in study.methods if m.control_of is None):
         cell = cells.get(f"{m}/{batch}")
-        runs = [r for r in rows if cell and r["method"] == m and r["batch_tokens"] == batch
-                and float(r["lr"]) == cell["best_lr"] and r["seed"] in (study.get("seeds") or [])]
+        runs = [r for r in rows if cell and r.method == m and r.batch_tokens == batch
+                and float(r.lr) == cell["best_lr"] and r.seed in study.seeds]
         if runs:
-            curves.append(_curve_entry(results_dir, i, m, cell["best_lr"], min(runs, key=lambda r: r["seed"])))
+            curves.append(_curve_entry(results_dir, i, m, cell["best_lr"], min(runs, key=lambda r: r.seed)))
     return [c for c in curves if c is not None]
 
 
@@ -285,156 +208,68 @@ def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | No
     _save_with_legend_below(fig, ax, path)
 
 
-def _plot_final_loss(path: Path, summary: dict[str, Any]) -> None:
+def _plot_final_loss(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for i, m in enumerate(summary["methods"]):
-        pts = [(b, summary["best"][(m, b)].result.final_eval_loss) for b in summary["batches"]
-               if (m, b) in summary["best"]]
-        pts = [p for p in pts if math.isfinite(p[1])]
+    for i, m in enumerate(m.name for m in study.methods if m.control_of is None):
+        pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("final_eval_loss")) for b in study.batch_tokens]
+        pts = [(b, v) for b, v in pts if v is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=m)
-    _batch_axis(ax, summary["batches"])
+    _batch_axis(ax, study.batch_tokens)
     ax.set_xlabel("batch size (tokens)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("Final validation loss at a fixed token budget (best lr per point)")
+    ax.set_ylabel("final validation loss (median over seeds)")
+    ax.set_title("Final validation loss at a fixed token budget (selected lr per point)")
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_with_legend_below(fig, ax, path)
 
 
-def _batch_table(summary: dict[str, Any], batch: int, kind: str) -> list[str]:
-    lines = []
-    if kind == "budget":
-        lines += ["| method | best lr | steps | tokens | final eval loss | time (s) |", "|---|---|---|---|---|---|"]
-    else:
-        lines += ["| method | best lr | steps | tokens (line search) | forward-equiv. | time (s) | reached | "
-                  "final eval loss |", "|---|---|---|---|---|---|---|---|"]
-    for m in summary["methods"]:
-        best: Best | None = summary["best"].get((m, batch))
-        if best is None:
-            continue
-        r = best.result
-        lr = f"{r.lr:g}" + (" ⚠" if best.edge else "") + (" (every step skipped)" if r.all_skipped else "")
-        if kind == "budget":
-            run = min(r.rows, key=lambda x: x["seed"])
-            lines.append(f"| {m} | {lr} | {_fmt_int(run.get('steps_run'))} | {_fmt_int(run.get('tokens_run'))} | "
-                         f"{_fmt_loss(r.final_eval_loss)} | {_fmt_time(run.get('total_wall_time'))} |")
-            continue
-        if r.reached:
-            toks = _fmt_int(r.tokens) + (f" ({_fmt_int(r.line_search_tokens)})" if r.line_search_tokens else "")
-            cells = [_fmt_int(r.steps), toks, _fmt_sci(r.forward_equivalents), _fmt_time(r.wall_time)]
-        else:
-            cells = ["not reached", "—", "—", "—"]
-        lines.append(f"| {m} | {lr} | " + " | ".join(cells) +
-                     f" | {r.reached_seeds}/{r.seeds} | {_fmt_loss(r.final_eval_loss)} |")
-    return lines
-
-
-def _ratio_lines(summary: dict[str, Any], batch: int, gn: str | None, lw: str | None,
-                 families: dict[str, str], max_steps: int) -> list[str]:
-    best = summary["best"]
-    if gn is None or (gn, batch) not in best or not best[(gn, batch)].result.reached:
-        return [f"- {gn or 'GN'} did not reach the target at this batch: no ratios."] if gn else []
-    g = best[(gn, batch)].result
-    out = []
-    baselines = [best[(m, batch)].result for m in summary["methods"]
-                 if families.get(m) == BASELINE_FAMILY and (m, batch) in best]
-    if baselines:
-        reached = [r for r in baselines if r.reached]
-        if reached:
-            b = min(reached, key=lambda r: r.steps)
-            out.append(f"- best baseline ({b.method}) / {gn}: steps {ratio(b.steps, g.steps)}, tokens "
-                       f"{ratio(b.tokens, g.tokens)}, forward-equivalents {ratio(b.forward_equivalents, g.forward_equivalents)}, "
-                       f"time {ratio(b.wall_time, g.wall_time)}")
-        else:
-            out.append(f"- no baseline reached the target within {max_steps} steps: best baseline / {gn} steps "
-                       f"{ratio(max_steps, g.steps, num_capped=True)}")
-    if lw is not None and (lw, batch) in best:
-        w = best[(lw, batch)].result
-        if w.reached:
-            out.append(f"- {lw} / {gn}: steps {ratio(w.steps, g.steps)}, tokens {ratio(w.tokens, g.tokens)}, "
-                       f"forward-equivalents {ratio(w.forward_equivalents, g.forward_equivalents)}, "
-                       f"time {ratio(w.wall_time, g.wall_time)}")
-        else:
-            out.append(f"- {lw} / {gn}: steps {ratio(max_steps, g.steps, num_capped=True)} ({lw} did not reach the "
-                       f"target within {max_steps} steps)")
-    return out
-
-
-def _critical_lines(summary: dict[str, Any], fraction: float) -> list[str]:
-    batches = summary["batches"]
-    if len(batches) < 2:
-        return [f"Not estimated: the critical batch size needs steps to target at two or more batch sizes, and this "
-                f"study measured one ({_fmt_batch(batches[0])} tokens)."]
-    lines = [f"The critical batch size of a method is the smallest measured batch B from which on every doubling of "
-             f"the batch saves less than {fraction:.0%} of the steps to target (saving at B = 1 − S(2B)/S(B), S "
-             f"interpolated geometrically between measured batches; at the end of the grid the span up to the largest "
-             f"batch is scaled to one doubling).", "",
-             "| method | critical batch (tokens) | " + " | ".join(f"saving at {_fmt_batch(b)}" for b in batches[:-1]) + " |",
-             "|---|---|" + "---|" * (len(batches) - 1)]
-    for m in summary["methods"]:
-        c = summary["critical"].get(m)
-        if c is None:
-            continue
-        if c["bound"] == "none":
-            crit = "target never reached"
-        elif c["bound"] == "above":
-            crit = f"> {_fmt_batch(batches[-1])} (still improving)"
-        elif c["bound"] == "at_or_below":
-            crit = f"≤ {_fmt_batch(c['batch'])}"
-        else:
-            crit = _fmt_batch(c["batch"])
+def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, Any]) -> list[str]:
+    """A budget study: final and best validation loss per method and batch at the selected lr."""
+    _plot_final_loss(results_dir / "final_loss_vs_batch.png", study, summary)
+    batches = study.batch_tokens
+    md = ["## Final validation loss vs batch size", "", "![final loss vs batch](final_loss_vs_batch.png)", "",
+          f"Every run trains on the same {study.token_budget:,} tokens (GN line-search tokens "
+          f"{'count' if study.count_line_search_tokens else 'do not count'}); learning rates selected on seed "
+          f"{study.selection_seed} (the lowest final eval loss); medians over the reported seeds {list(study.seeds)}: "
+          f"final eval loss (best eval loss on the way in parentheses; ⚠ = selected lr on an edge of what was tried).",
+          "", "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for m in [m.name for m in study.methods]:
         cells = []
-        for b in batches[:-1]:
-            r = c["reductions"].get(float(b))
-            cells.append("—" if r is None or math.isnan(r) else ("−∞" if r == -math.inf else f"{r:.0%}"))
-        lines.append(f"| {m} | {crit} | " + " | ".join(cells) + " |")
-    return lines
+        for b in batches:
+            c = summary["cells"].get(f"{m}/{b}")
+            if c is None:
+                cells.append("—")
+            elif not c["seeds"]:
+                cells.append("seeds not run yet")
+            else:
+                cells.append(f"{_fmt_loss(c['final_eval_loss'])} ({_fmt_loss(c['best_eval_loss'])}; lr "
+                             f"{c['best_lr']:.3g}){' ⚠' if c['lr_on_edge'] else ''}")
+        md.append(f"| {m} | " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def write_report(results_dir: str | Path) -> Path:
-    """Write ``report.md`` and the figures into ``results_dir``; returns the report's path."""
+    """Write ``report.md``, ``summary.json`` and the figures into ``results_dir``; returns the report's path."""
     results_dir = Path(results_dir)
     study, rows = load_results(results_dir)
-    kind = study.get("kind", "steps_to_target")
-    summary = summarize(study, rows)
-    families = _families(study, rows)
-    max_steps = study.get("max_steps", 0)
-    target = study.get("primary_target", study.get("target_loss"))
-    batches = summary["batches"]
-    gn, lw = _reference_methods(study, families)
-    n_expected = sum(len(m.get("lrs_by_batch", {}).get(b, m.get("lrs", []))) for m in study["methods"]
-                     for b in batches) * len(study.get("seeds", [0]))
-    # A study that selects lrs on one seed and declares its targets is reported by _declared_target_sections alone
-    # (the older sections judge every lr by its median over whatever seeds ran it).
-    declared = kind != "budget" and bool(study.get("targets"))
-    selection = declared and study.get("selection_seed") is not None
-    study_summary = summarize_study(study, rows) if declared else {}
-
-    md = [f"# gnlm study `{study.get('name', 'study')}`", ""]
+    summary = summarize_study(study, rows)
+    families = {m.name: m.family for m in study.methods}
+    batches, target = study.batch_tokens, study.primary_target
+    md = [f"# gnlm study `{study.name}`", ""]
     ws_summary = results_dir / "warm_start" / "summary.json"
-    facts = [f"- kind: {kind}; batch sizes (tokens): {', '.join(f'{b:,}' for b in batches)}; "
-             f"seeds: {study.get('seeds')}"
-             + (f" (learning rates selected on seed {study['selection_seed']})" if selection else ""),
-             f"- runs recorded: {len({r['run_id'] for r in rows})}"
-             + (" (the learning-rate search plans its runs as results come in)" if selection else f" of {n_expected}")]
-    if kind == "budget":
-        facts.append(f"- token budget per run: {study.get('token_budget'):,} tokens (GN line-search tokens "
-                     f"{'count' if study.get('count_line_search_tokens', True) else 'do not count'})")
-    elif declared:
-        budgets = sorted({(m.get("max_steps") or max_steps, families.get(m["name"]) == "gn")
-                          for m in study["methods"]})
-        facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study['targets'])} (primary {target:g}); "
-                     f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
+    facts = [f"- kind: {study.kind}; batch sizes (tokens): {', '.join(f'{b:,}' for b in batches)}; "
+             f"seeds: {list(study.seeds)} (learning rates selected on seed {study.selection_seed})",
+             f"- runs recorded: {len({r.run_id for r in rows})} (the learning-rate search plans its runs as results "
+             f"come in)"]
+    if study.kind == "budget":
+        facts.append(f"- token budget per run: {study.token_budget:,} tokens (GN line-search tokens "
+                     f"{'count' if study.count_line_search_tokens else 'do not count'})")
     else:
-        facts.append(f"- target validation loss: {target}; step budget: {max_steps} steps (outer steps for GN)")
+        budgets = sorted({(m.max_steps or study.max_steps, m.family == "gn") for m in study.methods})
+        facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study.targets)} (primary {target:g}); "
+                     f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
     if ws_summary.exists():
-        import json
-
         ws = json.loads(ws_summary.read_text())
         facts.append(f"- shared AdamW warm start: {ws.get('tokens', 0):,} tokens, {ws.get('step')} steps, "
                      f"validation loss {_fmt_loss(ws.get('final_eval_loss'))}")
@@ -442,98 +277,48 @@ def write_report(results_dir: str | Path) -> Path:
     if not rows:
         md += ["No finished runs yet."]
         out = results_dir / "report.md"
-        out.write_text("\n".join(md) + "\n")
+        atomic_write_bytes(out, ("\n".join(md) + "\n").encode())
         return out
 
-    if kind == "budget":
-        _plot_final_loss(results_dir / "final_loss_vs_batch.png", summary)
-        md += ["## Final validation loss vs batch size", "", "![final loss vs batch](final_loss_vs_batch.png)", "",
-               "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |",
-               "|---|" + "---|" * len(batches)]
-        for m in summary["methods"]:
-            cells = [_fmt_loss(summary["best"][(m, b)].result.final_eval_loss) if (m, b) in summary["best"] else "—"
-                     for b in batches]
-            md.append(f"| {m} | " + " | ".join(cells) + " |")
-        md.append("")
-    elif selection:
+    if study.kind == "budget":
+        atomic_write_bytes(results_dir / "summary.json", (dumps_json(summary, indent=2) + "\n").encode())
+        md += _budget_sections(results_dir, study, summary)
+    else:
         largest = batches[-1]
         _plot_curves(results_dir / "curves_largest_batch.png",
-                     _selected_lr_curves(results_dir, study, rows, study_summary["cells"], largest), largest, target,
+                     _selected_lr_curves(results_dir, study, rows, summary["cells"], largest), largest, target,
                      "selected lr per method, lowest reported seed")
         md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
                "![loss curves at the largest batch](curves_largest_batch.png)", ""]
-    else:
-        _plot_steps_vs_batch(results_dir / "steps_vs_batch.png", summary, max_steps)
-        md += ["## Steps to target vs batch size", "", "![steps to target vs batch](steps_vs_batch.png)", "",
-               "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
-        for m in summary["methods"]:
-            cells = []
-            for b in batches:
-                best = summary["best"].get((m, b))
-                cells.append("—" if best is None else (_fmt_int(best.result.steps) if best.result.reached
-                                                        else f"> {max_steps}"))
-            md.append(f"| {m} | " + " | ".join(cells) + " |")
-        md += ["", "## Critical batch size", ""] + _critical_lines(summary, study.get("critical_fraction", 0.2)) + [""]
-        largest = batches[-1]
-        _plot_curves(results_dir / "curves_largest_batch.png", _best_lr_curves(results_dir, summary, largest),
-                     largest, target, "best lr per method")
-        md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
-               "![loss curves at the largest batch](curves_largest_batch.png)", ""]
+        md += _declared_target_sections(results_dir, study, summary, families)
 
-    if declared:
-        md += _declared_target_sections(results_dir, study, study_summary, families)
-
-    if not selection:
-        md += ["## Per batch size", "",
-               "Best learning rate per method (fewest steps to target; ties and no-reach go to the lowest final loss). "
-               "Steps are outer steps for GN methods; tokens include GN line-search tokens (in parentheses); "
-               "forward-equivalents count a backward as two forwards; time is the training wall time to the target "
-               "(evaluation excluded). Medians over seeds. ⚠ = best lr on the edge of its grid.", ""]
-        for b in batches:
-            md += [f"### batch {b:,} tokens", ""] + _batch_table(summary, b, kind) + [""]
-            if kind != "budget":
-                md += _ratio_lines(summary, b, gn, lw, families, max_steps) + [""]
-
-        md += ["## Learning-rate grid edges", ""]
-        if summary["edges"]:
-            md.append("The best learning rate sits on the edge of its grid for these points: the grid must grow in that "
-                      "direction before the comparison is fair.")
-            md.append("")
-            for m, b, best in summary["edges"]:
-                where = {"low": "smallest", "high": "largest", "single": "only"}[best.edge]
-                md.append(f"- ⚠ {m} at batch {b:,}: best lr {best.lr:g} is the {where} value of "
-                          f"{[float(f'{x:g}') for x in best.grid]}")
-        else:
-            md.append("Every best learning rate lies inside its grid.")
-        md.append("")
-    if summary["errors"]:
-        md += ["## Failed runs", ""] + [f"- {r['run_id']}: {r.get('error')}" for r in summary["errors"]] + [""]
-    diverged = [r for r in rows if r.get("diverged")]
-    stuck = [r for r in rows if not r.get("diverged") and all_steps_skipped(r)]
+    errors = [r for r in rows if r.failed]
+    if errors:
+        md += ["## Failed runs", ""] + [f"- {r.run_id}: {r.error}" for r in errors] + [""]
+    diverged = [r for r in rows if r.diverged]
+    stuck = [r for r in rows if not r.diverged and r.all_steps_skipped]
     if diverged or stuck:
         md += ["## Diverged runs and runs that never moved", "", f"Divergence rule: {DIVERGENCE_RULE}. A diverged "
                f"run counts as not reached and is never a best learning rate unless every learning rate diverged. "
                f"A run whose every step was skipped (GN: no line-search step size lowered the loss) never moved from "
                f"its start; it is never the best learning rate over one that reached a lower loss.", ""]
-        md += [f"- {r['run_id']}: diverged ({r.get('diverged_reason') or 'reason not recorded'}): {r.get('error')}"
-               for r in diverged]
-        md += [f"- {r['run_id']}: every one of its {r.get('steps_run')} steps was skipped; final eval loss "
-               f"{_fmt_loss(r.get('final_eval_loss'))}" for r in stuck]
+        md += [f"- {r.run_id}: diverged ({r.diverged_reason or 'reason not recorded'}): {r.error}" for r in diverged]
+        md += [f"- {r.run_id}: every one of its {r.steps_run} steps was skipped; final eval loss "
+               f"{_fmt_loss(r.final_eval_loss)}" for r in stuck]
         md.append("")
 
     md += ["## All runs", "", "<details><summary>every run</summary>", "",
            "| run | reached | steps | tokens | time (s) | final eval loss | skipped steps | diverged |",
            "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["batch_tokens"], r["lr"], r["seed"])):
-        skipped = f"{r.get('skipped_steps')}/{r.get('steps_run')}" if r.get("skipped_steps") else ""
-        reached = "yes" if r.get("reached") else "no" + (" (lr search: stopped early)" if r.get("stopped_early") else "")
-        md.append(f"| {r['run_id']} | {reached} | {_fmt_int(r.get('steps'))} | "
-                  f"{_fmt_int(r.get('tokens'))} | {_fmt_time(r.get('wall_time'))} | "
-                  f"{_fmt_loss(r.get('final_eval_loss'))} | {skipped} | "
-                  f"{(r.get('diverged_reason') or 'yes') if r.get('diverged') else ''} |")
+    for r in sorted(rows, key=lambda r: (r.method, r.batch_tokens, r.lr, r.seed)):
+        skipped = f"{r.skipped_steps}/{r.steps_run}" if r.skipped_steps else ""
+        reached = "yes" if r.reached else "no" + (" (lr search: stopped early)" if r.stopped_early else "")
+        md.append(f"| {r.run_id} | {reached} | {_fmt_int(r.steps)} | {_fmt_int(r.tokens)} | "
+                  f"{_fmt_time(r.wall_time)} | {_fmt_loss(r.final_eval_loss)} | {skipped} | "
+                  f"{(r.diverged_reason or 'yes') if r.diverged else ''} |")
     md += ["", "</details>", ""]
     out = results_dir / "report.md"
-    out.write_text("\n".join(md))
+    atomic_write_bytes(out, "\n".join(md).encode())
     return out
 
 
@@ -585,28 +370,40 @@ def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) 
     return md
 
 
-def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
+def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
+    """Steps to the primary target against batch, each method's fit over the batches it was fitted to, and a hollow
+    triangle at the method's own step budget where its reported seeds ran but the median did not reach the target
+    (not reached is not the same as not run)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     primary, batches = summary["primary_target"], summary["batch_tokens"]
     ys = []
-    controls = {c["method"] for c in summary["cells"].values() if c["control_of"]}  # they have a table of their own
-    for i, (m, fit) in enumerate((m, f) for m, f in summary["fit"].items() if m not in controls):
-        pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(target_key(primary), {})
-                .get("steps_interp")) for b in batches]
+    methods = [m for m in study.methods if m.control_of is None]  # controls have a table of their own
+    for i, m in enumerate(methods):
+        fit = summary["fit"].get(m.name, {})
+        cells = [summary["cells"].get(f"{m.name}/{b}") for b in batches]
+        pts = [(b, c["per_target"][target_key(primary)]["steps_interp"]) for b, c in zip(batches, cells) if c]
+        missed = [b for b, c in zip(batches, cells)
+                  if c and c["seeds"] and c["per_target"][target_key(primary)]["steps_interp"] is None]
         pts = [(b, s) for b, s in pts if s is not None]
+        budget = m.max_steps or study.max_steps
+        if missed:  # side by side, not on top of each other: shifted a little along the (log2) batch axis
+            shift = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
+            ax.plot([b * shift for b in missed], [budget] * len(missed), "^", mfc="none", mew=1.5, ms=8,
+                    color=f"C{i % 10}", label=f"{m.name}: not reached in {budget} steps")
+            ys.append(budget)
         if not pts:
             continue
         ys += [s for _, s in pts]
-        ax.plot([b for b, _ in pts], [s for _, s in pts], "o", color=f"C{i % 10}", label=m)
+        ax.plot([b for b, _ in pts], [s for _, s in pts], "o", color=f"C{i % 10}", label=m.name)
         if "s_min" in fit:
             lo, hi = pts[0][0], pts[-1][0]  # drawn over the batches it was fitted to
             grid = [lo * (hi / lo) ** (k / 60) for k in range(61)]
             if fit.get("b_crit_unbounded"):
-                curve, label = [fit["steps_times_batch"] / b for b in grid], f"{m}: fit, S ∝ 1/B (B_crit unbounded)"
+                curve, label = [fit["steps_times_batch"] / b for b in grid], f"{m.name}: fit, S ∝ 1/B (B_crit unbounded)"
             else:
                 curve = [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid]
-                label = f"{m}: fit, B_crit {fit['b_crit']:,.0f}"
+                label = f"{m.name}: fit, B_crit {fit['b_crit']:,.0f}"
             ax.plot(grid, curve, "-", color=f"C{i % 10}", lw=1, alpha=0.8, label=label)
     _batch_axis(ax, batches)
     ax.set_yscale("log")
@@ -616,7 +413,7 @@ def _plot_fit(path: Path, summary: dict[str, Any]) -> None:
         _plain_log_axis(ax.yaxis, lo, hi)
     ax.set_xlabel("batch size (tokens)")
     ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
-    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)")
+    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)  (△ = not reached)")
     ax.grid(True, which="major", alpha=0.3)
     _save_with_legend_below(fig, ax, path)
 
@@ -634,6 +431,13 @@ def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[st
                 pts.append((t, base / g))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=f"batch {_fmt_batch(b)}")
+        ran = summary["cells"].get(f"{gn}/{b}", {}).get("seeds")
+        missed = [t for t in targets if ran and summary["cells"][f"{gn}/{b}"]["per_target"][target_key(t)]
+                  ["steps_interp"] is None]
+        if missed:  # GN did not reach these targets at this batch: no ratio, a cross on the parity line
+            ax.plot(missed, [1.0] * len(missed), "x", color=f"C{i % 10}", ms=8, mew=2,
+                    label=f"batch {_fmt_batch(b)}: {gn} did not reach")
+    ax.axhline(1.0, color="k", lw=0.8, label="parity (no saving)")
     ax.axvline(summary["primary_target"], color="0.5", ls=":", lw=1, label="primary target")
     ax.invert_xaxis()
     ax.set_xlabel("target validation loss (deeper →)")
@@ -643,29 +447,27 @@ def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[st
     _save_with_legend_below(fig, ax, path)
 
 
-def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary: dict[str, Any],
+def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: dict[str, Any],
                               families: dict[str, str]) -> list[str]:
     """Steps to every declared target (interpolated), the selected lrs with their trials, the fitted critical
     batch, FLOPs and time to the primary target, the GN/baseline ratio by target depth (``summary``:
     :func:`analysis.summarize_study`); writes summary.json."""
-    (results_dir / "summary.json").write_text(dumps_json(summary, indent=2) + "\n")
-    families = {m: f for m, f in families.items() if not any(x["name"] == m and x.get("control_of")
-                                                              for x in study["methods"])}
+    atomic_write_bytes(results_dir / "summary.json", (dumps_json(summary, indent=2) + "\n").encode())
+    families = {m: f for m, f in families.items() if m not in study.controls}
     primary, batches, targets = summary["primary_target"], summary["batch_tokens"], summary["targets"]
-    methods = [m["name"] for m in study["methods"] if not m.get("control_of")]
-    controls = [m for m in study["methods"] if m.get("control_of")]
-    sel = study.get("selection_seed")
+    methods = [m.name for m in study.methods if m.control_of is None]
+    controls = [m for m in study.methods if m.control_of is not None]
+    sel = study.selection_seed
     md = ["## Declared targets", "",
           f"Targets {', '.join(f'{t:g}' for t in targets)} (primary {primary:g}), declared in the study before any "
           f"run. Steps are interpolated crossings (linear in loss between the last evaluation above the target and "
           f"the first at or below it), median over the reported seeds; the integer step of the first evaluation at "
           f"or below the target is in parentheses. "
-          + (f"Learning rates are selected on seed {sel} (fewest steps to the primary target, ties to the lower final "
-             f"loss"
-             + (f"; lr search: up to {study.get('lr_budget')} lrs per method and batch, extended beyond an edge"
-                if study.get("lr_budget") else "")
-             + f"); the reported seeds {summary['seeds']} then run at the selected lr only."
-             if sel is not None else "Learning rates are selected by the median over seeds."), ""]
+          + f"Learning rates are selected on seed {sel} (fewest steps to the primary target, ties to the lower final "
+          f"loss"
+          + (f"; lr search: up to {study.lr_budget} lrs per method and batch, extended beyond an edge"
+             if study.lr_budget else "")
+          + f"); the reported seeds {summary['seeds']} then run at the selected lr only.", ""]
     for t in targets:
         md += [f"### target {t:g}" + (" (primary)" if t == primary else ""), "",
                "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
@@ -679,7 +481,8 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                 elif not c["seeds"]:
                     cells.append("seeds not run yet")
                 elif pt["steps_interp"] is None:
-                    cells.append(f"not reached ({pt['reached']}/{c['seeds']})")
+                    budget = study.method(m).max_steps or study.max_steps
+                    cells.append(f"not reached in {budget} ({pt['reached']}/{c['seeds']})")
                 else:
                     cells.append(f"{pt['steps_interp']:.1f} ({_fmt_int(pt['steps'])})")
             md.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -704,18 +507,19 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
     if binding:
         md += ["", f"⚠ The GN line search chose its smallest step size in at least half of the outer steps at "
                f"{', '.join(binding)}: its range binds there (the step wanted to be shorter still). A larger "
-               f"`gn.ls_range` extends it downwards."]
+               f"`gn.line_search_range` extends it downwards."]
     md += ["", "### Fitted critical batch", "",
            "S(B) = S_min·(1 + B_crit/B) fitted by least squares on log S (McCandlish et al. 2018) to the interpolated "
            "steps to the primary target; 90% interval by bootstrap over seeds. Second view: the fraction of steps "
            "each doubling of the batch saves on the same medians (1 − S(2B)/S(B)).", "",
            "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
-           "| method | S_min | B_crit (tokens) | 90% interval | note | saving per doubling from "
-           + ", ".join(_fmt_batch(b) for b in batches[:-1]) + " |", "|---|---|---|---|---|---|"]
+           "| method | S_min | B_crit (tokens) | 90% interval | note | "
+           + (f"saving per doubling from {', '.join(_fmt_batch(b) for b in batches[:-1])}" if len(batches) > 1
+              else "saving per doubling (one batch size: none)") + " |", "|---|---|---|---|---|---|"]
     for m in methods:
         f = summary["fit"].get(m, {})
         doubling = ", ".join("—" if (v := f.get("per_doubling", {}).get(str(b))) is None else f"{v:.0%}"
-                             for b in batches[:-1])
+                             for b in batches[:-1]) or "—"
         if "s_min" not in f:
             md.append(f"| {m} | — | — | — | {f.get('reason', '')} | {doubling} |")
             continue
@@ -730,7 +534,7 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
             continue
         note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
         md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} | {doubling} |")
-    _plot_fit(results_dir / "steps_vs_batch_fit.png", summary)
+    _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
            "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
@@ -754,15 +558,15 @@ def _declared_target_sections(results_dir: Path, study: dict[str, Any], summary:
                "|---|---|---|---|" + "---|" * (2 * len(targets) + 2)]
         for c in controls:
             for b in batches:
-                cell, ref = summary["cells"].get(f"{c['name']}/{b}"), summary["cells"].get(f"{c['control_of']}/{b}")
+                cell, ref = summary["cells"].get(f"{c.name}/{b}"), summary["cells"].get(f"{c.control_of}/{b}")
                 if cell is None or ref is None:
                     continue
                 own = [cell["per_target"][target_key(t)]["steps_interp"] for t in targets]
                 base = [ref["per_target"][target_key(t)]["steps_interp"] for t in targets]
-                changes = ", ".join(f"{k}={v}" for k, v in (c.get("overrides") or {}).items())
+                changes = ", ".join(f"{k}={v}" for k, v in c.overrides.items())
                 steps = ["—" if v is None else f"{v:.1f}" for v in own + base]
                 rises = ["—" if x.get("early_rise") is None else f"{x['early_rise']:+.3f}" for x in (cell, ref)]
-                md.append(f"| {c['name']} | {c['control_of']} | {changes} | {_fmt_batch(b)} | "
+                md.append(f"| {c.name} | {c.control_of} | {changes} | {_fmt_batch(b)} | "
                           + " | ".join(steps[:len(targets)] + rises[:1] + steps[len(targets):] + rises[1:]) + " |")
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
     if gn is not None:

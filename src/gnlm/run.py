@@ -1,19 +1,13 @@
-"""One run: its directory, data, model, metrics, evaluation and checkpoints, and the one training loop,
-:func:`run_loop`, that both trainers use. A trainer (``train.py``: baseline optimizers; ``gauss_newton.py``: the GN
-oracle) supplies only its step; everything around the step lives here and works the same for both.
-
-Run directory layout::
-
-    config.yaml       the resolved config of the run
-    metrics.jsonl     one JSON row per logged step (and one per evaluation)
-    checkpoint.pt     the latest checkpoint (checkpoint.prev.pt: the one before)
-    summary.json      written when the run ends: final eval loss, target reached at step/tokens, diverged, time
+"""One run: its data, model, metrics, evaluation and checkpoints, and the one training loop, :func:`run_loop`,
+that both trainers use. A trainer (``train.py``: the baseline trainer and the GN trainer, which drives
+``gauss_newton.outer_step``) supplies only its step; everything around the step lives here and works the same for
+both. The run directory itself (lock, resume/overwrite checks, layout) is ``rundir.py``.
 
 Under ``torchrun`` (see ``distributed.py``) every rank builds the same run; only rank 0 writes the directory
 (config, metrics, checkpoints, summary, progress bar) and every rank reads the checkpoint when resuming.
 
 A checkpoint holds everything a run needs to continue as if it had never stopped: parameters, run state (step,
-tokens, compute, wall time), EMA, data-stream position and RNG states, plus the trainer's own state (optimizer;
+tokens, FLOPs, wall time), EMA, data-stream position and RNG states, plus the trainer's own state (optimizer;
 for GN φ, the inner optimizer and, for a checkpoint taken inside an outer step, the inner-loop position).
 Parameters and optimizer states are stored as full (unsharded) tensors, so a run can resume on any number of
 processes, with DDP or FSDP.
@@ -21,11 +15,8 @@ processes, with DDP or FSDP.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,37 +29,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from gnlm import distributed as dist
-from gnlm.checkpoint import (
-    atomic_write_bytes,
-    load_checkpoint,
-    remove_stale_temp_files,
-    save_checkpoint,
-)
+from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from gnlm.config import ConfigError, dumps_json
 from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepare_data
-from gnlm.model import GPT, count_parameters, loss_fn
+from gnlm.model import GPT, loss_fn
 from gnlm.optim import EMA
+from gnlm.rundir import RunDirLock, has_checkpoint, prepare_run_dir
 from gnlm.runconfig import RunConfig, run_config_to_dict
-
-# Config keys that change neither what a run computes nor where it stops: where the run directory lives (it may
-# be moved), where it was initialised from (read once, before its first step), checkpoint cadence, devices, threads
-# and logging mirrors. Ignored whenever a run directory's saved config is compared with the current one.
-BOOKKEEPING_KEYS = {
-    "out_dir", "train.init_from", "train.progress", "train.checkpoint_every", "train.checkpoint_every_seconds",
-    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project", "train.parallel",
-    "gn.checkpoint_every_inner",
-}
-# Config keys that may change when a run is resumed: the bookkeeping above, and where the run stops and logs.
-RESUMABLE_CHANGES = BOOKKEEPING_KEYS | {
-    "train.steps", "train.target_loss", "train.log_every", "train.divergence_margin", "train.collapse_tolerance",
-}
-# Path-valued keys: compared after resolving (./runs/t0, runs/t0 and its absolute path are one directory).
-_PATH_KEYS = {"out_dir", "train.init_from", "data.data_dir", "data.cache_dir"}
-LOCK_NAME = ".gnlm.lock"
-
-# Optimizer-state copies of the parameters, for the free-disk-space estimate (SOAP's preconditioners: ~2 more).
-_STATE_COPIES = {"adamw": 2, "muon": 2, "soap": 4}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -102,190 +69,6 @@ def check_parallel(cfg: RunConfig, world_size: int) -> None:
     if cfg.train.parallel == "fsdp" and world_size > 1 and cfg.optim.name == "soap":
         raise ConfigError("optim.name=soap does not run on FSDP-sharded (DTensor) parameters "
                           "(pytorch_optimizer.SOAP mixes DTensors and tensors); use train.parallel=ddp for SOAP")
-
-
-def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
-    """About how many bytes one checkpoint takes: parameters + optimizer state (+ φ and EMA)."""
-    with torch.device("meta"):
-        n = count_parameters(GPT(cfg.model))
-    itemsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
-    if cfg.method == "gn":
-        copies = 2 + _STATE_COPIES.get(cfg.gn.inner_optim.name, 2)  # θ, φ, inner optimizer
-    else:
-        copies = 1 + _STATE_COPIES.get(cfg.optim.name, 2)
-    copies += 1 if cfg.train.ema_decay else 0
-    return n * itemsize * copies
-
-
-def check_free_space(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to start when the disk cannot hold two checkpoints (the new one is written before the old goes)."""
-    need = 2 * checkpoint_bytes_estimate(cfg)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise ConfigError(f"not enough free disk space in {run_dir}: checkpoints need about {need / 2**20:,.1f} MiB, "
-                          f"{free / 2**20:,.1f} MiB are free; free some space or choose another out_dir")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _normalized_value(key: str, value: Any) -> Any:
-    if key in _PATH_KEYS and isinstance(value, str) and value:
-        return os.path.abspath(os.path.expanduser(value))
-    return value
-
-
-def config_differences(saved: dict[str, Any], now: dict[str, Any], ignore: set[str] = RESUMABLE_CHANGES) -> list[str]:
-    """The dotted keys in which a run directory's saved config differs from ``now``, sorted. Keys in ``ignore``
-    are skipped, and so are keys the saved config lacks (options added to gnlm after the run began: their defaults
-    apply); paths are compared after resolving."""
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(now)))  # tuples -> lists
-    return sorted(k for k in a if k not in ignore and _normalized_value(k, a[k]) != _normalized_value(k, b.get(k)))
-
-
-def has_checkpoint(run_dir: str | Path) -> bool:
-    run_dir = Path(run_dir)
-    return (run_dir / "checkpoint.pt").is_file() or (run_dir / "checkpoint.prev.pt").is_file()
-
-
-class RunDirLock:
-    """One writer per run directory: an exclusive ``flock`` on ``<run dir>/.gnlm.lock``, which holds the owner's
-    pid. The kernel drops the lock when its process ends, however it ends (kill -9 included), so a lock can never
-    be left stale; the file is deleted on release. Under torchrun only rank 0 takes it."""
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock
-            return
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").split()
-                os.close(fd)
-                pid = holder[0] if holder else "unknown"
-                where = f" on {holder[1]}" if len(holder) > 1 else ""
-                raise ConfigError(f"run directory {self.path.parent} is in use by another gnlm process (pid {pid}"
-                                  f"{where}); wait for it to end or stop it, then start again") from None
-            except OSError as e:  # a filesystem without locks: go on unlocked, but say so
-                os.close(fd)
-                print(f"gnlm: warning: cannot lock {self.path} ({e.strerror}); make sure no other process writes "
-                      f"this run directory", file=sys.stderr)
-                return
-            try:  # the previous holder may have deleted the file between our open and lock: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        import socket
-
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: a waiting opener retries on a fresh file
-        finally:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _contents(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
-
-
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool,
-                    lock: RunDirLock | None = None) -> tuple[Path, bool]:
-    """Create (or check) the run directory, taking ``lock`` on it first; returns (path, resuming). Never deletes
-    anything unless asked (--overwrite), and a refused start leaves everything as it was.
-
-    ``--resume`` continues from the checkpoint; on a directory with files but no checkpoint it is an error (nothing
-    to resume: --overwrite starts afresh); on a directory that does not exist (or is empty) it starts a new run
-    there, with a note."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-    run_dir = Path(cfg.out_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out_dir {run_dir} is a file, not a directory; choose another out_dir "
-                          f"(gnlm never deletes it, even with --overwrite)")
-    existed = run_dir.is_dir()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
-    try:
-        if lock is not None:
-            lock.acquire()  # before anything in the directory is read, trimmed or deleted
-        resuming = _check_run_dir(cfg, run_dir, resume, overwrite)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        if not existed:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only if still empty: a refused new run leaves no directory behind
-        raise
-    return run_dir, resuming
-
-
-def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> bool:
-    contents = _contents(run_dir)
-    if contents and not (resume or overwrite):
-        raise ConfigError(
-            f"run directory {run_dir} already exists; pass --resume to continue it or --overwrite to replace it, "
-            f"or set out_dir=...")
-    resuming = False
-    if resume and not contents:
-        print(f"gnlm: --resume: {run_dir} holds no run yet; starting a new run there", file=sys.stderr)
-    elif resume:
-        saved_path = run_dir / "config.yaml"
-        if saved_path.exists():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-            changed = config_differences(saved, run_config_to_dict(cfg))
-            if changed:
-                raise ConfigError(
-                    f"cannot resume {run_dir}: the config differs in {', '.join(changed[:5])}; "
-                    f"use the run's own config ({saved_path}) or start a new out_dir")
-        if not has_checkpoint(run_dir):
-            held = ", ".join(sorted(p.name for p in contents)[:4])
-            raise ConfigError(
-                f"cannot resume {run_dir}: it holds {held} but no checkpoint (the run stopped before its first one); "
-                f"pass --overwrite instead of --resume to delete it and start afresh")
-        resuming = True
-    if contents and overwrite:
-        for p in contents:  # the lock file stays: it is held
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    elif contents:
-        remove_stale_temp_files(run_dir)  # a killed writer's leftovers; never read, but confusing
-    try:
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {run_dir} ({e.strerror}); choose a writable directory") from None
-    check_free_space(run_dir, cfg)
-    return resuming
 
 
 def _parse_row(line: str) -> dict[str, Any] | None:
@@ -398,14 +181,13 @@ class CheckpointTimer:
 class StepResult:
     """What a trainer's step reports to :func:`run_loop`.
 
-    ``row``: the step's own metrics (the loop adds step, tokens, compute, throughput, wall time and evaluation);
-    ``tokens``, ``forward_equivalents`` and ``flops`` (counted, ``accounting.FlopMeter``): what the step consumed; ``seconds_before``: time this step had already
-    spent before a resume (a GN step resumed inside its inner loop); ``postfix``: progress-bar fields;
-    ``diverged``: a message when the step found the run diverged (the step is then not counted)."""
+    ``row``: the step's own metrics (the loop adds step, tokens, FLOPs, throughput, wall time and evaluation);
+    ``tokens`` and ``flops`` (counted, ``accounting.py``): what the step consumed; ``seconds_before``: time this
+    step had already spent before a resume (a GN step resumed inside its inner loop); ``postfix``: progress-bar
+    fields; ``diverged``: a message when the step found the run diverged (the step is then not counted)."""
 
     row: dict[str, Any]
     tokens: int
-    forward_equivalents: float
     seconds_before: float = 0.0
     flops: float | None = None
     postfix: dict[str, str] = field(default_factory=dict)
@@ -439,8 +221,7 @@ class Run:
     logger: MetricsLogger | None = None
     ema: EMA | None = None
     timer: CheckpointTimer = field(default_factory=lambda: CheckpointTimer(0.0))
-    state: dict[str, Any] = field(default_factory=lambda: {
-        "step": 0, "tokens": 0, "forward_equivalents": 0.0, "wall_time": 0.0})
+    state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "tokens": 0, "wall_time": 0.0})
 
     def start_ema(self, params: dict[str, torch.Tensor]) -> None:
         """The EMA of ``params`` (``train.ema_decay``; off at 0), restored from the checkpoint when resuming.
@@ -504,8 +285,7 @@ class Run:
         return ckpt
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        summary = {"method": self.cfg.method, **summary, **{k: self.state[k] for k in
-                                                             ("step", "tokens", "forward_equivalents", "wall_time")}}
+        summary = {"method": self.cfg.method, **summary, **{k: self.state[k] for k in ("step", "tokens", "wall_time")}}
         if dist.world_size() > 1:
             summary["world_size"] = dist.world_size()
         if dist.is_main():
@@ -531,7 +311,7 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
     run.timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
     if run.checkpoint is None:
         st["eval_loss"] = st["initial_eval_loss"] = run.evaluate()
-        run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0, forward_equivalents=0.0)
+        run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0)
         if (found := divergence(cfg, st, {"step": 0, "eval_loss": st["eval_loss"]})) is not None:
             summary.update(diverged=True, diverged_reason=found[0], message=found[1])
     bar = tqdm(total=cfg.train.steps, initial=st["step"], unit=trainer.unit, dynamic_ncols=True,
@@ -547,10 +327,9 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
         dt = out.seconds_before + time.perf_counter() - t0
         st["step"] += 1
         st["tokens"] += out.tokens
-        st["forward_equivalents"] += out.forward_equivalents
         st["wall_time"] += dt
         row = {"step": st["step"], "tokens": st["tokens"], **out.row, "tokens_per_s": out.tokens / dt,
-               "wall_time": st["wall_time"], "forward_equivalents": st["forward_equivalents"]}
+               "wall_time": st["wall_time"]}
         if out.flops is not None:  # every process does its equal share
             row["flops"] = st["flops"] = st.get("flops", 0) + out.flops * dist.world_size()
         last = st["step"] == cfg.train.steps
@@ -649,29 +428,49 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     return run
 
 
-def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.device) -> Run:
-    progress = cfg.train.progress and dist.is_main()
-    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress).dir))
+def open_data(cfg: RunConfig, progress: bool = False) -> PreparedData:
+    """The run's prepared data (tokenized on first use; under torchrun rank 0 prepares it while the others wait),
+    checked against the model's vocabulary."""
+    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress and dist.is_main()).dir))
     data = load_prepared(data_dir)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
             f"raise model.vocab_size or use a smaller tokenizer")
-    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences)
-    stream = BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
-                         rank=dist.rank(), world_size=dist.world_size())
+    return data
 
+
+def train_stream(cfg: RunConfig, data: PreparedData) -> BatchStream:
+    """The run's deterministic stream of training batches (this rank's shard of each)."""
+    return BatchStream(data.train_tokens(), cfg.data.seq_len, seed=cfg.data.seed + cfg.train.seed,
+                       rank=dist.rank(), world_size=dist.world_size())
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> GPT:
+    """The run's model, initialised from ``train.seed``, on ``device`` in ``train.dtype``."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
-    model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
+    return model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a checkpoint's model state; one ConfigError (naming ``where``) when it does not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{where}: the checkpoint does not fit this model ({first}); "
+                          f"use a checkpoint of the same model config") from None
+
+
+def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.device) -> Run:
+    data = open_data(cfg, progress=cfg.train.progress)
+    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences)
+    stream = train_stream(cfg, data)
+    model = build_model(cfg, device)
     if cfg.train.init_from is not None and not resuming:
         init = load_checkpoint(cfg.train.init_from, map_location=device, verbose=dist.is_main())
-        try:
-            model.load_state_dict(init["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"train.init_from: the checkpoint does not fit this model ({first}); "
-                              f"use a checkpoint of the same model config") from None
+        load_weights(model, init["model"], "train.init_from")
     checkpoint = (load_checkpoint(run_dir / "checkpoint.pt", map_location=device, verbose=dist.is_main())
                   if resuming else None)
     if checkpoint is not None and checkpoint["state"]["step"] > cfg.train.steps:
@@ -699,7 +498,7 @@ def target_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
             row = json.loads(line)
             if row.get("eval_loss") is not None and row["eval_loss"] <= target:
                 summary.update(reached_target=True, target_step=row["step"], target_tokens=row["tokens"],
-                               target_forward_equivalents=row.get("forward_equivalents"), target_flops=row.get("flops"),
+                               target_flops=row.get("flops"),
                                target_wall_time=row.get("wall_time"))
                 break
     return summary

@@ -6,22 +6,25 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from gnlm.config import (
     ConfigError,
+    config_differences,
     from_dict,
     load_yaml,
     merge,
     parse_overrides,
     to_dict,
 )
-from gnlm.curvature import blocks_from_patterns
+from gnlm.curvature import layerwise_blocks
 from gnlm.data import DataConfig
 from gnlm.model import GPT, ModelConfig, resolve_model_config
 from gnlm.optim import OptimConfig
@@ -36,11 +39,17 @@ def _default_inner_optim() -> OptimConfig:
 @dataclass
 class GNConfig:
     """Options of ``method: gn``. One outer step = ``inner_steps`` inner steps of ``inner_batch_size`` fresh
-    sequences each, then a line search on ``ls_batches`` more fresh batches of ``inner_batch_size`` sequences
-    (``auto``: ``inner_steps`` of them, i.e. another full outer batch, as the paper does).
+    sequences each, then a line search on ``line_search_batches`` more fresh batches of ``inner_batch_size``
+    sequences (``auto``: ``inner_steps`` of them, i.e. another full outer batch, as the paper does).
 
-    The line search picks η ∈ {(1/√2)^i : i < ls_range} with the lowest loss and always moves, as the paper does;
-    ``line_search_skip: true`` adds η = 0 as a candidate, so a step that lowers the loss for no η is skipped."""
+    ``damping`` is λ of the damped GN model q(φ) + (λ/2)‖φ − θ₀‖², i.e. (G + λI) for the GN surrogate: the
+    proximal term of the first-order inner solve and the damping of the CG solve. Unset, it is the solver's
+    default: 0 for ``first_order`` (the paper's surrogate), 1e-3 for ``cg`` (G itself is singular); the resolved
+    value (set when the run's config is built, ``RunConfig.validate``) is what a run's config.yaml records.
+
+    The line search picks η ∈ {(1/√2)^i : i < line_search_range} (:meth:`line_search_etas`) with the lowest loss and
+    always moves, as the paper does; ``line_search_skip: true`` adds η = 0 as a candidate, so a step that lowers
+    the loss for no η is skipped."""
 
     surrogate: Literal["gn", "prox_linear"] = "gn"
     layerwise: bool = False
@@ -51,35 +60,63 @@ class GNConfig:
     inner_optim: OptimConfig = field(default_factory=_default_inner_optim)
     inner_schedule: InnerScheduleConfig = field(default_factory=InnerScheduleConfig)
     warm_start: bool = True
-    prox: float = 0.0
+    damping: float | None = None
     line_search: bool = True
     line_search_skip: bool = False
-    ls_range: int = 5
-    ls_batches: int | Literal["auto"] = "auto"
+    line_search_range: int = 5
+    line_search_batches: int | Literal["auto"] = "auto"
     cg_iters: int = 20
-    cg_damping: float = 1e-3
     checkpoint_every_inner: int = 0
 
+    # Keys of earlier gnlm versions: a config that uses one is refused with the new name (config.from_dict).
+    RENAMED: ClassVar[dict[str, str]] = {"prox": "damping", "cg_damping": "damping",
+                                         "ls_range": "line_search_range", "ls_batches": "line_search_batches"}
+
     def validate(self) -> None:
-        for name in ("inner_steps", "inner_batch_size", "ls_range", "ls_batches", "cg_iters"):
+        for name in ("inner_steps", "inner_batch_size", "line_search_range", "line_search_batches", "cg_iters"):
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ConfigError(f"gn.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every_inner < 0:
             raise ConfigError(f"gn.checkpoint_every_inner must be >= 0 (0 = off), got {self.checkpoint_every_inner}")
-        if self.prox < 0:
-            raise ConfigError(f"gn.prox must be >= 0, got {self.prox}")
-        if self.cg_damping < 0:
-            raise ConfigError(f"gn.cg_damping must be >= 0, got {self.cg_damping}")
+        if self.damping is not None and not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise ConfigError(f"gn.damping must be >= 0, got {self.damping}")
         if self.blocks is not None and not self.layerwise:
             raise ConfigError("gn.blocks is set but gn.layerwise is false; set gn.layerwise=true to use the blocks")
         if self.blocks is not None and (not self.blocks or any(not b for b in self.blocks)):
             raise ConfigError("gn.blocks must be a non-empty list of non-empty lists of parameter-name patterns")
 
-    def line_search_batches(self) -> int:
+    def line_search_etas(self) -> list[float]:
+        """The line search's step sizes η ∈ {(1/√2)^i : i < line_search_range}, largest first (the paper's grid)."""
+        return [2.0 ** (-i / 2) for i in range(self.line_search_range)]
+
+    def line_search_batch_count(self) -> int:
         """How many batches of ``inner_batch_size`` sequences the line search evaluates (0 without one)."""
         if not self.line_search:
             return 0
-        return self.inner_steps if self.ls_batches == "auto" else int(self.ls_batches)
+        return self.inner_steps if self.line_search_batches == "auto" else int(self.line_search_batches)
+
+    def inner_tokens(self, seq_len: int) -> int:
+        """Tokens of one outer step's inner solve (the outer batch): N inner batches."""
+        return self.inner_steps * self.inner_batch_size * seq_len
+
+    def line_search_tokens(self, seq_len: int) -> int:
+        """Tokens one outer step's line search reads on top of the outer batch."""
+        return self.line_search_batch_count() * self.inner_batch_size * seq_len
+
+    def split_batch(self, batch_tokens: int, seq_len: int, inner_steps: int | None = None) -> tuple[int, int]:
+        """(inner steps N, inner batch in sequences) of an outer batch of ``batch_tokens`` tokens: N grows with the
+        batch at this config's ``inner_batch_size``, or, given ``inner_steps``, N is fixed and the inner batch
+        grows instead. A one-line ConfigError when the batch does not split evenly."""
+        if inner_steps is not None:
+            if batch_tokens % (inner_steps * seq_len):
+                raise ConfigError(f"the batch ({batch_tokens} tokens) is not a multiple of gn_inner_steps × seq_len = "
+                                  f"{inner_steps * seq_len}; choose batch_tokens that are")
+            return inner_steps, batch_tokens // (inner_steps * seq_len)
+        per_step = self.inner_batch_size * seq_len
+        if batch_tokens % per_step:
+            raise ConfigError(f"the batch ({batch_tokens} tokens) is not a multiple of gn.inner_batch_size × seq_len "
+                              f"= {per_step}; choose batch_tokens that are")
+        return batch_tokens // per_step, self.inner_batch_size
 
 
 @dataclass
@@ -159,10 +196,12 @@ class RunConfig:
     gn: GNConfig = field(default_factory=GNConfig)
 
     def validate(self) -> None:
-        if self.gn.blocks is not None:  # check the partition against the model's parameter names, no compute
+        if self.gn.damping is None:  # the solver's default, recorded as a number in the run's config.yaml
+            self.gn.damping = 1e-3 if self.gn.solver == "cg" else 0.0
+        if self.gn.layerwise:  # the partition against the model's parameter names, before any compute
             with torch.device("meta"):
                 names = [n for n, _ in GPT(self.model).named_parameters()]
-            blocks_from_patterns(names, self.gn.blocks)
+            layerwise_blocks(names, self.gn.blocks)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
@@ -220,3 +259,54 @@ def _warn_unused_optim(layers: list[dict[str, Any]]) -> None:
 
 def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return to_dict(cfg)
+
+
+# ------------------------------------------------------------------------------------------- a run's identity
+
+# Config keys that change neither what a run computes nor where it stops: where the run directory lives (it may
+# be moved), where it was initialised from (read once, before its first step), checkpoint cadence, devices, threads
+# and logging mirrors.
+BOOKKEEPING_KEYS = frozenset({
+    "out_dir", "train.init_from", "train.progress", "train.checkpoint_every", "train.checkpoint_every_seconds",
+    "train.device", "train.threads", "train.tensorboard", "train.wandb", "train.wandb_project", "train.parallel",
+    "gn.checkpoint_every_inner",
+})
+# Config keys that may change when a run is resumed: the bookkeeping above, and where the run stops and logs.
+RESUMABLE_CHANGES = BOOKKEEPING_KEYS | {
+    "train.steps", "train.target_loss", "train.log_every", "train.divergence_margin", "train.collapse_tolerance",
+}
+# Path-valued keys: compared after resolving (./runs/t0, runs/t0 and its absolute path are one directory).
+_PATH_KEYS = {"out_dir", "train.init_from", "data.data_dir", "data.cache_dir"}
+
+
+def _normalized_path(key: str, value: Any) -> Any:
+    if key in _PATH_KEYS and isinstance(value, str) and value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def upgrade_run_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run config written by an earlier gnlm (a run directory's config.yaml), brought up to date: renamed keys
+    take their new names (``gn.prox`` and ``gn.cg_damping`` become the one ``gn.damping`` of the run's solver) and
+    every option it lacks gets its default. A file that no longer builds is returned as it is (it then differs)."""
+    raw = json.loads(json.dumps(raw or {}))
+    gn = raw.get("gn")
+    if isinstance(gn, dict):
+        prox, cg_damping = gn.pop("prox", None), gn.pop("cg_damping", None)
+        if "damping" not in gn and (prox is not None or cg_damping is not None):
+            gn["damping"] = cg_damping if gn.get("solver") == "cg" else prox
+        for old, new in GNConfig.RENAMED.items():
+            if old in gn:
+                gn.setdefault(new, gn.pop(old))
+    try:
+        return run_config_to_dict(build_run_config(raw))
+    except ConfigError:
+        return raw
+
+
+def run_differences(saved: dict[str, Any], now: dict[str, Any], may_continue: bool = False) -> list[str]:
+    """Is a run directory's saved config (its config.yaml, from any gnlm version) the run ``now`` describes? The
+    dotted keys in which they differ, sorted; none means the same run. Bookkeeping keys never count; with
+    ``may_continue`` neither do the keys a resumed run may change (where it stops and logs)."""
+    return config_differences(upgrade_run_config(saved), now, RESUMABLE_CHANGES if may_continue else BOOKKEEPING_KEYS,
+                              _normalized_path)

@@ -1,5 +1,6 @@
-"""The baseline trainer (AdamW, Muon, SOAP or any ``torch.optim`` optimizer) and ``run_training``, the entry
-point of ``gnlm train`` that hands either trainer to the one loop (``run.run_loop``).
+"""The two trainers of ``run.run_loop``: the baseline trainer (AdamW, Muon, SOAP or any ``torch.optim`` optimizer)
+and the GN trainer (one ``gauss_newton.outer_step`` per step), and ``run_training``, the entry point of
+``gnlm train`` that hands either to the loop.
 
 Under ``torchrun`` baselines wrap the model in DDP (or shard it with FSDP2, ``train.parallel=fsdp``); the GN
 trainer keeps the bare module on every rank and averages what it computes (torch.func does not run through the
@@ -9,15 +10,22 @@ wrappers).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
+
+import torch
 
 from gnlm import accounting
 from gnlm import distributed as dist
-from gnlm.gauss_newton import GNTrainer
+from gnlm.curvature import ggn_vector_product, layerwise_blocks, surrogate_grad
+from gnlm.gauss_newton import InnerPosition, InnerSolver, inner_step, outer_step
 from gnlm.model import loss_fn
-from gnlm.optim import build_optimizer, clip_grad_norm, set_lr
+from gnlm.optim import build_optimizer, optimizer_step, set_lr
 from gnlm.run import Run, StepResult, run_loop, setup_run
 from gnlm.runconfig import RunConfig
 from gnlm.schedules import lr_multiplier
@@ -48,13 +56,16 @@ class BaselineTrainer:
         local_batch = cfg.train.batch_size // dist.world_size()
         self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
         self.n_micro = local_batch // self.micro
-        self.meter = accounting.FlopMeter()
+        self.step_flops: int | None = None
         model.train()
 
     def step(self) -> StepResult:
-        out = self.meter("step", self._step)  # every step has the same shape: its FLOPs are counted once
+        if self.step_flops is None:  # every step has the same shape: its FLOPs are counted once, on the first
+            self.step_flops, out = accounting.count_flops(self._step)
+        else:
+            out = self._step()
         if out.diverged is None:
-            out.flops = self.meter.per_call["step"]
+            out.flops = self.step_flops
         return out
 
     def _step(self) -> StepResult:
@@ -76,15 +87,11 @@ class BaselineTrainer:
             loss_sum = dist.mean_of_floats([loss_sum], run.device)[0]
         tokens = cfg.train.batch_size * cfg.data.seq_len
         if not math.isfinite(loss_sum):
-            return StepResult(row={}, tokens=0, forward_equivalents=0.0,
-                              diverged=f"training loss became {loss_sum} at step {step + 1}")
-        grad_norm = clip_grad_norm(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(row={}, tokens=0, diverged=f"training loss became {loss_sum} at step {step + 1}")
+        grad_norm = optimizer_step(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
         if run.ema is not None:
             run.ema.update(self.params)
         return StepResult(row=dict(loss=loss_sum, lr=lr, grad_norm=grad_norm), tokens=tokens,
-                          forward_equivalents=accounting.baseline_step(tokens),
                           postfix={"loss": f"{loss_sum:.3f}"})
 
     def _no_grad_sync(self, last: bool):
@@ -97,6 +104,90 @@ class BaselineTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
+
+
+class GNTrainer:
+    """The GN oracle as a trainer of ``run.run_loop``: one :func:`gauss_newton.outer_step` per step, fed with the
+    run's batches; around it the EMA, checkpoints inside the inner loop and the step's FLOPs (each unit of work
+    counted once per run, before the first step, on copies: :meth:`_unit_flops`)."""
+
+    unit = "outer step"
+
+    def __init__(self, run: Run):
+        self.run = run
+        gn = run.cfg.gn
+        params = dict(run.model.named_parameters())
+        self.blocks = layerwise_blocks(list(params), gn.blocks) if gn.layerwise else None
+        self.solver = InnerSolver(run.model, gn)
+        run.start_ema(params)
+        self.resume: InnerPosition | None = None
+        if run.checkpoint is not None:
+            ckpt = run.restore()
+            self.solver.load_state_dict(ckpt["inner"])
+            if ckpt.get("inner_position") is not None:  # a checkpoint taken inside an outer step
+                self.resume = InnerPosition(**ckpt["inner_position"])
+        self.flops = self._unit_flops()
+
+    def _unit_flops(self) -> dict[str, int]:
+        """FLOPs of each unit of work an outer step reports (``OuterStep.work``), counted once on a batch of the
+        run's shape (the count depends on shapes only) and on copies of the solver, so that nothing of the run
+        changes and no step's measured time includes the counting."""
+        run, gn = self.run, self.run.cfg.gn
+        model = run.model
+        x = torch.zeros(gn.inner_batch_size // dist.world_size(), run.cfg.data.seq_len, dtype=torch.long,
+                        device=run.device)
+        theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        units: dict[str, Callable[[], Any]] = {}
+        if gn.solver == "cg":
+            units["gn_grad"] = lambda: surrogate_grad(model, theta0, theta0, x, x)
+            units["ggn_product"] = lambda: ggn_vector_product(model, theta0, x, x, theta0, blocks=self.blocks)
+        else:
+            units["inner_step"] = lambda: inner_step(model, theta0, copy.deepcopy(self.solver), (x, x), self.blocks,
+                                                     1.0)
+        if gn.line_search:
+            units["forward"] = torch.no_grad()(lambda: loss_fn(model(x), x))
+        return {k: accounting.count_flops(fn)[0] for k, fn in units.items()}
+
+    def step(self) -> StepResult:
+        run, gn = self.run, self.run.cfg.gn
+        start, self.resume = self.resume, None
+        before = start.wall_time if start is not None else 0.0
+        t0 = time.perf_counter()
+
+        def checkpoint_inside(k: int, total: float) -> None:
+            every = gn.checkpoint_every_inner and k % gn.checkpoint_every_inner == 0
+            if k < gn.inner_steps and (every or run.checkpoint_due()):
+                position = InnerPosition(k, total, before + time.perf_counter() - t0)
+                run.save({"inner": self.solver.state_dict(), "inner_position": asdict(position)})
+
+        out = outer_step(run.model, self.solver, self.blocks, run.next_batch, run.state["step"], run.cfg.train.steps,
+                         start, checkpoint_inside)
+        number = run.state["step"] + 1
+        if out.eta is None:  # every step size gives a non-finite loss: nothing to move to, θ stays at θ₀
+            return StepResult(row={}, tokens=0, diverged=(
+                f"every line-search step size gives a non-finite loss at outer step {number}"))
+        if run.ema is not None:
+            run.ema.update(dict(run.model.named_parameters()))
+        seq = run.cfg.data.seq_len
+        row: dict[str, Any] = dict(inner_steps=gn.inner_steps, inner_tokens=gn.inner_tokens(seq),
+                                   line_search_tokens=gn.line_search_tokens(seq), eta=out.eta,
+                                   surrogate_loss=out.surrogate_loss, update_norm=out.update_norm)
+        if out.line_search_losses:
+            row["loss"] = out.line_search_losses[out.eta]
+            row["line_search_losses"] = {f"{k:.4f}": v for k, v in out.line_search_losses.items()}
+        if out.inner_reset:
+            row["inner_reset"] = True
+        if out.eta == 0.0:
+            row["skipped"] = True
+            if dist.is_main():
+                print(f"gnlm: outer step {number}: no step size lowered the loss (or every candidate loss was "
+                      f"non-finite); the step was skipped", file=sys.stderr)
+        flops = sum(n * self.flops[unit] for unit, n in out.work.items())
+        return StepResult(row=row, tokens=gn.inner_tokens(seq) + gn.line_search_tokens(seq), flops=flops,
+                          seconds_before=before, postfix={"eta": f"{out.eta:.3f}"})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.solver.state_dict()}
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,

@@ -1,0 +1,496 @@
+"""A benchmark study's declaration: the YAML file of ``gnlm bench`` (:class:`StudyConfig`), its checks, the
+packaged presets, and the complete RunConfig of each of its runs (:meth:`StudyConfig.run_config`).
+
+The protocol (the only one): each method's learning rate is selected at each batch size on ``selection_seed``
+(an lr search from a declared log-spaced grid, extended beyond an edge while ``lr_budget`` allows; see
+``plan.py``), then the reported ``seeds`` run at the selected lr. ``kind: steps_to_target`` measures steps to the
+declared ``targets`` (selection: fewest steps to ``primary_target``); ``kind: budget`` gives every run the same
+token budget and measures the final eval loss (selection: the lowest).
+
+Batch sizes are in tokens. A baseline at batch B takes ``train.batch_size = B / seq_len`` sequences per step; a
+Gauss-Newton method takes ``gn.inner_steps = B / (gn.inner_batch_size · seq_len)`` inner steps per outer step
+(``GNConfig.split_batch``), and its line-search tokens come on top and are reported separately. "Steps" are
+optimizer steps for baselines and outer steps for GN: what the paper counts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gnlm.config import ConfigError, config_differences, from_dict, load_yaml, merge, parse_overrides, to_dict
+from gnlm.optim import resolve_optimizer_class
+from gnlm.runconfig import GNConfig, RunConfig, build_run_config
+
+PRESET_DIR = Path(__file__).parent / "configs" / "studies"
+
+# Built-in methods: the family (trainer) and the RunConfig keys that define them.
+BUILTIN_METHODS: dict[str, dict[str, Any]] = {
+    "adamw": {"method": "baseline", "optim": {"name": "adamw"}},
+    "muon": {"method": "baseline", "optim": {"name": "muon"}},
+    "soap": {"method": "baseline", "optim": {"name": "soap"}},
+    "gn": {"method": "gn", "gn": {"surrogate": "gn", "layerwise": False}},
+    "gn_prox_linear": {"method": "gn", "gn": {"surrogate": "prox_linear", "layerwise": False}},
+    "gn_layerwise": {"method": "gn", "gn": {"surrogate": "gn", "layerwise": True}},
+    "gn_layerwise_prox_linear": {"method": "gn", "gn": {"surrogate": "prox_linear", "layerwise": True}},
+}
+WARM_START_SEED = 10_000  # the warm start reads other batches than the runs (stream seed = data.seed + train.seed)
+PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (launch.Placement), not what it computes
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class MethodConfig:
+    """One method of a study.
+
+    ``name``: a built-in method (adamw, muon, soap, gn, gn_prox_linear, gn_layerwise, gn_layerwise_prox_linear) or
+    any label together with ``type`` (the built-in it derives from) or ``optimizer`` (the import path of a
+    ``torch.optim.Optimizer``, trained like a baseline with ``kwargs``).
+    ``lrs``: the learning-rate grid (GN: the inner learning rate ``gn.inner_optim.lr``); ``lrs_by_batch`` replaces
+    it at given batch sizes (keys: batch tokens). ``overrides``: dotted RunConfig keys for this method only, e.g.
+    ``{gn.warm_start: false, train.eval_every: 1}``.
+    ``control_of``: a control of another method: no grid of its own, it runs
+    the reported seeds at the lr selected for that method, with its ``overrides`` (e.g. no warm-up), and is
+    reported apart from the comparison. ``batches``: run this method at these batch sizes only (default: all).
+    ``max_steps``: this method's step budget (default: the study's), e.g. fewer outer steps for GN.
+    """
+
+    name: str
+    type: str | None = None
+    optimizer: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    lrs: list[float] = field(default_factory=list)
+    lrs_by_batch: dict[int, list[float]] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    control_of: str | None = None
+    batches: list[int] | None = None
+    max_steps: int | None = None
+
+    @property
+    def builtin(self) -> str:
+        """The built-in method this entry runs as."""
+        if self.optimizer is not None:
+            return "adamw"  # a baseline; the optimizer name is replaced below
+        return self.type or self.name
+
+    @property
+    def family(self) -> str:
+        return BUILTIN_METHODS[self.builtin]["method"]
+
+    def grid(self, batch_tokens: int) -> list[float]:
+        return list(self.lrs_by_batch.get(batch_tokens, self.lrs))
+
+
+@dataclass
+class WarmStartConfig:
+    """The shared AdamW warm start: ``tokens`` tokens at ``batch_tokens`` per step, constant lr ``lr``."""
+
+    tokens: int
+    batch_tokens: int
+    lr: float = 3e-3
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.batch_tokens < 1 or self.tokens < self.batch_tokens:
+            raise ConfigError(f"warm_start.tokens ({self.tokens}) must be >= warm_start.batch_tokens "
+                              f"({self.batch_tokens}) >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"warm_start.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class StudyConfig:
+    """A benchmark study.
+
+    ``kind``: ``steps_to_target`` (every run stops at its deepest target or after ``max_steps`` steps) or
+    ``budget`` (every run trains on ``token_budget`` tokens; what counts is the final validation loss).
+    ``targets``: the declared target losses (at least three, so that no single target carries the conclusion) and
+    ``primary_target``, one of them, on which learning rates are selected and the critical batch is fitted; steps
+    to every target are read off each run's logged curve. ``target_loss: x`` is short for one target x (a quick
+    check, not a study to publish). Declare them before running: a results directory refuses a changed study.
+    ``lr_budget``: learning-rate search. Each method starts from its declared grid (log-spaced) and, while its best
+    lr at a batch size sits on an edge of what was tried, gets the next point beyond that edge (same spacing),
+    until it has tried ``lr_budget`` lrs; every method gets the same budget. None: the declared grid only.
+    ``selection_seed``: each (method, batch)'s lr is selected on this seed alone (fewest steps to the primary
+    target; budget studies: the lowest final eval loss); then ``seeds`` run at the selected lr only, so that the
+    selection does not flatter the reported medians.
+    ``prune_lr_search`` (default true): a selection-seed run stops as soon as another lr of its method and batch has
+    reached the primary target in fewer steps than it has already run (:class:`LrSearchStop`); the selection and
+    every reported run are unchanged, the losing lrs' rows end early (``stopped_early``).
+    ``gn_inner_steps``: fix N, the inner steps per outer step, at every batch size (the inner batch grows
+    instead: ``gn.inner_batch_size = B / (N · seq_len)``), to separate more data per step from more inner steps.
+    ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
+    ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
+    (equal tuning effort); set true to allow otherwise.
+    ``count_line_search_tokens`` (budget): GN line-search tokens count against the token budget.
+    """
+
+    methods: list[MethodConfig]
+    batch_tokens: list[int]
+    name: str = "study"
+    kind: Literal["steps_to_target", "budget"] = "steps_to_target"
+    base: dict[str, Any] = field(default_factory=dict)
+    warm_start: WarmStartConfig | None = None
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    target_loss: float | None = None
+    targets: list[float] = field(default_factory=list)
+    primary_target: float | None = None
+    lr_budget: int | None = None
+    selection_seed: int = 0
+    gn_inner_steps: int | None = None
+    max_steps: int = 100
+    token_budget: int | None = None
+    count_line_search_tokens: bool = True
+    allow_unequal_grids: bool = False
+    prune_lr_search: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ConfigError("methods is empty; list at least one method, e.g. methods: [{name: adamw, lrs: [3e-3]}]")
+        names = [m.name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"methods: the name {dup[0]!r} appears twice; give each method entry its own name")
+        for m in self.methods:
+            _check_method(m)
+        if not self.batch_tokens or any(b < 1 for b in self.batch_tokens):
+            raise ConfigError(f"batch_tokens must be a non-empty list of positive token counts, got {self.batch_tokens}")
+        if len(set(self.batch_tokens)) != len(self.batch_tokens):
+            raise ConfigError(f"batch_tokens has duplicates: {self.batch_tokens}")
+        self.batch_tokens = sorted(self.batch_tokens)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.kind == "steps_to_target":
+            self._check_targets()
+        else:
+            if self.token_budget is None:
+                raise ConfigError("a budget study needs token_budget (tokens per run); set e.g. token_budget: 2000000")
+            if self.token_budget < max(self.batch_tokens):
+                raise ConfigError(f"token_budget ({self.token_budget}) is smaller than the largest batch "
+                                  f"({max(self.batch_tokens)}); raise it")
+        if self.selection_seed in self.seeds:
+            raise ConfigError(f"selection_seed {self.selection_seed} is also in seeds {self.seeds}; report seeds other "
+                              f"than the one learning rates are selected on")
+        if self.gn_inner_steps is not None and self.gn_inner_steps < 1:
+            raise ConfigError(f"gn_inner_steps must be >= 1 (or unset), got {self.gn_inner_steps}")
+        self._check_grids()
+        if self.lr_budget is not None:
+            self._check_lr_search()
+
+    def _check_targets(self) -> None:
+        if self.target_loss is not None and self.targets:
+            raise ConfigError("give either target_loss (one target) or targets: [...] with primary_target, not both")
+        if self.target_loss is not None:
+            self.targets, self.primary_target = [self.target_loss], self.target_loss
+            self.target_loss = None
+        if not self.targets:
+            raise ConfigError("a steps_to_target study needs targets: [...] (at least three, with primary_target) "
+                              "or one target_loss; set e.g. targets: [4.6, 4.5, 4.4] and primary_target: 4.5")
+        if any(not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)) for t in self.targets):
+            raise ConfigError(f"targets must be positive losses, got {self.targets}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"targets has duplicates: {self.targets}")
+        if len(self.targets) == 2:
+            raise ConfigError(f"targets: declare at least three target losses (got {self.targets}) so that no single "
+                              f"target carries the conclusion, or one target_loss for a quick check")
+        self.targets = sorted((float(t) for t in self.targets), reverse=True)
+        if self.primary_target is None or float(self.primary_target) not in self.targets:
+            raise ConfigError(f"primary_target must be one of targets {self.targets}, got {self.primary_target}")
+        self.primary_target = float(self.primary_target)
+
+    @property
+    def deepest_target(self) -> float | None:
+        """Where the runs of a steps_to_target study stop (the lowest declared target)."""
+        return min(self.targets) if self.targets else None
+
+    def _check_lr_search(self) -> None:
+        if self.lr_budget < 2:
+            raise ConfigError(f"lr_budget must be >= 2 (lrs tried per method and batch size), got {self.lr_budget}")
+        for m in [m for m in self.methods if m.control_of is None]:
+            for b in self.batch_tokens:
+                grid = sorted(m.grid(b))
+                if len(grid) > self.lr_budget:
+                    raise ConfigError(f"methods.{m.name}: the declared grid at batch {b} has {len(grid)} lrs, more than "
+                                      f"lr_budget {self.lr_budget}; shrink the grid or raise the budget")
+                lr_ratio(grid, f"methods.{m.name} at batch {b}")
+
+    def _check_controls(self) -> None:
+        names = {m.name for m in self.methods if m.control_of is None}
+        for m in self.methods:
+            if m.batches is not None and not set(m.batches) <= set(self.batch_tokens):
+                raise ConfigError(f"methods.{m.name}.batches {m.batches} must be among batch_tokens {self.batch_tokens}")
+            if m.control_of is None:
+                continue
+            if m.control_of not in names:
+                raise ConfigError(f"methods.{m.name}.control_of: {m.control_of!r} is not a (non-control) method of the "
+                                  f"study; use one of {sorted(names)}")
+            if m.lrs or m.lrs_by_batch:
+                raise ConfigError(f"methods.{m.name}: a control takes the lr selected for {m.control_of}; remove its lrs")
+
+    def method(self, name: str) -> MethodConfig:
+        return next(m for m in self.methods if m.name == name)
+
+    @property
+    def controls(self) -> dict[str, str]:
+        """control method -> the method it controls."""
+        return {m.name: m.control_of for m in self.methods if m.control_of is not None}
+
+    def _method_raw(self, m: MethodConfig) -> dict[str, Any]:
+        raw = merge(self.base, BUILTIN_METHODS[m.builtin])
+        if m.optimizer is not None:
+            raw = merge(raw, {"optim": {"name": m.optimizer, "kwargs": dict(m.kwargs)}})
+        raw = merge(raw, _nest(m.overrides))
+        if isinstance(raw.get("model"), str):
+            raw["model"] = {"preset": raw["model"]}
+        return raw
+
+    def method_run_config(self, name: str) -> RunConfig:
+        """A method's RunConfig before batch size, lr, seed and step budget are set: ``base`` with the method's
+        built-in keys and overrides (e.g. its ``gn.line_search_range``)."""
+        return _build(self._method_raw(self.method(name)), f"methods.{name}")
+
+    def run_config(self, m: MethodConfig, batch_tokens: int, lr: float, seed: int,
+                   results_dir: str | Path) -> RunConfig:
+        """The complete, checked RunConfig of one run: ``base``, the method's built-in keys and overrides, the
+        batch (a baseline's ``train.batch_size``; GN's N inner steps of ``gn.inner_batch_size`` sequences, or N
+        fixed by ``gn_inner_steps``), the lr, the step budget (budget studies: the token budget over the tokens
+        per step, GN's line-search tokens included when ``count_line_search_tokens``), the seed and the run
+        directory ``runs/<method>/b<batch>/lr<lr>/s<seed>``."""
+        where = f"methods.{m.name} at batch {batch_tokens}"
+        raw = self._method_raw(m)
+        probe = _build(raw, where)
+        seq = probe.data.seq_len
+        if probe.method == "gn":
+            try:
+                inner_steps, inner_batch = probe.gn.split_batch(batch_tokens, seq, self.gn_inner_steps)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            step_raw = {"gn": {"inner_steps": inner_steps, "inner_batch_size": inner_batch, "inner_optim": {"lr": lr}}}
+        else:
+            if batch_tokens % seq:
+                raise ConfigError(f"{where}: the batch ({batch_tokens} tokens) is not a multiple of data.seq_len "
+                                  f"({seq})")
+            step_raw = {"train": {"batch_size": batch_tokens // seq}, "optim": {"lr": lr}}
+        raw = merge(raw, step_raw)
+        if self.kind == "budget":
+            gn = _build(raw, where).gn if probe.method == "gn" else None
+            per_step = batch_tokens + (gn.line_search_tokens(seq) if gn and self.count_line_search_tokens else 0)
+            steps, target = max(1, self.token_budget // per_step), None
+        else:
+            steps, target = m.max_steps or self.max_steps, self.deepest_target
+        run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / f"lr{lr:g}" / f"s{seed}"
+        train = {"steps": steps, "target_loss": target, "seed": seed, "progress": False,
+                 "init_from": str(warm_start_path(results_dir)) if self.warm_start else None}
+        return _build(merge(raw, {"train": train, "out_dir": str(run_dir)}), where)
+
+    def warm_start_config(self, results_dir: str | Path) -> RunConfig:
+        """The RunConfig of the shared AdamW warm start (``results_dir/warm_start``)."""
+        ws = self.warm_start
+        assert ws is not None
+        raw = merge(self.base, {"method": "baseline", "optim": {"name": "adamw", "lr": ws.lr}})
+        raw = merge(raw, _nest(ws.overrides))
+        if isinstance(raw.get("model"), str):
+            raw["model"] = {"preset": raw["model"]}
+        seq = _build(raw, "warm_start").data.seq_len
+        if ws.batch_tokens % seq:
+            raise ConfigError(f"warm_start.batch_tokens ({ws.batch_tokens}) is not a multiple of data.seq_len ({seq})")
+        raw = merge(raw, {"out_dir": str(Path(results_dir) / "warm_start"), "train": {
+            "batch_size": ws.batch_tokens // seq, "steps": ws.tokens // ws.batch_tokens, "target_loss": None,
+            "eval_every": ws.tokens // ws.batch_tokens,  # only the final loss matters
+            "init_from": None, "seed": WARM_START_SEED, "progress": self.progress}})
+        return _build(raw, "warm_start")
+
+    def methods_at(self, batch: int) -> list[MethodConfig]:
+        return [m for m in self.methods if m.batches is None or batch in m.batches]
+
+    def _check_grids(self) -> None:
+        self._check_controls()
+        for m in [m for m in self.methods if m.control_of is None]:
+            for key in m.lrs_by_batch:
+                if key not in self.batch_tokens:
+                    raise ConfigError(f"methods.{m.name}.lrs_by_batch: {key} is not one of batch_tokens "
+                                      f"{self.batch_tokens}")
+            for b in self.batch_tokens:
+                grid = m.grid(b)
+                if not grid:
+                    raise ConfigError(f"methods.{m.name}: empty learning-rate grid at batch {b}; "
+                                      f"give lrs: [...] (the same number of values for every method)")
+                if any(not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)) for lr in grid):
+                    raise ConfigError(f"methods.{m.name}: learning rates must be positive numbers, got {grid}")
+                if len(set(grid)) != len(grid):
+                    raise ConfigError(f"methods.{m.name}: the learning-rate grid at batch {b} has duplicates: {grid}")
+        if self.allow_unequal_grids:
+            return
+        for b in self.batch_tokens:
+            sizes = {m.name: len(m.grid(b)) for m in self.methods_at(b) if m.control_of is None}
+            if len(set(sizes.values())) > 1:
+                listing = ", ".join(f"{k} {v}" for k, v in sizes.items())
+                raise ConfigError(f"unequal tuning effort at batch {b}: learning-rate grid sizes {listing}; give every "
+                                  f"method the same number of learning rates or set allow_unequal_grids: true")
+
+
+def lr_ratio(grid: list[float], where: str = "lrs") -> float:
+    """The constant ratio between neighbours of a log-spaced learning-rate grid (the lr search's step)."""
+    grid = sorted(grid)
+    if len(grid) < 2:
+        raise ConfigError(f"{where}: an lr search needs a declared grid of at least two log-spaced lrs, got {grid}")
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    if max(ratios) > min(ratios) * 1.2:
+        raise ConfigError(f"{where}: the lr grid {grid} is not log-spaced (neighbour ratios {[f'{r:.3g}' for r in ratios]}); "
+                          f"use a constant ratio, e.g. [0.001, 0.003, 0.01]")
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _check_method(m: MethodConfig) -> None:
+    known = list(BUILTIN_METHODS)
+    if m.optimizer is not None:
+        if m.type is not None:
+            raise ConfigError(f"methods.{m.name}: give either type or optimizer, not both")
+        try:
+            resolve_optimizer_class(m.optimizer)
+        except ConfigError as e:
+            raise ConfigError(f"methods.{m.name}.optimizer: {str(e).split(': ', 1)[-1]}") from None
+        return
+    base = m.type or m.name
+    if base not in BUILTIN_METHODS:
+        close = difflib.get_close_matches(base, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        what = f"methods.{m.name}.type" if m.type else "methods"
+        raise ConfigError(f"{what}: unknown method {base!r}{hint}; use one of {', '.join(known)}, or give "
+                          f"optimizer: <import path> (e.g. torch.optim.SGD)")
+    if m.kwargs:
+        raise ConfigError(f"methods.{m.name}.kwargs: only for an optimizer given by import path; use overrides "
+                          f"(optim.kwargs or gn.inner_optim.kwargs) for built-in methods")
+
+
+def load_study(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """A study from a YAML file or a packaged preset name (``quick``, ``shakespeare-nano``, ...), then ``a.b=value``
+    overrides. ``None`` is the ``quick`` preset."""
+    raw = merge(load_yaml(resolve_study_path(path)), parse_overrides(overrides or []))
+    return study_from_dict(raw)
+
+
+# Top-level keys of a `gnlm train` config (RunConfig) that a study never has.
+_TRAIN_CONFIG_KEYS = {"method", "out_dir", "model", "data", "optim", "schedule", "train", "gn"}
+
+
+def study_from_dict(raw: dict[str, Any]) -> StudyConfig:
+    raw = dict(raw)
+    train_keys = sorted(_TRAIN_CONFIG_KEYS & set(raw))
+    if "methods" not in raw and train_keys:
+        raise ConfigError(f"this is a gnlm train config (top-level {', '.join(train_keys)}), not a study; run it with "
+                          f"gnlm train, or give gnlm bench a study (methods, batch_tokens, base: ...; see the quick "
+                          f"preset)")
+    missing = [k for k in ("methods", "batch_tokens") if k not in raw]
+    if missing:
+        raise ConfigError(f"a study needs methods: [...] and batch_tokens: [...]; this one lacks {' and '.join(missing)} "
+                          f"(see the quick preset)")
+    if isinstance(raw.get("methods"), list):
+        # `- adamw` is short for `- {name: adamw}`
+        raw["methods"] = [{"name": m} if isinstance(m, str) else m for m in raw["methods"]]
+    return from_dict(StudyConfig, raw)
+
+
+def preset_names() -> list[str]:
+    """The packaged study presets (``configs/studies/*.yaml`` of the package)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_study_path(path: str | Path | None) -> Path:
+    if path is None:
+        path = "quick"
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = PRESET_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
+    if p.parent == Path(".") and preset.is_file():
+        return preset
+    close = difflib.get_close_matches(str(path), preset_names(), n=1)
+    hint = f" (did you mean the preset {close[0]!r}?)" if close else ""
+    raise ConfigError(f"study {str(path)!r} is neither a YAML file nor a packaged preset{hint}; presets: "
+                      f"{', '.join(preset_names())}")
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"gn.warm_start": False}`` -> ``{"gn": {"warm_start": False}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return merge({}, out)
+
+
+def _build(raw: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return build_run_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def warm_start_path(results_dir: str | Path) -> Path:
+    """The checkpoint every run of a study starts from."""
+    return Path(results_dir) / "warm_start" / "checkpoint.pt"
+
+
+
+
+# ------------------------------------------------------------------------------------------ the same study?
+
+# Options that change how a study runs, never what it measures: the progress display, and stopping lr-search runs
+# that can no longer be selected (plan.LrSearchStop: the selected lrs and every reported run are the same either
+# way).
+EXECUTION_ONLY_KEYS = frozenset({"progress", "prune_lr_search"})
+_REMOVED_KEYS = ("critical_fraction",)  # study keys of earlier gnlm versions that no longer mean anything
+
+
+def _renamed_run_keys(dotted: dict[str, Any]) -> dict[str, Any]:
+    """Dotted RunConfig keys (a method's ``overrides``) with renamed GN keys under their new names."""
+    out = {}
+    for key, value in dotted.items():
+        head, _, last = str(key).rpartition(".")
+        new = GNConfig.RENAMED.get(last) if head == "gn" else None
+        out[f"gn.{new}" if new else key] = value
+    return out
+
+
+def _renamed_nested(raw: Any) -> Any:
+    """A nested RunConfig dict (a study's ``base``) with renamed GN keys under their new names."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("gn"), dict):
+        return raw
+    gn = {GNConfig.RENAMED.get(k, k): v for k, v in raw["gn"].items()}
+    return {**raw, "gn": gn}
+
+
+def upgrade_saved_study(raw: dict[str, Any]) -> StudyConfig:
+    """A study.yaml written by any gnlm version, as a StudyConfig of this one: removed keys dropped, renamed run
+    keys under their new names, defaults for keys it lacks. A one-line ConfigError when it is not a study this
+    gnlm can continue (e.g. one of the earlier protocol without a selection seed)."""
+    raw = {k: v for k, v in dict(raw).items() if k not in _REMOVED_KEYS}
+    raw["base"] = _renamed_nested(raw.get("base") or {})
+    if isinstance(raw.get("warm_start"), dict):
+        raw["warm_start"] = {**raw["warm_start"], "overrides": _renamed_run_keys(raw["warm_start"].get("overrides") or {})}
+    if isinstance(raw.get("methods"), list):
+        raw["methods"] = [{**m, "overrides": _renamed_run_keys(m.get("overrides") or {})} if isinstance(m, dict) else m
+                          for m in raw["methods"]]
+    if "selection_seed" in raw and raw["selection_seed"] is None:
+        raise ConfigError("it holds a study of an earlier gnlm protocol (no selection_seed: every lr judged by its "
+                          "median over seeds); rerun the study in a new results directory")
+    return study_from_dict(raw)
+
+
+def study_differences(saved: dict[str, Any], now: StudyConfig) -> list[str]:
+    """The keys in which a results directory's study.yaml (any gnlm version) differs from the study ``now``; none
+    means the same study (execution-only options aside)."""
+    return config_differences(to_dict(upgrade_saved_study(saved)), to_dict(now), EXECUTION_ONLY_KEYS)
