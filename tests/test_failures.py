@@ -440,3 +440,55 @@ def test_one_batch_study_renders_valid_tables_and_fits_nothing(tmp_path):
         elif table:  # every row of a Markdown table has as many cells as its header
             assert len({t.count("|") for t in table}) == 1, table
             table = []
+    assert "saving per doubling (one batch size: none)" in text
+
+
+def test_a_line_of_runs_jsonl_that_is_not_a_row_is_named_and_left_out(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "study.yaml").write_text(yaml.safe_dump({"name": "x", "batch_tokens": [128], "target_loss": 3.0,
+                                                    "seeds": [1], "methods": [{"name": "adamw", "lrs": [0.01]}]}))
+    good = Row(run_id="adamw/b128/lr0.01/s0", method="adamw", family="baseline", batch_tokens=128, lr=0.01, seed=0,
+               run_dir="runs/a", final_eval_loss=3.5)
+    (res / "runs.jsonl").write_text(good.to_json() + "\n" + '{"run_id": "adamw/b128/lr0.03/s0", "meth')  # torn
+    assert main(["report", str(res)]) == 0
+    err = capsys.readouterr().err
+    assert "runs.jsonl: line 2 is not a complete study row (cut off: a process died while writing it)" in err
+    assert "runs recorded: 1" in (res / "report.md").read_text()
+
+
+def test_report_of_an_unreadable_study_yaml_or_a_missing_directory_is_one_line(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "study.yaml").write_text("name: [unclosed\n")
+    assert main(["report", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "study.yaml is not valid YAML" in err and len(err.splitlines()) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_bench_with_results_that_is_a_file_is_one_line_and_the_file_stays(tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("keep me")
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "t", "target_loss": 1.0, "batch_tokens": [128], "seeds": [1],
+                                     "base": {"model": "nano", "data": {"seq_len": 32}},
+                                     "methods": [{"name": "adamw", "lrs": [0.01]}]}))
+    for flags in ([], ["--overwrite"]):
+        assert main(["bench", str(study), "--results", str(f), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is a file, not a directory" in err and len(err.splitlines()) == 1
+    assert f.read_text() == "keep me"
+
+
+def test_a_diverged_gn_run_in_a_study_says_so_on_one_line_like_a_baseline(tmp_path, capsys):
+    study = _study(methods=[{"name": "adamw", "lrs": [1000.0]}, {"name": "gn", "lrs": [1000.0]}],
+                   base={"model": {"preset": "nano"}, "data": {"seq_len": 32, "eval_sequences": 4},
+                         "train": {"threads": 1, "eval_every": 1, "eval_batch_size": 4},
+                         "gn": {"inner_batch_size": 2, "line_search_batches": 1}})
+    rows = bench.run_study(study, tmp_path / "res")
+    assert all(r.diverged for r in rows)
+    err = capsys.readouterr().err
+    assert err.count("gnlm: run diverged") == len(rows) == 4  # each method on the selection and the reported seed

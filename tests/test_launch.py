@@ -114,6 +114,46 @@ def test_kill_9_of_a_parallel_study_with_runs_in_flight_then_restart_gives_the_s
     assert (res / "warm_start" / "summary.json").stat().st_mtime_ns == warm  # the warm start was not trained again
 
 
+def test_a_finished_study_run_again_with_jobs_2_prints_only_its_summary(tmp_path, study_file, reference):
+    """Nothing left to run: no worker pool is left starting up when the process ends (it printed one multiprocessing
+    traceback per worker), and --max-runs 0 announces no workers."""
+    adamw = tmp_path / "adamw.yaml"
+    adamw.write_text(json.dumps({**STUDY, "methods": [{"name": "adamw", "lrs": [1e-2]}]}))
+    res = tmp_path / "res"
+    first = subprocess.run(bench_cmd(adamw, res), env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for flags in (["--jobs", "2"], ["--jobs", "2", "--max-runs", "0"]):
+        out = subprocess.run(bench_cmd(adamw, res, *flags), env=ENV, capture_output=True, text=True, timeout=300)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 0 and all(line.startswith("gnlm bench:") for line in lines), out.stderr[-3000:]
+        assert not any("worker processes" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_leaked_semaphore_warning(tmp_path):
+    """The run of a worker killed by a signal is a failed run, reported once; multiprocessing's resource tracker
+    cleans up the pool's semaphores quietly instead of warning about them after the study's summary."""
+    study = tmp_path / "long.yaml"
+    study.write_text(json.dumps({**STUDY, "warm_start": None, "max_steps": 400,
+                                 "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2, 1e-1]}]}))
+    env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.Popen(bench_cmd(study, tmp_path / "res", "--jobs", "2"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not in_flight(tmp_path / "res"):  # a run has its first checkpoint: its worker is busy
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                 text=True).stdout.split()
+        os.kill(int(workers[0]), signal.SIGKILL)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "WorkerDied" in err and "leaked semaphore" not in err, err[-2000:]
+
+
 def _task(key: str, out_dir: str, die: bool = False, placement: launch.Placement | None = None):
     """A pool task for the tests below: records that it ran, or kills its own worker process."""
     if die:
@@ -224,6 +264,7 @@ def test_submitit_local_executor_submits_collects_and_resubmits_only_missing_run
     again = [json.loads(r)["key"] for r in (res / "slurm" / "jobs.jsonl").read_text().splitlines()[len(records):]]
     missing = sorted(r["run_id"] for r in expected if r["run_id"] not in finished)
     assert sorted(k for k in again if k != "warm_start") == missing  # only what was missing was submitted again
+    assert not (res / "slurm" / "%j").exists()  # no folder named after submitit's job-id template
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{p
 HEARTBEAT_S = 5.0  # the local pool refreshes the progress bar this often while no run finishes
 SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
 MAX_POOL_RETRIES = 3  # a run pending in a pool that broke this often without its own worker dying is failed
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"  # a -W option (see LocalPool._pool)
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -453,6 +454,11 @@ class LocalPool:
             self._started = None
 
     def _pool(self) -> ProcessPoolExecutor:
+        # A worker killed by a signal leaves the pool's semaphores to multiprocessing's resource tracker, which
+        # cleans them up when the study ends and warns about them in two lines after its summary; the run is already
+        # reported as failed, so the tracker (started with these interpreter flags) is told to clean up quietly.
+        if _QUIET_TRACKER not in sys.warnoptions:
+            sys.warnoptions.append(_QUIET_TRACKER)
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or CUDA state
         return ProcessPoolExecutor(self.slots, mp_context=ctx, initializer=_init_worker,
                                    initargs=(ctx.Value("i", 0), self.threads, self.gpus))
