@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from gnlm.analysis import (bootstrap_fit, doubling_reduction, early_rise, eta_at_floor, fit_steps_vs_batch, next_lr,
-                           selection_key, summarize_study)
+from gnlm.analysis import (
+    bootstrap_fit,
+    doubling_reduction,
+    early_rise,
+    eta_at_floor,
+    fit_steps_vs_batch,
+    next_lr,
+    selection_key,
+    summarize_study,
+)
 from gnlm.results import Row, target_crossing
 from gnlm.study import study_from_dict
 

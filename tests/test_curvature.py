@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_parameters
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
@@ -27,8 +28,6 @@ from gnlm.curvature import (
     surrogate_grad,
 )
 from gnlm.model import GPT, ModelConfig
-
-from conftest import randomize_parameters
 
 torch.set_num_threads(1)
 DT = torch.float64

@@ -20,8 +20,8 @@ from gnlm.cli import main
 from gnlm.config import ConfigError, dumps_json
 from gnlm.results import Row
 from gnlm.run import divergence
-from gnlm.rundir import LOCK_NAME, RunDirLock
 from gnlm.runconfig import load_run_config
+from gnlm.rundir import LOCK_NAME, RunDirLock
 from gnlm.study import study_from_dict
 from gnlm.train import BaselineTrainer, run_training
 

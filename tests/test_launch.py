@@ -18,10 +18,10 @@ from filelock import FileLock
 
 from gnlm import launch
 from gnlm.bench import run_study
-from gnlm.results import read_rows
-from gnlm.study import study_from_dict
 from gnlm.cli import main
 from gnlm.config import ConfigError
+from gnlm.results import read_rows
+from gnlm.study import study_from_dict
 
 # One thread per run in every launcher (the pool never gives a run more than it asks for), so the numbers of a
 # run do not depend on where it ran and rows compare exactly.

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import randomize_parameters
 
 from gnlm.config import ConfigError
 from gnlm.model import GPT, PRESETS, count_parameters, describe, get_preset, loss_fn, resolve_model_config
-
-from conftest import randomize_parameters
 
 
 @pytest.mark.parametrize("name,expected", [("45m", 45_363_712), ("150m", 134_142_720)])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import randomize_parameters
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
@@ -24,8 +25,6 @@ from gnlm.curvature import damped_ggn_product, default_blocks, math_attention
 from gnlm.model import GPT, ModelConfig
 from gnlm.oracle import direction_efficiency, probe_directions, step_direction
 from gnlm.results import Row
-
-from conftest import randomize_parameters
 
 DT = torch.float64
 LAM = 1e-2

@@ -35,8 +35,9 @@ from gnlm.config import ConfigError, merge, to_dict
 from gnlm.plan import LrSearchStop, RunSpec, plan_runs
 from gnlm.report import write_report
 from gnlm.results import Row
-from gnlm.rundir import has_checkpoint, read_saved_config
+from gnlm.run import check_run_memory, resolve_device
 from gnlm.runconfig import run_config_to_dict, run_differences
+from gnlm.rundir import has_checkpoint, read_saved_config
 from gnlm.study import StudyConfig, study_differences, warm_start_path
 from gnlm.train import run_training
 
@@ -58,9 +59,10 @@ def check_results_dir(study: StudyConfig, results_dir: Path) -> None:
         why = "it is not valid YAML" if isinstance(e, yaml.YAMLError) else str(e)
         raise ConfigError(f"results directory {results_dir}: cannot read its study.yaml ({why}); use another results "
                           f"directory (--results DIR) or pass --overwrite to replace it") from None
+    recorded = results.read_rows(results_dir)  # a runs.jsonl that holds no rows is refused before anything is written
     if not diff:
         return
-    if results.read_rows(results_dir):
+    if recorded:
         raise ConfigError(f"results directory {results_dir} holds a different study (differs in {', '.join(diff[:4])});"
                           f" use another results directory (--results DIR) or pass --overwrite to replace it")
     shutil.rmtree(results_dir / "runs", ignore_errors=True)  # its partial run directories must not be resumed
@@ -199,16 +201,26 @@ def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[R
 
 def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None = None,
               report: bool = True, launch_cfg: launch.LaunchConfig | None = None,
-              retry_failed: bool = False) -> list[Row]:
+              retry_failed: bool = False, overwrite: bool = False) -> list[Row]:
     """Run (or continue) a study; returns all rows of runs.jsonl. ``max_runs`` stops after that many new runs
     (0: nothing is trained, the warm start neither). ``launch_cfg``: where the runs run (``launch.py``; default: one
     after another in this process). ``retry_failed``: run again the runs recorded with status "error" (their rows
-    move to runs.failed.jsonl, see :func:`results.set_aside_failed`)."""
+    move to runs.failed.jsonl, see :func:`results.set_aside_failed`). ``overwrite``: delete the results directory
+    first, once every check has passed (only a gnlm results directory, never any other folder)."""
     results_dir = Path(results_dir)
-    plan_runs(study, results_dir, [])  # every run's config checked before anything is trained or written
+    specs = plan_runs(study, results_dir, [])[0]  # every run's config checked before anything is trained or written
     dist.init(str(study.base.get("train", {}).get("device", "auto")))
+    if launch_cfg is None or launch_cfg.launcher == "local":  # a Slurm job checks the memory of its own machine
+        warm = [study.warm_start_config(results_dir)] if study.warm_start is not None else []
+        for cfg in [*warm, *(s.run_config() for s in specs)]:
+            check_run_memory(cfg, resolve_device(cfg.train.device), dist.world_size())
 
     def prepare_results_dir() -> None:
+        if overwrite and results_dir.is_dir():
+            if not (results_dir / "study.yaml").exists() and any(results_dir.iterdir()):
+                raise ConfigError(f"--overwrite: {results_dir} is not a gnlm results directory (no study.yaml); "
+                                  f"refusing to delete it")
+            shutil.rmtree(results_dir)
         check_results_dir(study, results_dir)
         try:
             results_dir.mkdir(parents=True, exist_ok=True)

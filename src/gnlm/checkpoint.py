@@ -102,6 +102,20 @@ def prev_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+def looks_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a file that ends in a checkpoint trailer: a cheap check before compute (it reads the
+    last bytes only; loading verifies the checksum)."""
+    trailer = len(MAGIC) + 32
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < trailer:
+                return False
+            f.seek(-trailer, os.SEEK_END)
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load one checkpoint file, verifying its checksum. Raises CheckpointError with a one-line reason."""
     path = Path(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ from gnlm.model import GPT, get_preset
 from gnlm.model import describe as describe_model
 from gnlm.probe import add_probe_arguments, cmd_probe
 from gnlm.report import write_report
-from gnlm.rundir import has_checkpoint
 from gnlm.runconfig import load_run_config
+from gnlm.rundir import has_checkpoint
 from gnlm.train import run_training
 
 
@@ -40,21 +39,19 @@ def cmd_train(args) -> int:
         raise ConfigError("gnlm train needs a config: gnlm train CONFIG [key.sub=value ...] (e.g. configs/train.yaml "
                           "of the repository), or key.sub=value overrides of the built-in defaults")
     cfg = load_run_config(path, overrides)
-    if path is None and report:
-        print(f"gnlm: no config file given: the built-in defaults (runconfig.RunConfig) with {len(overrides)} "
-              f"override(s), out_dir {cfg.out_dir}", file=sys.stderr)
+    # printed once the run is set up: a refused run says only why
+    notice = (f"gnlm: no config file given: the built-in defaults (runconfig.RunConfig) with {len(overrides)} "
+              f"override(s), out_dir {cfg.out_dir}") if path is None else None
     home = Path(path).parent if path is not None and Path(path).name == "config.yaml" else None
     if (args.resume and home is not None and not any(o.startswith("out_dir=") for o in overrides)
             and (has_checkpoint(home) or (home / "metrics.jsonl").exists())
             and home.resolve() != Path(cfg.out_dir).resolve()):
         # The run's own config.yaml, in a run directory that was moved: the run lives where its config is now.
-        if report:
-            print(f"gnlm: resuming {home}, the run directory that holds this config (its out_dir was "
-                  f"{cfg.out_dir})", file=sys.stderr)
+        notice = f"gnlm: resuming {home}, the run directory that holds this config (its out_dir was {cfg.out_dir})"
         cfg.out_dir = str(home)
     args.run_dir = Path(cfg.out_dir)  # for the message of a Ctrl-C
     try:
-        summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite, notice=notice if report else None)
         if dist.is_main():
             print(dumps_json(summary))
         dist.barrier()  # no rank tears the process group down while another still uses it
@@ -82,6 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args.items)
     spec = study.load_study(path, overrides)
     launch_cfg = launch.config_from_args(args)  # bad --jobs/--launcher/--slurm.* input fails here
+    if args.max_runs is not None and args.max_runs < 0:
+        raise ConfigError(f"--max-runs must be >= 0 (0 trains nothing), got {args.max_runs}")
     results = Path(args.results) if args.results else Path("results") / spec.name
     args.study_results = results  # for the message of a Ctrl-C
 
@@ -89,20 +88,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--results {results} is a file, not a directory; choose another results directory "
                           f"(gnlm never deletes it, even with --overwrite)")
 
-    def overwrite() -> None:
-        if args.overwrite and results.exists():
-            if not (results / "study.yaml").exists() and any(results.iterdir()):
-                raise ConfigError(f"--overwrite: {results} is not a gnlm results directory (no study.yaml); "
-                                  f"refusing to delete it")
-            shutil.rmtree(results)
-
     t0 = time.perf_counter()
     try:
         dist.init(str(spec.base.get("train", {}).get("device", "auto")))
         main = dist.is_main()
-        dist.main_first(overwrite)
         rows = bench.run_study(spec, results, max_runs=args.max_runs, report=not args.no_report,
-                               launch_cfg=launch_cfg, retry_failed=args.retry_failed)
+                               launch_cfg=launch_cfg, retry_failed=args.retry_failed, overwrite=args.overwrite)
         dist.barrier()  # no rank tears the process group down while another still uses it
     finally:
         dist.destroy()
@@ -118,12 +109,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    print(write_report(args.results_dir))
+    try:
+        print(write_report(args.results_dir))
+    except OSError as e:  # the inputs are checked where they are read: this is an output in the way
+        raise ConfigError(f"cannot write the report in {args.results_dir}: {e.filename2 or e.filename} "
+                          f"({e.strerror}); move it away or make the directory writable") from None
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, like every other bad input (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"gnlm: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gnlm", description=__doc__)
+    parser = _Parser(prog="gnlm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gnlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

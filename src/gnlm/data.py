@@ -519,6 +519,9 @@ def _corrupt(directory: Path, what: str) -> ConfigError:
 def load_prepared(directory: str | os.PathLike, verify: bool = False) -> PreparedData:
     """Open a prepared-data directory, checking meta.json and the file sizes (and sha256 when ``verify``)."""
     d = Path(directory).expanduser()
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"prepared data directory {d} is a file; set data.data_dir to a directory (or leave it "
+                          f"unset to use the cache)")
     if not d.is_dir():
         raise ConfigError(f"prepared data directory {d} does not exist; run `gnlm data prepare CONFIG` first")
     meta_path = d / "meta.json"

@@ -541,7 +541,10 @@ class SlurmLauncher:
             return out.result
 
     def close(self) -> None:
-        """Nothing to stop: submitted jobs run on (a restarted study re-attaches to them)."""
+        """Nothing to stop: submitted jobs run on (a restarted study re-attaches to them). submitit leaves an empty
+        folder named after its job-id template (``slurm/%j``) behind: it goes."""
+        with contextlib.suppress(OSError):
+            (self.folder / "%j").rmdir()
 
     def _recorded(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -583,8 +586,6 @@ class SlurmLauncher:
             except Exception as e:  # noqa: BLE001 - sbatch refused: unknown partition or account, too long a time
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                 raise ConfigError(f"submitting the jobs failed ({lines[-1]}); check the --slurm.* options") from None
-            with contextlib.suppress(OSError):  # submitit leaves the folder of its job-id template behind, empty
-                (self.folder / "%j").rmdir()
             self._record([(t.key, str(j.job_id)) for t, j in zip(new, submitted)])
             jobs.update({t.key: j for t, j in zip(new, submitted)})
         if dist.is_main() and len(tasks) > 1:

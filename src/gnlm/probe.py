@@ -41,16 +41,16 @@ from torch import Tensor
 
 from gnlm import distributed as dist
 from gnlm.analysis import selected_cell
-from gnlm.results import read_rows
-from gnlm.study import upgrade_saved_study
-from gnlm.checkpoint import atomic_write_bytes, load_checkpoint
+from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, prev_path
 from gnlm.config import ConfigError, dumps_json
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
 from gnlm.optim import OptimConfig, build_optimizer, optimizer_step
 from gnlm.oracle import REFERENCES, loss_along, probe_directions, step_direction
-from gnlm.run import build_model, load_weights, open_data, resolve_device, train_stream
+from gnlm.results import read_rows
+from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
 from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
+from gnlm.study import StudyConfig, upgrade_saved_study
 
 __all__ = ["run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
 
@@ -116,15 +116,43 @@ def _resolve_source(source: str | Path | None, along: str | Path | None) -> _Sou
     return _Source("checkpoint", src.parent / "config.yaml", [src], src.parent / "probe")
 
 
-def _load_config(path: Path) -> RunConfig:
+def _read_mapping(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a one-line ConfigError (naming ``what`` it should hold and ``fix``) otherwise."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"{path} is not valid YAML; restore the run's config.yaml") from None
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{path} is not valid YAML; {fix}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold {what} (a YAML mapping); {fix}")
+    return raw
+
+
+def _load_config(path: Path) -> RunConfig:
+    raw = _read_mapping(path, "a run config", "restore the run's config.yaml")
     try:
         return build_run_config(upgrade_run_config(raw))  # a run of an earlier gnlm is probed too
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _load_study(study_dir: Path) -> StudyConfig:
+    path = study_dir / "study.yaml"
+    raw = _read_mapping(path, "a study", "restore it (gnlm bench writes it) or probe one of its run directories")
+    try:
+        return upgrade_saved_study(raw)  # a study of an earlier gnlm is read too
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _check_checkpoints(paths: list[Path]) -> None:
+    """Refuse, before the data is prepared, a checkpoint that cannot load: neither it nor its fallback (the
+    previous checkpoint) ends in a checkpoint trailer."""
+    for path in paths:
+        if not (looks_complete(path) or looks_complete(prev_path(path))):
+            raise ConfigError(f"checkpoint {path} is empty, truncated or not a gnlm checkpoint; give another "
+                              "checkpoint or run directory")
 
 
 def _parse_list(text: str | Sequence[str], flag: str, example: str) -> list[str]:
@@ -143,15 +171,11 @@ def _check_optimizer(name: str) -> str:
     return cfg.name
 
 
-def _study_lrs(study: dict[str, Any], study_dir: Path, optimizers: list[str],
+def _study_lrs(spec: StudyConfig, study_dir: Path, optimizers: list[str],
                batch_tokens: int) -> dict[str, tuple[float, str]]:
     """The lr selected for each optimizer at ``batch_tokens`` in a study (summary.json's ``best_lr``), where the
     study has a method of that name (a plain built-in, or a label whose ``optimizer`` is that import path) run at
     that batch."""
-    try:
-        spec = upgrade_saved_study(study)
-    except ConfigError as e:
-        raise ConfigError(f"{study_dir / 'study.yaml'}: {e}") from None
     rows = read_rows(study_dir)
     out = {}
     for opt in optimizers:
@@ -336,10 +360,9 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         raise ConfigError(f"--cg-tol must be > 0, got {cg_tol}; e.g. --cg-tol 1e-2")
     cfg = _load_config(src.config_path)
     seq = cfg.data.seq_len
-    study = (yaml.safe_load((src.study_dir / "study.yaml").read_text()) or {}) if src.study_dir else None
+    study = _load_study(src.study_dir) if src.study_dir else None
     if batch_tokens is None:
-        study_batches = (study or {}).get("batch_tokens") or []
-        batch_tokens = min(study_batches) if study_batches else cfg.train.batch_size * seq
+        batch_tokens = min(study.batch_tokens) if study else cfg.train.batch_size * seq
     if batch_tokens < 1 or batch_tokens % seq:
         raise ConfigError(f"--batch-tokens {batch_tokens} is not a positive multiple of data.seq_len ({seq}); "
                           f"give e.g. --batch-tokens {seq * max(1, batch_tokens // seq)}")
@@ -362,21 +385,26 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
                 chosen[n] = (cfg.optim.lr, "the run's optim.lr")
             else:
                 chosen[n] = (OptimConfig().lr, "OptimConfig default")
-            if dist.is_main():
-                print(f"gnlm probe: {n}: lr {chosen[n][0]:g} ({chosen[n][1]}); pass --lrs to choose",
-                      file=sys.stderr)
     opt_cfgs = {n: OptimConfig(name=n, lr=lr) for n, (lr, _) in chosen.items()}
     for ocfg in opt_cfgs.values():
         ocfg.validate()
+    dev = resolve_device(device or cfg.train.device, what="--device" if device else
+                         f"train.device of {src.config_path}", fix="--device cpu")
+    check_memory(cfg, n_seq // world, dev, f"a probe batch of {batch_tokens:,} tokens", "--batch-tokens")
+    _check_checkpoints(src.checkpoints)
     out_dir = Path(out) if out is not None else src.default_out
     if dist.is_main():
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir} is a file, not a directory; give --out DIR")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create the output directory {out_dir} ({e.strerror}); give --out DIR") from None
+        if lr_list is None:  # said once every input is accepted
+            for n in names:
+                print(f"gnlm probe: {n}: lr {chosen[n][0]:g} ({chosen[n][1]}); pass --lrs to choose", file=sys.stderr)
     if threads or cfg.train.threads:
         torch.set_num_threads(threads or cfg.train.threads)
-    dev = resolve_device(device or cfg.train.device)
     data = open_data(cfg, progress=progress)
 
     from tqdm.auto import tqdm

@@ -270,7 +270,13 @@ def write_report(results_dir: str | Path) -> Path:
         facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study.targets)} (primary {target:g}); "
                      f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
     if ws_summary.exists():
-        ws = json.loads(ws_summary.read_text())
+        try:
+            ws = json.loads(ws_summary.read_text())
+        except (OSError, ValueError):
+            ws = None
+        if not isinstance(ws, dict):
+            raise ConfigError(f"{ws_summary} is not a run summary (a JSON object); restore it, or delete it to "
+                              f"report without the warm start")
         facts.append(f"- shared AdamW warm start: {ws.get('tokens', 0):,} tokens, {ws.get('step')} steps, "
                      f"validation loss {_fmt_loss(ws.get('final_eval_loss'))}")
     md += facts + [""]

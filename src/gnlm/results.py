@@ -124,20 +124,32 @@ def _lock(path: Path) -> FileLock:
 
 
 def _parse(path: Path) -> tuple[list[Row], list[str]]:
-    """The rows of ``path`` and, for every line that is not one, why (naming the line)."""
+    """The rows of ``path`` and, for every line that is not one, why (naming the line). A one-line ConfigError
+    when the file cannot be read, or when no line of it is a JSON object (a torn last line aside): no runs file."""
     rows, bad = [], []
-    text = path.read_bytes().decode(errors="replace") if path.exists() else ""
+    try:
+        text = path.read_bytes().decode(errors="replace") if path.exists() else ""
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror}); restore the file or give another results "
+                          f"directory") from None
     lines = text.split("\n")
     torn = not text.endswith("\n") and text != ""
+    junk, objects = None, 0  # the first bad line that no killed writer cut off; lines that are JSON objects
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(Row.from_json(json.loads(line)))
+            data = json.loads(line)
+            objects += isinstance(data, dict)
+            rows.append(Row.from_json(data))
         except ValueError as e:
             cut = " (cut off: a process died while writing it)" if torn and i == len(lines) else ""
             why = "not valid JSON" if isinstance(e, json.JSONDecodeError) else str(e)
             bad.append(f"{path}: line {i} is not a complete study row{cut}: {why}; it is left out")
+            junk = junk or (None if cut else f"line {i}: {why}")
+    if junk and not objects:  # leaving every line out (and a repair rewriting the file) would lose all of it
+        raise ConfigError(f"{path} is not a study's runs file: no line of it is a JSON object ({junk}); restore "
+                          f"the file, or move it away to run the study afresh")
     return rows, bad
 
 

@@ -16,7 +16,6 @@ optimizer steps for baselines and outer steps for GN: what the paper counts.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -191,10 +191,14 @@ class GNTrainer:
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-                 stop: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
+                 stop: Callable[[dict[str, Any]], str | None] | None = None,
+                 notice: str | None = None) -> dict[str, Any]:
     """Entry point of ``gnlm train``: set the run up, then loop with the trainer of ``cfg.method`` (under
-    torchrun on every rank). ``stop``: see :func:`run.run_loop`."""
+    torchrun on every rank). ``stop``: see :func:`run.run_loop`. ``notice``: a stderr line printed once the run
+    is set up (never before a refusal)."""
     run = setup_run(cfg, resume=resume, overwrite=overwrite)
+    if notice is not None:
+        print(notice, file=sys.stderr)
     try:
         trainer = GNTrainer(run) if cfg.method == "gn" else BaselineTrainer(run)
         return run_loop(run, trainer, stop)
