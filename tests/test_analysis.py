@@ -12,11 +12,10 @@ from gnlm.analysis import (
     early_rise,
     eta_at_floor,
     fit_steps_vs_batch,
-    next_lr,
-    selection_key,
     summarize_study,
 )
 from gnlm.results import Row, target_crossing
+from gnlm.selection import next_lr, selection_key
 from gnlm.study import study_from_dict
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from gnlm import bench, results
-from gnlm.analysis import selection_key, steps_to
+from gnlm.selection import selection_key, steps_to
 from gnlm.bench import run_study
 from gnlm.config import ConfigError
 from gnlm.plan import LrSearchStop, plan_runs

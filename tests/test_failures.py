@@ -15,7 +15,7 @@ import yaml
 
 import gnlm.run as run_mod
 from gnlm import bench
-from gnlm.analysis import select_lr
+from gnlm.selection import select_lr
 from gnlm.cli import main
 from gnlm.config import ConfigError, dumps_json
 from gnlm.results import Row

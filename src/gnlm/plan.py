@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnlm.analysis import next_lr, select_lr, steps_to
 from gnlm.config import to_dict
 from gnlm.results import Row, read_rows
 from gnlm.runconfig import RunConfig, build_run_config
+from gnlm.selection import next_lr, select_lr, steps_to
 from gnlm.study import MethodConfig, StudyConfig, lr_ratio
 
 
@@ -37,6 +37,7 @@ class RunSpec:
     line_search_tokens_per_step: int = 0
     targets: tuple[float, ...] = ()
     prune_against: float | None = None  # a selection-seed run of an lr search: stop it once it cannot be selected
+    hparams: dict[str, Any] = field(default_factory=dict)  # every setting the study chose for this run
 
     @property
     def run_dir(self) -> str:
@@ -68,7 +69,8 @@ def run_spec(study: StudyConfig, m: MethodConfig, batch: int, lr: float, seed: i
              and study.kind == "steps_to_target")
     return RunSpec(run_id=f"{m.name}/b{batch}/lr{lr:g}/s{seed}", method=m.name, family=m.family, batch_tokens=batch,
                    lr=float(lr), seed=seed, config=to_dict(cfg), line_search_tokens_per_step=ls,
-                   targets=tuple(study.targets), prune_against=study.primary_target if prune else None)
+                   targets=study.crossing_levels, prune_against=study.primary_target if prune else None,
+                   hparams={"lr": float(lr)})
 
 
 def plan_runs(study: StudyConfig, results_dir: str | Path, rows: list[Row]) -> tuple[list[RunSpec], bool]:

@@ -40,7 +40,6 @@ import yaml
 from torch import Tensor
 
 from gnlm import distributed as dist
-from gnlm.analysis import selected_cell
 from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, prev_path
 from gnlm.config import ConfigError, dumps_json
 from gnlm.curvature import layerwise_blocks
@@ -50,6 +49,7 @@ from gnlm.oracle import REFERENCES, loss_along, probe_directions, step_direction
 from gnlm.results import read_rows
 from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
 from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
+from gnlm.selection import selected_cell
 from gnlm.study import StudyConfig, upgrade_saved_study
 
 __all__ = ["run_probe", "markdown", "add_probe_arguments", "cmd_probe"]

@@ -26,7 +26,7 @@ from filelock import FileLock
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
 
-SCHEMA = 2  # 1: before the redesign (forward-pass equivalents, ls_range); 2: this Row
+SCHEMA = 3  # 1: before the redesign (forward-pass equivalents, ls_range); 2: no hparams; 3: this Row
 RUNS_FILE = "runs.jsonl"
 FAILED_FILE = "runs.failed.jsonl"  # rows set aside by --retry-failed (every failure stays on record)
 CURVE_KEYS = ("step", "eval_loss", "tokens", "flops", "wall_time")
@@ -38,7 +38,8 @@ class Row:
     """One run of a study, as recorded in runs.jsonl.
 
     Identity: ``run_id`` (``method/b<batch>/lr<lr>/s<seed>``), ``method``, ``family`` (``baseline`` or ``gn``),
-    ``batch_tokens``, ``lr``, ``seed``, ``run_dir`` (relative to the results directory).
+    ``batch_tokens``, ``lr``, ``seed``, ``run_dir`` (relative to the results directory), and ``hparams``: every
+    setting the study chose for this run (``lr`` and, in a multi-dimensional search, dotted RunConfig keys).
     Outcome: ``status`` (``finished``, or ``error`` with the ``error`` message: a failure, which ``--retry-failed``
     runs again); ``reached`` the run's stop target (the deepest declared target) at ``steps`` (the first
     evaluation at or below it) with ``tokens``/``line_search_tokens``/``wall_time`` to there; ``final_eval_loss``,
@@ -78,6 +79,7 @@ class Row:
     flops_per_step: float | None = None
     inner_steps: int | None = None
     etas: list[float] | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA
 
     @property
@@ -104,6 +106,8 @@ class Row:
         if schema == 1:
             for key in _DROPPED_V1:
                 data.pop(key, None)
+        if schema < 3 and "lr" in data:  # the lr was the only setting a study chose
+            data["hparams"] = {"lr": data["lr"]}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -265,6 +269,7 @@ class RunIdentity(Protocol):
     seed: int
     targets: tuple[float, ...]
     line_search_tokens_per_step: int
+    hparams: dict[str, Any]
 
     @property
     def run_dir(self) -> str: ...
@@ -272,7 +277,8 @@ class RunIdentity(Protocol):
 
 def _identity(run: RunIdentity, results_dir: Path) -> dict[str, Any]:
     return dict(run_id=run.run_id, method=run.method, family=run.family, batch_tokens=run.batch_tokens,
-                lr=float(run.lr), seed=run.seed, run_dir=os.path.relpath(run.run_dir, results_dir))
+                lr=float(run.lr), seed=run.seed, run_dir=os.path.relpath(run.run_dir, results_dir),
+                hparams=dict(run.hparams))
 
 
 def finished_row(run: RunIdentity, summary: dict[str, Any], results_dir: str | Path) -> Row:

@@ -124,6 +124,9 @@ class StudyConfig:
     every reported run are unchanged, the losing lrs' rows end early (``stopped_early``).
     ``gn_inner_steps``: fix N, the inner steps per outer step, at every batch size (the inner batch grows
     instead: ``gn.inner_batch_size = B / (N · seq_len)``), to separate more data per step from more inner steps.
+    ``restart_level``: a loss above every target that each run reaches soon after its restart from the warm start
+    (once a fresh optimizer's early rise is behind it); rows record where each run first crosses it, so that steps
+    can also be counted from there (what the restart spike costs). None: not recorded.
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
     ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
     (equal tuning effort); set true to allow otherwise.
@@ -140,6 +143,7 @@ class StudyConfig:
     target_loss: float | None = None
     targets: list[float] = field(default_factory=list)
     primary_target: float | None = None
+    restart_level: float | None = None
     lr_budget: int | None = None
     selection_seed: int = 0
     gn_inner_steps: int | None = None
@@ -205,6 +209,14 @@ class StudyConfig:
         if self.primary_target is None or float(self.primary_target) not in self.targets:
             raise ConfigError(f"primary_target must be one of targets {self.targets}, got {self.primary_target}")
         self.primary_target = float(self.primary_target)
+        if self.restart_level is not None and not float(self.restart_level) > max(self.targets):
+            raise ConfigError(f"restart_level ({self.restart_level}) must lie above every target ({max(self.targets)}): "
+                              f"it is the loss a run gets back to after its restart spike, before any target")
+
+    @property
+    def crossing_levels(self) -> tuple[float, ...]:
+        """The losses whose first crossing every row records: the declared targets and the restart level."""
+        return (*self.targets, *(() if self.restart_level is None else (self.restart_level,)))
 
     @property
     def deepest_target(self) -> float | None:
