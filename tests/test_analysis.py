@@ -1,4 +1,5 @@
-"""Pure analysis on synthetic data: interpolated target crossings, the S(B) fit and its bootstrap."""
+"""Pure analysis on synthetic data: interpolated target crossings, the S(B) fit, both critical batches and their
+intervals, the compute crossover, per-segment and restart-level ratios."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import pytest
 
 from gnlm.analysis import (
     bootstrap_fit,
+    compute_crossover,
+    crossover_batch,
     doubling_reduction,
     early_rise,
     eta_at_floor,
     fit_steps_vs_batch,
+    restart_step,
     summarize_study,
+    zhang_cbs,
 )
 from gnlm.results import Row, target_crossing
 from gnlm.selection import next_lr, selection_key
@@ -64,6 +69,9 @@ def test_fit_of_steps_falling_like_one_over_b_is_unbounded():
     assert fit.steps(batches[0]) == pytest.approx(1e6 / batches[0], rel=1e-3)
     out = bootstrap_fit(batches, [[1e6 / b * f for f in (0.98, 1.0, 1.02)] for b in batches], n=50)
     assert out["b_crit"] is None and out["b_crit_unbounded"] and out["b_crit_hi"] is None
+    # unbounded for both definitions, and for every interval's upper end
+    assert out["cbs"] is None and out["cbs_unbounded"] and out["cbs_hi"] is None and out["cbs_residual_hi"] is None
+    assert out["cbs_jackknife_max"] is None and out["cbs_reference_batch"] == batches[0]
     assert out["steps_times_batch"] == pytest.approx(1e6, rel=1e-3)
     assert not fit_steps_vs_batch(batches, [30 * (1 + 8192 / b) for b in batches]).unbounded
 
@@ -83,6 +91,75 @@ def test_bootstrap_interval_brackets_the_fit_and_is_deterministic():
     assert out["b_crit_lo"] <= out["b_crit"] <= out["b_crit_hi"]
     assert out["b_crit"] == pytest.approx(8192, rel=1e-3) and out["in_range"]
     assert bootstrap_fit(batches, seeds, n=200, seed=1) == out
+
+
+@pytest.mark.parametrize("noise", [(1.0,) * 6, (1.02, 0.98, 1.01, 0.99, 1.02, 0.985)])
+def test_both_critical_batch_definitions_are_recovered_from_synthetic_curves(noise):
+    """S(B) = a + b/B: McCandlish's B_crit = b/a; Zhang et al.'s CBS solves S(B) = 1.2·S(B_ref)·B_ref/B, which is
+    their notebook's b − 5a·CBS + 5a·1.2·B_ref = 0."""
+    a, b = 20.0, 20.0 * 30_000
+    batches = [4096 * 2 ** i for i in range(6)]
+    truth = [a + b / x for x in batches]
+    out = bootstrap_fit(batches, [[t * e * f for f in (0.97, 1.0, 1.03)] for t, e in zip(truth, noise)], n=100)
+    cbs = 0.2 * b / a + 1.2 * batches[0]
+    assert out["cbs_reference_batch"] == batches[0] and out["cbs"] == pytest.approx(zhang_cbs(out["b_crit"], 4096))
+    rel = 1e-6 if set(noise) == {1.0} else 0.05
+    assert out["b_crit"] == pytest.approx(b / a, rel=rel) and out["cbs"] == pytest.approx(cbs, rel=rel)
+    assert b - 5 * a * cbs + 5 * a * 1.2 * batches[0] == pytest.approx(0.0, abs=1e-6 * b)
+    s_ref = a + b / batches[0]
+    assert a + b / cbs == pytest.approx(1.2 * s_ref * batches[0] / cbs)  # 20% above perfect scaling from B_ref
+    # the seed interval maps through the same B_ref, so the two definitions keep their order inside it
+    assert out["cbs_lo"] == pytest.approx(zhang_cbs(out["b_crit_lo"], 4096)) and out["cbs_lo"] <= out["cbs"]
+    assert out["cbs"] <= out["cbs_hi"] and out["cbs_in_range"]
+
+
+def test_residual_bootstrap_and_jackknife_intervals_bracket_the_truth():
+    batches = [2048 * 2 ** i for i in range(6)]
+    s_min, b_crit = 10.0, 20_000.0
+    noise = [1.04, 0.96, 1.03, 0.97, 1.04, 0.96]  # scatter across batch sizes that the seeds do not see
+    steps = [[s_min * (1 + b_crit / x) * e] * 3 for x, e in zip(batches, noise)]
+    out = bootstrap_fit(batches, steps, n=300)
+    assert out["b_crit_lo"] == out["b_crit_hi"] == out["b_crit"]  # identical seeds: no spread over seeds at all
+    assert out["b_crit_residual_lo"] < b_crit < out["b_crit_residual_hi"] and out["residual_resamples"] == 300
+    assert out["b_crit_jackknife_min"] < b_crit < out["b_crit_jackknife_max"]
+    cbs = zhang_cbs(b_crit, batches[0])
+    assert out["cbs_residual_lo"] < cbs < out["cbs_residual_hi"] and out["cbs_jackknife_min"] < cbs
+    assert set(out["jackknife"]) == {str(x) for x in batches}
+    assert out["b_crit_jackknife_max"] == max(j["b_crit"] for j in out["jackknife"].values())
+    assert out["cbs_jackknife_max"] == pytest.approx(zhang_cbs(out["b_crit_jackknife_max"], batches[0]))
+    # on exact points every refit is the truth: a zero-width interval
+    exact = bootstrap_fit(batches[:4], [[s_min * (1 + b_crit / x)] * 3 for x in batches[:4]], n=50)
+    for k in ("b_crit_residual_lo", "b_crit_residual_hi", "b_crit_jackknife_min", "b_crit_jackknife_max"):
+        assert exact[k] == pytest.approx(b_crit, rel=1e-4)
+
+
+def test_crossover_interpolates_geometrically_and_states_its_bound():
+    batches = [1000, 2000, 4000, 8000]
+    # baseline / GN = B / 3000: log ratio linear in log B, crossing 0 at exactly 3000
+    assert crossover_batch(batches, [b / 3000 for b in batches]) == (pytest.approx(3000), "exact")
+    assert crossover_batch(batches, [None, 1.5, 2.0, 3.0]) == (2000, "at_or_below")  # cheaper where first compared
+    assert crossover_batch(batches, [0.2, 0.4, 0.6, None]) == (4000, "above")
+    assert crossover_batch(batches, [None] * 4) == (None, "none")
+    # exactly equal at 2000 is not yet cheaper; the crossing lies between 2000 and 4000
+    batch, bound = crossover_batch(batches, [0.5, 1.0, 2.0, 4.0])
+    assert bound == "exact" and batch == pytest.approx(2000)
+
+
+@pytest.mark.parametrize("spread", [(1.0, 1.0, 1.0), (0.9, 1.0, 1.1)])
+def test_compute_crossover_against_the_cheapest_baseline_with_an_interval_over_seeds(spread):
+    batches = [1000, 2000, 4000, 8000]
+    gn_cost = [3000.0 * 4] * 4  # GN costs the same at every batch; baselines get dearer with batch
+    cheap = [[b * 4 * f for f in spread] for b in batches]  # baseline / GN = B / 3000: crosses at 3000
+    dear = [[c * 2 for c in seeds] for seeds in cheap]
+    out = compute_crossover(batches, [[g * f for f in spread] for g in gn_cost], {"dear": dear, "cheap": cheap}, n=200)
+    assert out["bound"] == "exact" and out["batch"] == pytest.approx(3000)
+    assert out["per_batch"]["1000"] == {"baseline": "cheap", "baseline_over_gn": pytest.approx(1 / 3)}
+    assert out["lo"] <= out["batch"] <= out["hi"] and out["resamples"] == 200
+    assert (out["lo"] == out["hi"]) == (spread == (1.0, 1.0, 1.0))
+    never = compute_crossover(batches, [[1e9] * 3] * 4, {"cheap": cheap}, n=20)
+    assert never["bound"] == "above" and never["batch"] == 8000 and never["hi_bound"] == "above"
+    unreached = compute_crossover(batches, [[math.inf] * 3] * 4, {"cheap": cheap}, n=20)
+    assert unreached["bound"] == "none" and unreached["per_batch"] == {} and unreached["resamples"] == 0
 
 
 def _row(lr, steps, final=3.0, method="adamw", batch=1000, seed=0, family="baseline", **kw):
@@ -203,3 +280,81 @@ def test_doubling_reduction_interpolates_on_log2_batch_when_batches_are_not_doub
     assert doubling_reduction([3, 4], [100, 90], 0) == pytest.approx(1 - 0.9 ** (1 / math.log2(4 / 3)))
     assert doubling_reduction([1, 2, 4], [math.inf, 10, 10], 0) == 1.0  # reached only at the larger batch
     assert doubling_reduction([1, 2, 4], [100, 50, math.inf], 1) == -math.inf  # reached, then lost
+
+
+def _study_rows(steps: dict[str, list[list[float]]], batches, targets, restart=None, seeds=(1, 2, 3),
+                flops_per_step=None, inner_steps=4):
+    """Rows of a finished study at one lr per method: ``steps[method][i]`` are the steps to each target at
+    ``batches[i]`` (seed 1; seeds 2 and 3 scale them by 0.9 and 1.1), and ``restart`` the steps to the restart
+    level; GN methods start with "gn"."""
+    rows = []
+    for m, per_batch in steps.items():
+        family = "gn" if m.startswith("gn") else "baseline"
+        for b, to_targets in zip(batches, per_batch):
+            for seed, f in zip((0, *seeds), (1.0, 1.0, 0.9, 1.1)):
+                levels = [*targets, *([] if restart is None else [restart[0]])]
+                values = [*to_targets, *([] if restart is None else [restart[1][m]])]
+                crossings = {f"{t:g}": {"step": math.ceil(s * f), "step_interp": s * f,
+                                        "flops_interp": s * f * (flops_per_step or {}).get(m, 1.0) * b,
+                                        "wall_time_interp": s * f, "tokens_interp": s * f * b}
+                             for t, s in zip(levels, values)}
+                rows.append(Row(run_id=f"{m}/b{b}/lr0.01/s{seed}", method=m, family=family, batch_tokens=b, lr=0.01,
+                                seed=seed, run_dir="x", crossings=crossings, final_eval_loss=3.0,
+                                inner_steps=inner_steps if family == "gn" else None))
+    return rows
+
+
+def _study(methods, batches, targets, **kw):
+    return study_from_dict({"name": "s", "targets": targets, "primary_target": targets[-1], "selection_seed": 0,
+                            "seeds": [1, 2, 3], "batch_tokens": batches,
+                            "methods": [{"name": m, "lrs": [0.01]} for m in methods], **kw})
+
+
+def test_segments_restart_ratios_and_inner_steps_from_synthetic_rows():
+    targets, batches = [3.6, 3.5, 3.4], [1000, 2000]
+    steps = {"adamw": [[40, 50, 70], [30, 36, 44]], "muon": [[30, 45, 60], [20, 30, 40]],
+             "gn": [[10, 15, 20], [5, 8, 10]]}
+    restart = (3.9, {"adamw": 6.0, "muon": 5.0, "gn": 1.0})  # the baselines pay a restart spike, GN does not
+    study = _study(list(steps), batches, targets, restart_level=3.9)
+    out = summarize_study(study, _study_rows(steps, batches, targets, restart), bootstrap=20)
+    # at 2000 muon has the fewest steps to the primary target: segments 20, 10, 10 against GN's 5, 3, 2
+    seg = out["segments"]["gn"]["2000"]
+    assert seg["baseline"] == "muon" and [s["from"] for s in seg["segments"]] == [None, 3.6, 3.5]
+    assert [s["baseline_steps"] for s in seg["segments"]] == pytest.approx([20, 10, 10])
+    assert [s["ratio"] for s in seg["segments"]] == pytest.approx([4.0, 10 / 3, 5.0])
+    # medians over seeds of steps from the restart level: muon 40 - 5 = 35 at 2000, GN 10 - 1 = 9
+    muon, gn = out["cells"]["muon/2000"], out["cells"]["gn/2000"]
+    assert muon["restart_steps"] == 5.0 and muon["per_target"]["3.4"]["steps_from_restart"] == pytest.approx(35.0)
+    assert gn["per_target"]["3.4"]["steps_from_restart"] == pytest.approx(9.0) and out["restart_level"] == 3.9
+    assert gn["per_target"]["3.4"]["inner_steps_to_target"] == pytest.approx(40.0)  # 10 outer steps x N = 4
+    assert "inner_steps_to_target" not in muon["per_target"]["3.4"]
+
+
+def test_restart_step_reads_the_curve_of_a_row_recorded_without_the_level():
+    row = _row(0.01, 8.0, curve={"step": [0, 1, 2, 3], "eval_loss": [3.95, 4.2, 3.95, 3.85]})
+    assert restart_step(row, 3.9) == pytest.approx(2.5)  # after the spike: between steps 2 (3.95) and 3 (3.85)
+    row.crossings["3.9"] = {"step": 3, "step_interp": 2.7}
+    assert restart_step(row, 3.9) == pytest.approx(2.7)  # a recorded crossing wins
+    assert restart_step(_row(0.01, None, diverged=True), 3.9) == math.inf
+
+
+def test_summary_crossover_uses_the_cheapest_baseline_and_a_study_without_baselines_or_restart_level_is_clean():
+    targets, batches = [3.6, 3.5, 3.4], [1000, 2000, 4000, 8000]
+    # steps to the primary target: baselines 30 at every batch, GN 10; GN's steps cost 6x a baseline step
+    steps = {"adamw": [[10, 20, 30]] * 4, "gn": [[4, 7, 10]] * 4}
+    # per-step FLOPs: baseline B, GN 6B at 1000 ... falling to 1.5B at 8000, so baseline / GN = 0.5, 1, 2, ...
+    flops = {"adamw": 1.0, "gn": 6.0}
+    rows = _study_rows(steps, batches, targets, flops_per_step=flops)
+    for r in rows:  # GN's FLOPs per outer step fall with batch (a fixed N spread over more data)
+        if r.family == "gn":
+            for c in r.crossings.values():
+                c["flops_interp"] *= {1000: 1.0, 2000: 0.5, 4000: 0.25, 8000: 0.125}[r.batch_tokens]
+    out = summarize_study(_study(list(steps), batches, targets), rows, bootstrap=50)
+    flops_x = out["crossover"]["gn"]["flops"]
+    # baseline / GN = 30B / (10·6B·f) = 0.5, 1, 2, 4: equal at 2000, cheaper beyond: the crossing is 2000
+    assert flops_x["bound"] == "exact" and flops_x["batch"] == pytest.approx(2000)
+    assert flops_x["per_batch"]["4000"]["baseline_over_gn"] == pytest.approx(2.0)
+    assert out["crossover"]["gn"]["time"]["bound"] == "at_or_below"  # 30 s against 10 s at every batch
+    assert out["restart_level"] is None and "steps_from_restart" not in out["cells"]["gn/1000"]["per_target"]["3.4"]
+    gn_only = summarize_study(_study(["gn"], batches, targets), [r for r in rows if r.family == "gn"], bootstrap=10)
+    assert gn_only["crossover"] == {} and gn_only["segments"] == {} and gn_only["fit"]["gn"]["b_crit"] == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -350,6 +351,21 @@ def test_eval_set_is_fixed_prefix_of_val(small_prepared):
         eval_set(small_prepared, 32, cap + 1)
 
 
+def test_spread_eval_set_takes_evenly_spaced_windows_over_the_whole_split():
+    """``spread`` windows start at ⌊i·C/n⌋·seq_len over all C windows of the split, never overlap and reach its
+    end; ``head`` stays the prefix; with n = C both are every window."""
+    tokens = np.arange(1001)  # C = 100 windows of 10 tokens (+1 target)
+    x, y = eval_set(tokens, 10, 4, "spread")
+    assert x[:, 0].tolist() == [0, 250, 500, 750] and torch.equal(y, x + 1)
+    assert eval_set(tokens, 10, 4)[0][:, 0].tolist() == [0, 10, 20, 30]
+    x, _ = eval_set(tokens, 10, 7, "spread")
+    starts = x[:, 0].tolist()
+    assert all(b - a >= 10 for a, b in itertools.pairwise(starts)) and starts[-1] >= 800
+    assert torch.equal(eval_set(tokens, 10, 100, "spread")[0], eval_set(tokens, 10, 100)[0])
+    with pytest.raises(ConfigError, match="holds only 100 sequences"):
+        eval_set(tokens, 10, 101, "spread")
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
@@ -360,6 +376,7 @@ def test_eval_set_is_fixed_prefix_of_val(small_prepared):
     ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
     ({"vocab_size": 100}, "vocab_size must be >= 257"),
     ({"eval_sequences": 0}, "eval_sequences"),
+    ({"eval_sampling": "tail"}, "data.eval_sampling"),
     ({"source": "files"}, "needs data.paths"),
     ({"max_train_documents": 0}, "max_train_documents"),
 ])

@@ -243,7 +243,7 @@ def test_the_divergence_rule(tmp_path):
 
 def test_a_collapse_to_the_uniform_predictor_ends_the_run(tmp_path, monkeypatch):
     evals = iter([8.7, 6.0, math.log(4096), 5.0])
-    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: next(evals))
+    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: run_mod.Evaluation(next(evals), None, 1, 1))
     summary = run_training(cfg_of(tmp_path / "run", *BASE, "train.steps=3"))
     assert summary["diverged"] and summary["diverged_reason"] == "collapsed" and summary["step"] == 2
 
@@ -260,7 +260,7 @@ def test_gn_divergence_says_so_on_stderr_once(tmp_path, capsys):
 
 def test_non_finite_values_are_written_as_null_in_every_json_file(tmp_path, monkeypatch):
     evals = iter([8.7, float("nan")])
-    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: next(evals))
+    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: run_mod.Evaluation(next(evals), None, 1, 1))
     summary = run_training(cfg_of(tmp_path / "run", *BASE, "train.steps=3"))
     assert summary["diverged_reason"] == "non_finite"
     rows = metrics(tmp_path / "run")
@@ -269,7 +269,7 @@ def test_non_finite_values_are_written_as_null_in_every_json_file(tmp_path, monk
     assert strict_json(dumps_json({"a": [float("inf"), {"b": -math.inf}]})) == {"a": [None, {"b": None}]}
     monkeypatch.undo()
     evals = iter([8.7, float("nan")])
-    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: next(evals))
+    monkeypatch.setattr(run_mod.Run, "evaluate", lambda self: run_mod.Evaluation(next(evals), None, 1, 1))
     bench.run_study(_study(), tmp_path / "res")
     for line in (tmp_path / "res" / "runs.jsonl").read_text().splitlines():
         assert strict_json(line)["final_eval_loss"] is None

@@ -33,15 +33,16 @@ def _row(m, b, lr, seed, steps, kind):
                inner_steps=8 if family == "gn" else None, etas=[1.0] * (n - 1) if family == "gn" else None)
 
 
-def _write_results(root, kind="steps_to_target"):
+def _write_results(root, kind="steps_to_target", methods=METHODS, **study_keys):
     """A finished study: lrs selected on seed 0 (3e-3 is best), reported seed 1 at the selected lr."""
     study = {"name": "synthetic", "kind": kind, "batch_tokens": BATCHES, "selection_seed": 0, "seeds": [1],
-             "max_steps": 100, "methods": [{"name": m, "lrs": LRS} for m in METHODS], "base": {}}
-    study.update({"token_budget": 16384} if kind == "budget" else {"target_loss": 3.0})
+             "max_steps": 100, "methods": [{"name": m, "lrs": LRS} for m in methods], "base": {}, **study_keys}
+    study.update({"token_budget": 16384} if kind == "budget" else {} if "targets" in study_keys else
+                 {"target_loss": 3.0})
     root.mkdir(parents=True)
     (root / "study.yaml").write_text(yaml.safe_dump(study))
     rows = []
-    for m in METHODS:
+    for m in methods:
         for i, b in enumerate(BATCHES):
             for lr in LRS:
                 steps = STEPS[m][i] if lr == 3e-3 else (STEPS[m][i] + 7 if lr == 1e-3 else None)
@@ -54,7 +55,7 @@ def _write_results(root, kind="steps_to_target"):
 def test_report_renders_the_declared_target_tables_the_fit_and_the_headline(tmp_path):
     root = tmp_path / "res"
     _write_results(root)
-    text = write_report(root).read_text()
+    text = write_report(root, bootstrap=100).read_text()
     for fig in ("curves_largest_batch.png", "steps_vs_batch_fit.png"):
         assert (root / fig).stat().st_size > 1000 and f"({fig})" in text
     assert "| gn | 20.0 (20) | 10.0 (10) | 5.0 (5) | 2.5 (2) |" in text  # interpolated (integer step)
@@ -65,6 +66,17 @@ def test_report_renders_the_declared_target_tables_the_fit_and_the_headline(tmp_
     summary = json.loads((root / "summary.json").read_text())
     assert summary["cells"]["gn/8192"]["per_target"]["3"]["steps_interp"] == 2.5
     assert summary["fit"]["adamw"]["b_crit"] > 0 and summary["fit"]["gn"]["b_crit_unbounded"]
+    # both critical batches, with the reference batch stated; GN's is unbounded for both
+    fit = summary["fit"]["adamw"]
+    assert fit["cbs"] == pytest.approx(0.2 * fit["b_crit"] + 1.2 * 1024) and fit["cbs_reference_batch"] == 1024
+    assert f"| adamw | 1,024 | {fit['cbs']:,.0f} |" in text and "| gn | 1,024 | unbounded |" in text
+    # GN's inner steps to the target (2.5 outer steps x N = 8) beside its outer steps
+    assert "| gn | 8K | 2.5 | 20 |" in text and "| adamw | 8K | 52.0 | — |" in text
+    # every run costs 1e9 FLOPs per step: GN, with fewer steps, is cheaper already at the smallest batch
+    assert summary["crossover"]["gn"]["flops"]["bound"] == "at_or_below"
+    assert "| gn | FLOPs | ≤ 1,024 | ≤ 1,024 | 2.50× (soap) |" in text  # soap: the fewest FLOPs at 1K
+    assert "standard error of its mean loss over sequences: not recorded" in text
+    assert "64 sequences, 8,192 tokens (as declared in the study)" in text
 
 
 def test_report_shows_where_a_method_missed_the_target_within_its_own_budget(tmp_path):
@@ -75,9 +87,40 @@ def test_report_shows_where_a_method_missed_the_target_within_its_own_budget(tmp
             r.reached, r.steps, r.crossings = False, None, {"3": None}
             r.final_eval_loss = 3.0 if r.lr == 3e-3 else 3.1  # selected: the lowest final loss
     (root / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
-    text = write_report(root).read_text()
+    text = write_report(root, bootstrap=20).read_text()
     assert "| adamw | 80.0 (80) | 60.0 (60) | 55.0 (55) | not reached in 100 (0/1) |" in text
     assert "| 8K | 2.5 | none reached |" in text
+
+
+def test_report_with_a_restart_level_and_a_recorded_eval_noise(tmp_path):
+    """Steps counted from the restart level beside the headline ratio; the eval set's measured standard error next
+    to the targets' spacing. The rows carry no restart crossing: it is read off their curves."""
+    root = tmp_path / "res"
+    _write_results(root, restart_level=3.5)
+    (root / "warm_start").mkdir()
+    (root / "warm_start" / "summary.json").write_text(json.dumps(
+        {"tokens": 4096, "step": 4, "final_eval_loss": 4.0, "final_eval_loss_se": 0.0123, "eval_sequences": 32,
+         "eval_tokens": 2048}))
+    text = write_report(root, bootstrap=10).read_text()
+    # every run crosses 3.5 halfway to its target (loss 4 − step/steps), so from there the ratio is the same
+    assert "| steps ratio | steps ratio from 3.5 | FLOPs ratio |" in text
+    assert "| 8K | 2.5 | soap | 28.0 | 11.20× | 11.20× |" in text
+    assert "32 sequences, 2,048 tokens (recorded); standard error of its mean loss over sequences: 0.0123 (warm " \
+           "start)" in text
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["cells"]["soap/8192"]["per_target"]["3"]["steps_from_restart"] == pytest.approx(14.0)
+    assert summary["eval_set"] == {"sequences": 32, "tokens": 2048, "size_from": "recorded", "loss_se": 0.0123,
+                                   "loss_se_from": "warm start"}
+
+
+def test_report_of_a_study_without_baselines_has_no_comparison_sections(tmp_path):
+    root = tmp_path / "res"
+    _write_results(root, methods=["gn", "gn_layerwise"], targets=[3.5, 3.2, 3.0], primary_target=3.0)
+    text = write_report(root, bootstrap=10).read_text()
+    assert "### Fitted critical batch" in text and "| gn | 1,024 | unbounded |" in text
+    assert "becomes cheaper" not in text and "Steps per segment" not in text
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["crossover"] == {} and summary["segments"] == {} and summary["restart_level"] is None
 
 
 def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):
@@ -119,9 +162,16 @@ def test_headline_puts_steps_flops_and_time_ratios_side_by_side():
 PUBLISHED = Path(__file__).resolve().parents[1] / "studies" / "shakespeare-nano"
 
 
+def _changed(committed, now, path="") -> list[str]:
+    """The keys of ``committed`` (nested) that ``now`` lacks or gives another value; keys only in ``now`` are new."""
+    if not isinstance(committed, dict) or not isinstance(now, dict):
+        return [] if committed == now else [path]
+    return [p for k, v in committed.items() for p in (_changed(v, now[k], f"{path}/{k}") if k in now else [f"{path}/{k}"])]
+
+
 def test_the_published_study_is_the_preset_and_recomputes_its_cells_from_its_rows():
     """studies/shakespeare-nano was written by an earlier gnlm (old key names, schema-1 rows): it is still the same
-    study as the packaged preset, and its rows alone give the committed summary's cells."""
+    study as the packaged preset, and its rows alone give every value of the committed summary's cells."""
     from gnlm.analysis import summarize_study
     from gnlm.results import read_rows
     from gnlm.study import load_study, study_differences
@@ -129,17 +179,19 @@ def test_the_published_study_is_the_preset_and_recomputes_its_cells_from_its_row
     study = load_study("shakespeare-nano")
     assert study_differences(yaml.safe_load((PUBLISHED / "study.yaml").read_text()), study) == []
     committed = json.loads((PUBLISHED / "summary.json").read_text())
-    assert json.loads(json.dumps(summarize_study(study, read_rows(PUBLISHED), bootstrap=0)["cells"])) == \
-        committed["cells"]
+    cells = json.loads(json.dumps(summarize_study(study, read_rows(PUBLISHED), bootstrap=0)["cells"]))
+    assert _changed(committed["cells"], cells) == []
 
 
 @pytest.mark.slow
 def test_the_published_report_regenerates_identically(tmp_path):
-    """gnlm report on a copy of the published study writes the committed summary.json byte for byte."""
+    """gnlm report on a copy of the published study keeps every value of the committed summary.json (new keys may
+    come) and writes the committed report.md byte for byte."""
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(PUBLISHED, copy, ignore=shutil.ignore_patterns("*.pt"))
     write_report(copy)
-    assert (copy / "summary.json").read_text() == (PUBLISHED / "summary.json").read_text()
+    assert _changed(json.loads((PUBLISHED / "summary.json").read_text()),
+                    json.loads((copy / "summary.json").read_text())) == []
     assert (copy / "report.md").read_text() == (PUBLISHED / "report.md").read_text()

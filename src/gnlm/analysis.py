@@ -1,6 +1,8 @@
 """Pure analysis of study results: a study's declaration (``study.StudyConfig``) and its rows (``results.Row``) in,
 numbers out (``summary.json``): steps to every target at the selected point (``selection.py``), the S(B) fit with
-its bootstrap, the saving per doubling. Used by ``report.py``.
+both critical-batch definitions and their intervals (over seeds, over batch sizes, leaving one batch size out), the
+saving per doubling, where GN becomes cheaper than the best baseline in FLOPs and time, the steps per segment
+between targets and from the restart level. Used by ``report.py``.
 
 Nothing here trains, reads or writes files.
 """
@@ -10,10 +12,11 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Any
 
-from gnlm.results import Row, target_key
+from gnlm.results import Row, target_crossing, target_key
 from gnlm.selection import selected_cell, steps_to
 from gnlm.study import StudyConfig
 
@@ -37,15 +40,18 @@ class StepsFit:
 MIN_FIT_BATCHES = 4
 
 
-def fit_steps_vs_batch(batches: list[float], steps: list[float]) -> StepsFit:
-    """Least squares on log S of S(B) = S_min·(1 + B_crit/B), B_crit ≥ 0.
+def fit_steps_vs_batch(batches: list[float], steps: list[float], min_batches: int = MIN_FIT_BATCHES) -> StepsFit:
+    """Least squares on log S of S(B) = S_min·(1 + B_crit/B), B_crit ≥ 0 (in Zhang et al.'s notation
+    S(B) = a + b/B with a = S_min, b/a = B_crit).
 
     For a fixed B_crit the best log S_min is the mean of log S − log(1 + B_crit/B) (closed form), so the fit is a
     one-dimensional search over log B_crit: a grid from 10⁻⁴·B_min to 10⁴·B_max, refined by golden section, plus
-    B_crit = 0 (no gain from batch size at all). Needs at least 4 batch sizes with finite steps."""
+    B_crit = 0 (no gain from batch size at all). Needs at least ``min_batches`` batch sizes with finite steps (4;
+    the leave-one-out refits of :func:`bootstrap_fit` take 3, the fewest that leave a two-parameter fit a
+    residual)."""
     pts = [(float(b), float(s)) for b, s in zip(batches, steps) if s is not None and math.isfinite(s) and s > 0]
-    if len(pts) < MIN_FIT_BATCHES:
-        raise ValueError(f"fitting S(B) = S_min(1 + B_crit/B) needs steps at >= {MIN_FIT_BATCHES} batch sizes, "
+    if len(pts) < min_batches:
+        raise ValueError(f"fitting S(B) = S_min(1 + B_crit/B) needs steps at >= {min_batches} batch sizes, "
                          f"got {len(pts)}")
     bs = [b for b, _ in pts]
     logs = [math.log(s) for _, s in pts]
@@ -74,11 +80,84 @@ def fit_steps_vs_batch(batches: list[float], steps: list[float]) -> StepsFit:
                     in_range=min(bs) <= b_crit <= max(bs), unbounded=math.log(b_crit or 1.0) >= hi - 1e-6)
 
 
+# Zhang et al. 2024: the critical batch is where the steps exceed perfect scaling from B_ref by this fraction
+CBS_EXCESS = 0.2
+
+
+def zhang_cbs(b_crit: float, b_ref: float) -> float:
+    """The critical batch of Zhang et al. 2024 ("How Does Critical Batch Size Scale in Pre-training?") on the fit
+    S(B) = a + b/B (a = S_min, b/a = B_crit): the batch at which the steps exceed perfect (linear) scaling from a
+    reference batch B_ref by 20%. Perfect scaling from B_ref is S(B_ref)·B_ref/B, so
+
+        a + b/B = 1.2·(a + b/B_ref)·B_ref/B  ⇔  a·B + b = 1.2·a·B_ref + 1.2·b  ⇔  B = 1.2·B_ref + 0.2·b/a,
+
+    CBS = 0.2·B_crit + 1.2·B_ref (their notebook solves b − 5a·CBS + 5a·1.2·B_ref = 0). It is neither McCandlish's
+    B_crit = b/a (where S = 2·S_min) nor the batch where a doubling saves less than 20% (1.5·b/a on the same curve).
+    CBS increases with B_crit at a fixed B_ref, so interval ends of B_crit map to interval ends of CBS; an
+    unbounded B_crit (inf) gives an unbounded CBS."""
+    return CBS_EXCESS * b_crit + (1 + CBS_EXCESS) * b_ref
+
+
+def _quantile(v: list[Any], p: float) -> Any:
+    """The element of ``v`` at quantile ``p`` (nearest rank of the sorted list); None for an empty list."""
+    if not v:
+        return None
+    v = sorted(v)
+    return v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
+
+
+def _finite(v: float | None) -> float | None:
+    """JSON has no infinity: an unbounded value (or interval end) is written as None."""
+    return v if v is None or math.isfinite(v) else None
+
+
+def _b_crit_or_inf(fit: StepsFit) -> float:
+    return math.inf if fit.unbounded else fit.b_crit
+
+
+def residual_bootstrap(batches: list[float], steps: list[float], fit: StepsFit, n: int = 1000,
+                       seed: int = 0) -> list[float]:
+    """B_crit of ``n`` refits to the fitted curve plus log residuals resampled across batch sizes: with
+    rᵢ = log Sᵢ − log Ŝ(Bᵢ), each resample fits log S*ᵢ = log Ŝ(Bᵢ) + c·r_J, J uniform over the k batch sizes
+    (with replacement), c = √(k/(k − 2)) (the residuals of a two-parameter least-squares fit are smaller than the
+    noise by about that factor; they have mean 0, since log S_min is their mean). It asks how far B_crit moves if
+    the scatter of the points around the curve were drawn again: the spread that resampling seeds at every batch
+    cannot see. inf: an unbounded refit."""
+    residuals = [math.log(s) - math.log(fit.steps(b)) for b, s in zip(batches, steps)]
+    scale = math.sqrt(len(batches) / (len(batches) - 2))
+    rng = random.Random(f"{seed}/residuals")  # its own stream: the seed bootstrap's resamples stay as they were
+    out = []
+    for _ in range(n):
+        drawn = [fit.steps(b) * math.exp(scale * rng.choice(residuals)) for b in batches]
+        out.append(_b_crit_or_inf(fit_steps_vs_batch(batches, drawn)))
+    return out
+
+
+def jackknife_fits(batches: list[float], steps: list[float]) -> dict[float, StepsFit]:
+    """The fit with each batch size left out in turn (refitted on the other k − 1 ≥ 3): how much one batch size
+    carries the critical batch."""
+    return {b: fit_steps_vs_batch(batches[:i] + batches[i + 1:], steps[:i] + steps[i + 1:],
+                                  min_batches=MIN_FIT_BATCHES - 1) for i, b in enumerate(batches)}
+
+
 def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int = 1000, seed: int = 0,
                   level: float = 0.9) -> dict[str, Any]:
-    """The fit of the median steps over seeds, and a ``level`` bootstrap interval over seeds: each resample
-    draws, at every batch size, as many seeds as measured (with replacement) and refits the medians.
-    ``steps_by_seed[i]`` are the steps of every seed at ``batches[i]`` (inf: not reached)."""
+    """The fit of the median steps over seeds, both critical batches, and their intervals.
+
+    ``steps_by_seed[i]`` are the steps of every seed at ``batches[i]`` (inf: not reached). Keys:
+    ``s_min``, ``b_crit`` (McCandlish's B_crit = b/a), ``cbs`` (Zhang et al.'s CBS = 0.2·b/a + 1.2·B_ref,
+    :func:`zhang_cbs`, with B_ref = ``cbs_reference_batch``, the smallest batch the fit used), each with three
+    intervals, all on the same fixed B_ref:
+
+    * over seeds (``b_crit_lo``/``hi``, ``cbs_lo``/``hi``; ``level``): each of ``n`` resamples draws, at every
+      batch size, as many seeds as measured (with replacement) and refits the medians;
+    * over batch sizes (``b_crit_residual_lo``/``hi``, ``cbs_residual_lo``/``hi``): :func:`residual_bootstrap`;
+    * leaving one batch size out (``b_crit_jackknife_min``/``max``, ``cbs_jackknife_min``/``max``, and per left-out
+      batch ``jackknife``): :func:`jackknife_fits`.
+
+    A fit whose steps fall like 1/B over the whole range has ``b_crit_unbounded`` (and ``cbs_unbounded``) true and
+    ``b_crit``/``cbs`` None: S(B) ≈ ``steps_times_batch``/B, S_min → 0, only a lower bound on either. None as the
+    upper end of an interval (or a jackknife value) means unbounded too."""
     medians = [statistics.median(s) for s in steps_by_seed]
     fit = fit_steps_vs_batch(batches, medians)
     rng = random.Random(seed)
@@ -89,24 +168,36 @@ def bootstrap_fit(batches: list[float], steps_by_seed: list[list[float]], n: int
             f = fit_steps_vs_batch(batches, resampled)
         except ValueError:  # too few batch sizes reached in this resample
             continue
-        b_crits.append(math.inf if f.unbounded else f.b_crit)
+        b_crits.append(_b_crit_or_inf(f))
         s_mins.append(f.s_min)
     q = (1 - level) / 2
+    used = sorted((float(b), s) for b, s in zip(batches, medians) if math.isfinite(s) and s > 0)
+    used_b, used_s = [b for b, _ in used], [s for _, s in used]
+    b_ref = used_b[0]
+    by_residuals = residual_bootstrap(used_b, used_s, fit, n=n, seed=seed)
+    left_out = {b: _b_crit_or_inf(f) for b, f in jackknife_fits(used_b, used_s).items()}
 
-    def quantile(v: list[float], p: float) -> float | None:
-        if not v:
-            return None
-        v = sorted(v)
-        return v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
+    def cbs(b_crit: float | None) -> float | None:  # None (no value, or unbounded) stays None
+        return None if b_crit is None else _finite(zhang_cbs(b_crit, b_ref))
 
-    def finite(v: float | None) -> float | None:  # JSON has no infinity: an unbounded end is None
-        return v if v is None or math.isfinite(v) else None
-
-    # unbounded: S(B) ≈ steps_times_batch / B over the measured range (S_min → 0, B_crit → ∞)
-    return {"s_min": fit.s_min, "b_crit": None if fit.unbounded else fit.b_crit, "residual": fit.residual,
-            "in_range": fit.in_range, "b_crit_unbounded": fit.unbounded, "steps_times_batch": fit.s_min * fit.b_crit,
-            "b_crit_lo": finite(quantile(b_crits, q)), "b_crit_hi": finite(quantile(b_crits, 1 - q)),
-            "s_min_lo": quantile(s_mins, q), "s_min_hi": quantile(s_mins, 1 - q), "resamples": len(b_crits)}
+    out = {"s_min": fit.s_min, "b_crit": None if fit.unbounded else fit.b_crit, "residual": fit.residual,
+           "in_range": fit.in_range, "b_crit_unbounded": fit.unbounded, "steps_times_batch": fit.s_min * fit.b_crit,
+           "b_crit_lo": _finite(_quantile(b_crits, q)), "b_crit_hi": _finite(_quantile(b_crits, 1 - q)),
+           "s_min_lo": _quantile(s_mins, q), "s_min_hi": _quantile(s_mins, 1 - q), "resamples": len(b_crits)}
+    point = cbs(_b_crit_or_inf(fit))
+    lo, hi = _quantile(b_crits, q), _quantile(b_crits, 1 - q)
+    r_lo, r_hi = _quantile(by_residuals, q), _quantile(by_residuals, 1 - q)
+    j_min, j_max = min(left_out.values()), max(left_out.values())
+    out.update({
+        "cbs": point, "cbs_reference_batch": b_ref, "cbs_unbounded": fit.unbounded,
+        "cbs_in_range": point is not None and used_b[0] <= point <= used_b[-1], "cbs_lo": cbs(lo), "cbs_hi": cbs(hi),
+        "b_crit_residual_lo": _finite(r_lo), "b_crit_residual_hi": _finite(r_hi), "cbs_residual_lo": cbs(r_lo),
+        "cbs_residual_hi": cbs(r_hi), "residual_resamples": len(by_residuals),
+        "b_crit_jackknife_min": _finite(j_min), "b_crit_jackknife_max": _finite(j_max),
+        "cbs_jackknife_min": cbs(j_min), "cbs_jackknife_max": cbs(j_max),
+        "jackknife": {str(int(b)): {"b_crit": _finite(v), "cbs": cbs(v)} for b, v in left_out.items()},
+    })
+    return out
 
 
 def doubling_reduction(batches: list[float], steps: list[float], i: int) -> float:
@@ -156,6 +247,10 @@ def _median_or_none(values: list[float]) -> float | None:
     return m if math.isfinite(m) else None
 
 
+def _median_or_inf(values: list[float]) -> float:
+    return statistics.median(values) if values else math.inf
+
+
 def eta_at_floor(rows: list[Row], line_search_range: int) -> float | None:
     """The share of GN outer steps, over ``rows``, whose line search chose its smallest step size
     (1/√2)^(range−1): near 1, the range binds (the step wanted to be shorter still; a larger
@@ -179,6 +274,114 @@ def early_rise(row: Row, steps: int = EARLY_STEPS) -> float | None:
     return max(early) - pts[0][1]
 
 
+def restart_step(row: Row, level: float) -> float:
+    """The interpolated step at which a run first reaches the study's restart level (after its restart spike): its
+    recorded crossing, or, in a row recorded without one, the crossing of its logged curve. inf: never reached."""
+    key = target_key(level)
+    if key not in row.crossings:
+        columns = {k: v for k, v in row.curve.items() if v}
+        evals = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        row = replace(row, crossings={key: target_crossing(evals, level)})
+    return steps_to(row, level)
+
+
+def segment_steps(rows: list[Row], targets: list[float]) -> list[float | None]:
+    """Steps between consecutive targets: warm start → t₁, t₁ → t₂, … (``targets`` from the shallowest), as the
+    differences of the median steps over ``rows`` (the seeds of one cell) to each end. Each run reaches a deeper
+    target later, so the medians are ordered: the segments are ≥ 0 and add up to the median steps to each target
+    that the steps tables show. None where the segment's end was not reached (median over seeds)."""
+    ends = [0.0] + [_median_or_inf([steps_to(r, t) for r in rows]) for t in targets]
+    return [b - a if math.isfinite(b) else None for a, b in pairwise(ends)]
+
+
+def seed_costs(rows: list[Row], target: float, measure: str) -> list[float]:
+    """Per reported seed, the interpolated ``measure`` (``flops_interp``, ``wall_time_interp``) of its crossing of
+    ``target``; inf where the run did not reach it (a seed whose crossing lacks the measure is left out)."""
+    out = []
+    for r in rows:
+        if not math.isfinite(steps_to(r, target)):
+            out.append(math.inf)
+        elif (v := r.crossings[target_key(target)].get(measure)) is not None:
+            out.append(float(v))
+    return out
+
+
+def crossover_batch(batches: list[float], ratios: list[float | None]) -> tuple[float | None, str]:
+    """Where GN's cost first falls below the best baseline's: (batch, bound) from ``ratios``, the baseline's cost
+    over GN's at each batch (None: not compared there). With ℓ = log ratio at the compared batches in order:
+
+    * ``exact``: ℓ goes from ≤ 0 at B₀ to > 0 at the next compared batch B₁; linear in (log B, ℓ) in between,
+      B* = B₀·(B₁/B₀)^(ℓ₀/(ℓ₀ − ℓ₁));
+    * ``at_or_below``: GN is already cheaper at the smallest compared batch (returned);
+    * ``above``: GN costs more at every compared batch (the largest returned: the crossover lies above it);
+    * ``none``: no batch compared (None)."""
+    pts = [(b, math.log(r)) for b, r in zip(batches, ratios) if r is not None]
+    if not pts:
+        return None, "none"
+    if pts[0][1] > 0:
+        return pts[0][0], "at_or_below"
+    for (b0, l0), (b1, l1) in pairwise(pts):
+        if l1 > 0:
+            return b0 * (b1 / b0) ** (l0 / (l0 - l1)), "exact"
+    return pts[-1][0], "above"
+
+
+def compute_crossover(batches: list[float], gn: list[list[float]], baselines: dict[str, list[list[float]]],
+                      n: int = 1000, seed: int = 0, level: float = 0.9) -> dict[str, Any]:
+    """The batch from which a GN method's cost to the target falls below the best baseline's (:func:`crossover_batch`),
+    with a ``level`` bootstrap interval over seeds.
+
+    ``gn[i]``, ``baselines[m][i]``: the cost of every reported seed at ``batches[i]`` (inf: not reached; empty: not
+    run). At each batch GN's median over seeds meets the cheapest baseline's median (the best baseline for this
+    measure, which need not be the one with the fewest steps); a batch where either median is inf is not
+    compared. Each resample draws, in every cell, as many seeds as measured (with replacement) and recomputes the
+    crossover; ``lo``/``hi`` are quantiles of the resampled crossovers, ordered as batches with ``above`` last,
+    each with its bound (``lo_bound``/``hi_bound``; ``none`` resamples left out). ``per_batch``: the best baseline
+    and baseline / GN at each compared batch (above 1: GN cheaper)."""
+
+    def ratios(gn_cost: list[float], base_cost: dict[str, list[float]]) -> tuple[list[float | None], list[str | None]]:
+        out, names = [], []
+        for i in range(len(batches)):
+            name, cost = min(((m, c[i]) for m, c in base_cost.items()), key=lambda mc: mc[1], default=(None, math.inf))
+            ok = math.isfinite(gn_cost[i]) and math.isfinite(cost) and gn_cost[i] > 0
+            out.append(cost / gn_cost[i] if ok else None)
+            names.append(name if ok else None)
+        return out, names
+
+    point, names = ratios([_median_or_inf(v) for v in gn],
+                          {m: [_median_or_inf(v) for v in c] for m, c in baselines.items()})
+    batch, bound = crossover_batch(batches, point)
+    rng = random.Random(seed)
+
+    def draw(v: list[float]) -> float:
+        return statistics.median(rng.choices(v, k=len(v))) if v else math.inf
+
+    draws = []  # (where it sorts, batch, bound): "above" after every batch
+    for _ in range(n):
+        b, bd = crossover_batch(batches, ratios([draw(v) for v in gn],
+                                                {m: [draw(v) for v in c] for m, c in baselines.items()})[0])
+        if bd != "none":
+            draws.append((math.inf if bd == "above" else b, b, bd))
+    q = (1 - level) / 2
+    lo, hi = _quantile(draws, q) or (None, None, None), _quantile(draws, 1 - q) or (None, None, None)
+    return {"batch": batch, "bound": bound, "lo": lo[1], "lo_bound": lo[2], "hi": hi[1], "hi_bound": hi[2],
+            "resamples": len(draws),
+            "per_batch": {str(int(b)): {"baseline": m, "baseline_over_gn": r}
+                          for b, m, r in zip(batches, names, point) if r is not None}}
+
+
+def best_baseline(cells: dict[str, Any], baselines: list[str], batch: int, target: float,
+                  measure: str = "steps_interp") -> tuple[str | None, float]:
+    """The baseline with the fewest ``measure`` (median over seeds) to ``target`` at ``batch``: (name, value);
+    (None, inf) when none reached it."""
+    best: tuple[str | None, float] = (None, math.inf)
+    for m in baselines:
+        v = ((cells.get(f"{m}/{batch}") or {}).get("per_target", {}).get(target_key(target)) or {}).get(measure)
+        if v is not None and v < best[1]:
+            best = (m, v)
+    return best
+
+
 def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) -> dict[str, Any]:
     """The machine-readable summary of a study (``summary.json``), from its declaration and the rows of runs.jsonl
     alone.
@@ -186,21 +389,29 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
     Per method and batch size: the lr selected on ``selection_seed`` (controls: the lr they ran at), the trials
     used and whether the selected lr is on an edge; then, from the reported rows (``seeds`` at the selected lr),
     per declared target: median integer and interpolated steps, seeds that reached it, median FLOPs, wall time and
-    tokens to it (interpolated), and GN's skipped steps, inner steps N and line-search floor share. Per method: the
-    fit S(B) = S_min(1 + B_crit/B) on the primary target with a bootstrap interval over seeds (None, with the
-    reason, below 4 batch sizes reached) and the saving per doubling. A budget study (no targets) reports the
-    median final and best eval loss per cell instead."""
+    tokens to it (interpolated), GN's total inner steps to it (outer steps × N, ``inner_steps_to_target``) and,
+    when the study declares a ``restart_level``, the median over seeds of the steps from there
+    (``steps_from_restart``, beside the cell's ``restart_steps``); and GN's skipped steps, inner steps N and
+    line-search floor share. Per method (``fit``): the fit S(B) = S_min(1 + B_crit/B) on the primary target with
+    both critical batches and their intervals (:func:`bootstrap_fit`; None, with the reason, below 4 batch sizes
+    reached) and the saving per doubling. Per GN method: where it becomes cheaper than the best baseline in FLOPs
+    and in measured time (``crossover``, :func:`compute_crossover`), and per batch its steps and the best
+    baseline's (fewest steps to the primary target) between consecutive targets (``segments``,
+    :func:`segment_steps`). A budget study (no targets) reports the median final and best eval loss per cell
+    instead."""
     targets = list(study.targets)
     primary = study.primary_target
+    restart = study.restart_level
     cells: dict[str, dict[str, Any]] = {}
     fits: dict[str, Any] = {}
+    reported_rows: dict[tuple[str, int], list[Row]] = {}  # (method, batch) -> its reported rows
     for m in [m.name for m in study.methods]:
         per_batch_steps: list[tuple[int, list[float]]] = []
         for b in study.batch_tokens:
             sel = selected_cell(study, rows, m, b)
             if sel is None:
                 continue
-            reported = sel.pop("reported")
+            reported = reported_rows[m, b] = sel.pop("reported")
             cell: dict[str, Any] = {**{k: sel[k] for k in ("best_lr", "lr_on_edge")},
                                     "control_of": study.controls.get(m), "edge": sel["edge"], "trials": sel["trials"],
                                     "seeds": len(reported), "best_point": sel["best_point"], "per_target": {}}
@@ -216,6 +427,9 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
                 cell["best_eval_loss"] = _median_or_none([r.best_eval_loss for r in reported
                                                           if r.best_eval_loss is not None])
                 cell["diverged"] = sum(r.diverged for r in reported)
+            if restart is not None:
+                from_step = [restart_step(r, restart) for r in reported]
+                cell["restart_steps"] = _median_or_none(from_step)
             for t in targets:
                 crossing = [r.crossings.get(target_key(t)) for r in reported]
                 ok = [c for c, r in zip(crossing, reported) if c is not None and not r.diverged]
@@ -229,6 +443,12 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
                     "tokens_to_target": _median_or_none([c["tokens_interp"] for c in ok
                                                          if c.get("tokens_interp") is not None]),
                 }
+                point = cell["per_target"][target_key(t)]
+                if cell.get("inner_steps") and point["steps_interp"] is not None:
+                    point["inner_steps_to_target"] = point["steps_interp"] * cell["inner_steps"]
+                if restart is not None:  # a run that reached the target crossed the restart level before
+                    point["steps_from_restart"] = _median_or_none([
+                        steps_to(r, t) - s0 if math.isfinite(s0) else math.inf for r, s0 in zip(reported, from_step)])
             cells[f"{m}/{b}"] = {"method": m, "batch_tokens": b, **cell}
             if primary is not None and reported:
                 per_batch_steps.append((b, [steps_to(r, primary) for r in reported]))
@@ -252,4 +472,40 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
     if study.kind == "budget":
         out.update(kind="budget", token_budget=study.token_budget,
                    count_line_search_tokens=study.count_line_search_tokens)
+    else:
+        out.update(restart_level=restart, **_gn_against_baselines(study, cells, reported_rows, bootstrap))
     return out
+
+
+def _gn_against_baselines(study: StudyConfig, cells: dict[str, Any], reported_rows: dict[tuple[str, int], list[Row]],
+                          bootstrap: int) -> dict[str, Any]:
+    """Every GN method (controls aside) against the baselines: ``crossover[gn]["flops" | "time"]``
+    (:func:`compute_crossover` on the primary target) and ``segments[gn][batch]``: the best baseline there (fewest
+    steps to the primary target) and per segment ``from`` (None: the warm start), ``to``, ``baseline_steps``,
+    ``steps`` and ``ratio`` = baseline / GN (:func:`segment_steps`). Both empty without baselines."""
+    compared = [m for m in study.methods if m.control_of is None]
+    baselines = [m.name for m in compared if m.family != "gn"]
+    batches, primary = list(study.batch_tokens), study.primary_target
+    crossover: dict[str, Any] = {}
+    segments: dict[str, Any] = {}
+    if not baselines:
+        return {"crossover": crossover, "segments": segments}
+
+    def costs(m: str, measure: str) -> list[list[float]]:
+        return [seed_costs(reported_rows.get((m, b), []), primary, measure) for b in batches]
+
+    for gn in [m.name for m in compared if m.family == "gn"]:
+        crossover[gn] = {name: compute_crossover(batches, costs(gn, measure), {m: costs(m, measure) for m in baselines},
+                                                 n=bootstrap)
+                         for name, measure in (("flops", "flops_interp"), ("time", "wall_time_interp"))}
+        segments[gn] = {}
+        for b in batches:
+            if (gn, b) not in reported_rows:
+                continue
+            base, _ = best_baseline(cells, baselines, b, primary)
+            own = segment_steps(reported_rows[gn, b], study.targets)
+            theirs = segment_steps(reported_rows[base, b], study.targets) if base else [None] * len(own)
+            segments[gn][str(b)] = {"baseline": base, "segments": [
+                {"from": start, "to": end, "baseline_steps": x, "steps": y, "ratio": x / y if x and y else None}
+                for start, end, x, y in zip([None, *study.targets], study.targets, theirs, own)]}
+    return {"crossover": crossover, "segments": segments}

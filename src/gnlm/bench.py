@@ -144,6 +144,38 @@ def run_warm_start(study: StudyConfig, results_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def warm_start_only(study: StudyConfig, results_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """``gnlm bench --warm-start-only``: train the study's shared warm start (or resume it, or find it done) in this
+    process and nothing else; returns its summary. No run is planned or trained: only study.yaml and warm_start/
+    are written (``overwrite``: the results directory is deleted first, as for a study)."""
+    results_dir = Path(results_dir)
+    if study.warm_start is None:
+        raise ConfigError(f"--warm-start-only: study {study.name!r} declares no warm_start; add warm_start: {{tokens: "
+                          f"..., batch_tokens: ...}} or run the study without --warm-start-only")
+    dist.init(str(study.base.get("train", {}).get("device", "auto")))
+    cfg = study.warm_start_config(results_dir)
+    check_run_memory(cfg, resolve_device(cfg.train.device), dist.world_size())
+    dist.main_first(lambda: _open_results_dir(study, results_dir, overwrite))
+    return run_warm_start(study, results_dir)
+
+
+def _open_results_dir(study: StudyConfig, results_dir: Path, overwrite: bool) -> None:
+    """Create (``overwrite``: first delete) the results directory, check that it holds no other study, and write
+    ``study.yaml``."""
+    if overwrite and results_dir.is_dir():
+        if not (results_dir / "study.yaml").exists() and any(results_dir.iterdir()):
+            raise ConfigError(f"--overwrite: {results_dir} is not a gnlm results directory (no study.yaml); "
+                              f"refusing to delete it")
+        shutil.rmtree(results_dir)
+    check_results_dir(study, results_dir)
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the results directory {results_dir} ({e.strerror}); choose another "
+                          f"with --results DIR") from None
+    atomic_write_bytes(results_dir / "study.yaml", yaml.safe_dump(to_dict(study), sort_keys=False).encode())
+
+
 def _fmt_row(row: Row, kind: str) -> str:
     head = f"{row.method} batch {row.batch_tokens:,} lr {row.lr:g} seed {row.seed}"
     if row.failed:
@@ -216,18 +248,7 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
             check_run_memory(cfg, resolve_device(cfg.train.device), dist.world_size())
 
     def prepare_results_dir() -> None:
-        if overwrite and results_dir.is_dir():
-            if not (results_dir / "study.yaml").exists() and any(results_dir.iterdir()):
-                raise ConfigError(f"--overwrite: {results_dir} is not a gnlm results directory (no study.yaml); "
-                                  f"refusing to delete it")
-            shutil.rmtree(results_dir)
-        check_results_dir(study, results_dir)
-        try:
-            results_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the results directory {results_dir} ({e.strerror}); choose another "
-                              f"with --results DIR") from None
-        atomic_write_bytes(results_dir / "study.yaml", yaml.safe_dump(to_dict(study), sort_keys=False).encode())
+        _open_results_dir(study, results_dir, overwrite)
         results.repair(results_dir)
         if retry_failed and (n := results.set_aside_failed(results_dir)):
             print(f"gnlm bench: --retry-failed: {n} failed run(s) will run again (their rows moved to "
@@ -237,6 +258,10 @@ def run_study(study: StudyConfig, results_dir: str | Path, max_runs: int | None 
     main = dist.is_main()
     if max_runs == 0 and main:
         print("gnlm bench: --max-runs 0: nothing is trained (the warm start neither)", file=sys.stderr)
+    continuing = sorted({s.method for s in specs if s.config["train"]["init_optimizer"]})
+    if study.warm_start is not None and study.warm_start.load_optimizer_state and main:
+        print(f"gnlm bench: warm_start.load_optimizer_state: {', '.join(continuing) or 'no method'} continue(s) the "
+              f"warm start's optimizer state; every other method starts a fresh optimizer", file=sys.stderr)
     launcher = launch.make_launcher(launch_cfg, results_dir, study.name)
     try:
         return _run(study, results_dir, launcher, max_runs, report, main)

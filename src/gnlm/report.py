@@ -5,7 +5,8 @@ Reads ``study.yaml``, ``runs.jsonl`` and the warm start's ``summary.json``; writ
 
 * ``curves_largest_batch.png``: validation loss vs step at the largest batch, selected lr per method,
 * ``steps_vs_batch_fit.png``: interpolated steps to the primary target with the fitted S(B) = S_min(1 + B_crit/B)
-  (hollow triangles at a method's step budget mark "not reached"),
+  and each method's CBS (Zhang et al.) on it as a hollow diamond (hollow triangles at a method's step budget mark
+  "not reached"),
 * ``ratio_vs_target.png``: best baseline / full GN steps against target depth, one line per batch size,
 * ``final_loss_vs_batch.png`` (budget studies): final validation loss vs batch size.
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gnlm.analysis import EARLY_STEPS, summarize_study
+from gnlm.analysis import EARLY_STEPS, best_baseline, summarize_study
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
 from gnlm.results import Row, read_jsonl, read_rows, target_key
@@ -45,6 +48,10 @@ def _fmt_time(v: float | None) -> str:
 
 def _fmt_loss(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _fmt_steps(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.1f}"
 
 
 def _fmt_batch(b: float) -> str:
@@ -249,11 +256,46 @@ def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, A
     return md + [""]
 
 
-def write_report(results_dir: str | Path) -> Path:
-    """Write ``report.md``, ``summary.json`` and the figures into ``results_dir``; returns the report's path."""
+def _eval_set(study: StudyConfig, ws: dict[str, Any] | None, rows: list[Row]) -> dict[str, Any]:
+    """The eval set's size and the measured standard error of its mean loss over sequences (``loss_se``): from the
+    warm start's summary.json, else the rows (the median over runs), else not recorded (None); where neither
+    records the size, the study's declared data.eval_sequences × data.seq_len."""
+    runs = [vars(r) for r in rows if getattr(r, "final_eval_loss_se", None) is not None]
+    if ws and ws.get("final_eval_loss_se") is not None:
+        recorded, se, se_from = ws, ws["final_eval_loss_se"], "warm start"
+    elif runs:
+        recorded, se, se_from = runs[0], statistics.median(r["final_eval_loss_se"] for r in runs), "runs (median)"
+    else:
+        recorded, se, se_from = ws or {}, None, None
+    data = study.method_run_config(study.methods[0].name).data
+    sequences = recorded.get("eval_sequences") or data.eval_sequences
+    return {"sequences": sequences, "tokens": recorded.get("eval_tokens") or sequences * data.seq_len,
+            "size_from": "recorded" if recorded.get("eval_sequences") else "declared", "loss_se": se,
+            "loss_se_from": se_from}
+
+
+def _eval_set_line(eval_set: dict[str, Any], study: StudyConfig, ws: dict[str, Any] | None) -> str:
+    """The eval set's size and noise next to the spacing of the declared targets."""
+    line = (f"- eval set: {eval_set['sequences']:,} sequences, {eval_set['tokens']:,} tokens "
+            f"({'recorded' if eval_set['size_from'] == 'recorded' else 'as declared in the study'}); standard error "
+            f"of its mean loss over sequences: ")
+    se = eval_set["loss_se"]
+    line += "not recorded" if se is None else f"{se:.4f} ({eval_set['loss_se_from']})"
+    if len(study.targets) > 1:
+        gaps = [a - b for a, b in pairwise(study.targets)]
+        start = ws.get("final_eval_loss") if ws else None
+        line += (f"; the targets are {', '.join(f'{g:.3f}' for g in gaps)} apart"
+                 + (f" ({start - study.targets[0]:.3f} from the warm start to the first)" if start is not None else "")
+                 + (f", the closest {min(gaps) / se:.1f} standard errors" if se else ""))
+    return line
+
+
+def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
+    """Write ``report.md``, ``summary.json`` and the figures into ``results_dir``; returns the report's path.
+    ``bootstrap``: resamples of each bootstrap interval (fewer: faster and coarser)."""
     results_dir = Path(results_dir)
     study, rows = load_results(results_dir)
-    summary = summarize_study(study, rows)
+    summary = summarize_study(study, rows, bootstrap=bootstrap)
     families = {m.name: m.family for m in study.methods}
     batches, target = study.batch_tokens, study.primary_target
     md = [f"# gnlm study `{study.name}`", ""]
@@ -269,6 +311,7 @@ def write_report(results_dir: str | Path) -> Path:
         budgets = sorted({(m.max_steps or study.max_steps, m.family == "gn") for m in study.methods})
         facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study.targets)} (primary {target:g}); "
                      f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
+    ws = None
     if ws_summary.exists():
         try:
             ws = json.loads(ws_summary.read_text())
@@ -279,6 +322,8 @@ def write_report(results_dir: str | Path) -> Path:
                               f"report without the warm start")
         facts.append(f"- shared AdamW warm start: {ws.get('tokens', 0):,} tokens, {ws.get('step')} steps, "
                      f"validation loss {_fmt_loss(ws.get('final_eval_loss'))}")
+    summary["eval_set"] = _eval_set(study, ws, rows)
+    facts.append(_eval_set_line(summary["eval_set"], study, ws))
     md += facts + [""]
     if not rows:
         md += ["No finished runs yet."]
@@ -330,24 +375,20 @@ def write_report(results_dir: str | Path) -> Path:
 
 def _best_baseline(summary: dict[str, Any], families: dict[str, str], batch: int, target: float) -> tuple[str, float]:
     """The baseline with the fewest interpolated steps to ``target`` at ``batch`` (inf when none reached it)."""
-    best = ("—", math.inf)
-    for m, fam in families.items():
-        cell = summary["cells"].get(f"{m}/{batch}")
-        if fam != BASELINE_FAMILY or cell is None:
-            continue
-        s = cell["per_target"].get(target_key(target), {}).get("steps_interp")
-        if s is not None and s < best[1]:
-            best = (m, s)
-    return best
+    baselines = [m for m, fam in families.items() if fam == BASELINE_FAMILY]
+    name, steps = best_baseline(summary["cells"], baselines, batch, target)
+    return name or "—", steps
 
 
 def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) -> list[str]:
     """Per batch size, at the primary target: GN against the baseline with the fewest steps, in steps, FLOPs and
-    measured time side by side (a step saving that costs more compute or time shows as a ratio below 1), and every
-    other GN variant's steps against GN's."""
+    measured time side by side (a step saving that costs more compute or time shows as a ratio below 1), the steps
+    ratio counted from the study's restart level when it declares one, and every other GN variant's steps against
+    GN's."""
     primary = summary["primary_target"]
     key = target_key(primary)
     others = [m for m, f in families.items() if f == "gn" and m != gn]
+    restart = summary.get("restart_level")
 
     def point(m: str, b: int) -> dict[str, Any]:
         return summary["cells"].get(f"{m}/{b}", {}).get("per_target", {}).get(key) or {}
@@ -358,9 +399,14 @@ def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) 
     md = ["", f"### {gn} vs the best baseline at the primary target ({primary:g})", "",
           "Best baseline = the baseline with the fewest interpolated steps at that batch size. Ratios are baseline / "
           f"{gn} (above 1: {gn} needs less); medians over the reported seeds. "
+          + (f"From {restart:g}: the steps ratio counted from where each run first got back below the restart level "
+             f"{restart:g} (median over seeds of steps to the target minus steps to {restart:g}), leaving out what "
+             f"the restart spike cost. " if restart is not None else "")
           + (f"Last columns: steps of {', '.join(others)} / {gn} (above 1: slower than {gn})." if others else ""), "",
-          f"| batch | {gn} steps | best baseline | its steps | steps ratio | FLOPs ratio | time ratio | "
-          + "".join(f"{m} / {gn} | " for m in others), "|---|---|---|---|---|---|---|" + "---|" * len(others)]
+          f"| batch | {gn} steps | best baseline | its steps | steps ratio | "
+          + (f"steps ratio from {restart:g} | " if restart is not None else "") + "FLOPs ratio | time ratio | "
+          + "".join(f"{m} / {gn} | " for m in others),
+          "|---|---|---|---|---|---|---|" + "---|" * (len(others) + (restart is not None))]
     for b in summary["batch_tokens"]:
         g = point(gn, b)
         name, base_steps = _best_baseline(summary, families, b, primary)
@@ -368,18 +414,133 @@ def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) 
         gs = g.get("steps_interp")
         ran = summary["cells"].get(f"{gn}/{b}", {}).get("seeds")
         cells = [f"{gs:.1f}" if gs else "not reached" if ran else "—", name if base else "none reached",
-                 f"{base_steps:.1f}" if base else "—", times(base.get("steps_interp"), gs),
-                 times(base.get("flops_to_target"), g.get("flops_to_target")),
-                 times(base.get("time_to_target_s"), g.get("time_to_target_s"))]
+                 f"{base_steps:.1f}" if base else "—", times(base.get("steps_interp"), gs)]
+        if restart is not None:
+            cells.append(times(base.get("steps_from_restart"), g.get("steps_from_restart")))
+        cells += [times(base.get("flops_to_target"), g.get("flops_to_target")),
+                  times(base.get("time_to_target_s"), g.get("time_to_target_s"))]
         cells += [times(point(m, b).get("steps_interp"), gs) for m in others]
         md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
     return md
 
 
+def _interval(lo: float | None, hi: float | None, unbounded: bool) -> str:
+    """An interval of a critical batch: None as the upper end is unbounded (∞)."""
+    if lo is None:
+        return "unbounded" if unbounded else "—"
+    return f"[{lo:,.0f}, {'∞)' if hi is None else f'{hi:,.0f}]'}"
+
+
+def _fit_lines(summary: dict[str, Any], methods: list[str]) -> list[str]:
+    """The fitted S(B) per method with both critical batches (McCandlish's B_crit, Zhang et al.'s CBS), each with
+    its intervals over seeds, over batch sizes and with one batch size left out (:func:`analysis.bootstrap_fit`),
+    and the saving per doubling."""
+    batches = summary["batch_tokens"]
+    md = ["", "### Fitted critical batch", "",
+          "S(B) = S_min·(1 + B_crit/B), i.e. a + b/B with a = S_min and b/a = B_crit, fitted by least squares on log S "
+          "to the interpolated steps to the primary target (median over seeds). Two definitions of the critical batch "
+          "come from the same fit; they differ several-fold, so every number below says which one it is:", "",
+          "- **B_crit = b/a** (McCandlish et al. 2018): at B_crit a run takes twice the minimal steps S_min.",
+          "- **CBS = 0.2·b/a + 1.2·B_ref** (Zhang et al. 2024): the batch at which the steps exceed perfect (linear) "
+          "scaling from the reference batch B_ref by 20% (S(B) = 1.2·S(B_ref)·B_ref/B); B_ref is the smallest batch "
+          "of the method's fit.", "",
+          "90% intervals three ways, all on the same B_ref: over seeds (a bootstrap of the seeds at every batch size, "
+          "refitted), over batch sizes (a bootstrap of the fit's log residuals across batch sizes, scaled by "
+          "√(k/(k − 2)) for k batch sizes, refitted), and the range of the k refits that leave one batch size out. "
+          "Second view: the fraction of steps each doubling of the batch saves on the same medians "
+          "(1 − S(2B)/S(B)).", "",
+          "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
+          "| method | S_min | B_crit (tokens) | over seeds | over batch sizes | one batch size left out | note | "
+          + (f"saving per doubling from {', '.join(_fmt_batch(b) for b in batches[:-1])}" if len(batches) > 1
+             else "saving per doubling (one batch size: none)") + " |", "|---|---|---|---|---|---|---|---|"]
+    cbs = ["", "| method | B_ref (tokens) | CBS (tokens) | over seeds | over batch sizes | one batch size left out | "
+           "note |", "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        f = summary["fit"].get(m, {})
+        doubling = ", ".join("—" if (v := f.get("per_doubling", {}).get(str(b))) is None else f"{v:.0%}"
+                             for b in batches[:-1]) or "—"
+        if "s_min" not in f:
+            md.append(f"| {m} | — | — | — | — | — | {f.get('reason', '')} | {doubling} |")
+            cbs.append(f"| {m} | — | — | — | — | — | {f.get('reason', '')} |")
+            continue
+        unbounded = bool(f.get("b_crit_unbounded"))
+        b_crit, c = ([_interval(f.get(f"{k}_{lo}"), f.get(f"{k}_{hi}"), unbounded)
+                      for lo, hi in (("lo", "hi"), ("residual_lo", "residual_hi"), ("jackknife_min", "jackknife_max"))]
+                     for k in ("b_crit", "cbs"))
+        b_ref = _fmt_int(f.get("cbs_reference_batch"))
+        if unbounded:
+            md.append(f"| {m} | → 0 | > {batches[-1]:,} (unbounded) | {' | '.join(b_crit)} | steps fall like 1/B over "
+                      f"the whole measured range: no plateau, only a lower bound on B_crit | {doubling} |")
+            cbs.append(f"| {m} | {b_ref} | unbounded | {' | '.join(c)} | steps fall like 1/B: only a lower bound |")
+            continue
+        note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
+        md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {' | '.join(b_crit)} | {note} | {doubling} |")
+        note = "" if f.get("cbs_in_range") else "CBS outside the measured batch sizes"
+        cbs.append(f"| {m} | {b_ref} | {_fmt_int(f.get('cbs'))} | {' | '.join(c)} | {note} |")
+    return md + cbs
+
+
+def _fmt_crossover(batch: float | None, bound: str | None) -> str:
+    """A crossover batch with its bound (analysis.crossover_batch): 27,000, ≤ 4,096, > 32,768."""
+    prefix = {"exact": "", "at_or_below": "≤ ", "above": "> "}.get(bound or "none")
+    return "—" if prefix is None else prefix + _fmt_int(batch)
+
+
+def _crossover_lines(summary: dict[str, Any]) -> list[str]:
+    """Per GN method, where its FLOPs and its measured time to the primary target fall below the best baseline's
+    (``summary["crossover"]``, :func:`analysis.compute_crossover`)."""
+    crossover, batches = summary.get("crossover") or {}, summary["batch_tokens"]
+    if not crossover:
+        return []
+    md = ["", "### Where GN becomes cheaper than the best baseline", "",
+          "Per GN method, the smallest batch at which its FLOPs (and, separately, its measured time) to the primary "
+          "target fall below those of the best baseline for that measure (the baseline with the fewest FLOPs, or the "
+          "least time, at that batch): interpolated geometrically between measured batches where log(baseline / GN) "
+          "crosses 0, from medians over the reported seeds (not reached counts as never); 90% interval by bootstrap "
+          "over seeds. ≤ B: already cheaper at the smallest batch compared; > B: dearer at every batch measured, so "
+          "the crossover, if any, lies above B. Last columns: baseline / GN at each batch (above 1: GN cheaper), with "
+          "the best baseline.", "",
+          "| method | measure | crossover (tokens) | 90% interval | " + " | ".join(_fmt_batch(b) for b in batches) + " |",
+          "|---|---|---|---|" + "---|" * len(batches)]
+    for gn, measures in crossover.items():
+        for name, label in (("flops", "FLOPs"), ("time", "time")):
+            x = measures[name]
+            ends = [_fmt_crossover(x["lo"], x["lo_bound"]), _fmt_crossover(x["hi"], x["hi_bound"])]
+            interval = "—" if not x["resamples"] else ends[0] if ends[0] == ends[1] else f"[{ends[0]}, {ends[1]}]"
+            ratios = [f"{p['baseline_over_gn']:.2f}× ({p['baseline']})" if (p := x["per_batch"].get(str(b))) else "—"
+                      for b in batches]
+            point = (_fmt_crossover(x["batch"], x["bound"]) if x["bound"] != "none"
+                     else "not compared (no batch where both reached the target)")
+            md.append(f"| {gn} | {label} | {point} | {interval} | " + " | ".join(ratios) + " |")
+    return md
+
+
+def _segment_lines(summary: dict[str, Any], gn: str) -> list[str]:
+    """Per batch, the best baseline's and ``gn``'s steps between consecutive targets and their ratio
+    (``summary["segments"]``)."""
+    per_batch, targets = (summary.get("segments") or {}).get(gn) or {}, summary["targets"]
+    if not per_batch or len(targets) < 2:
+        return []
+    ends = ["warm start", *(f"{t:g}" for t in targets)]
+    md = ["", f"### Steps per segment between targets: {gn} vs the best baseline", "",
+          f"Steps from the warm start to the first target and between consecutive targets, as differences of the "
+          f"median steps over seeds (they add up to the steps tables); best baseline = the one with the fewest steps "
+          f"to the primary target at that batch. Each cell: baseline steps / {gn} steps = ratio; a ratio that falls "
+          f"with depth means {gn}'s advantage is front-loaded.", "",
+          "| batch | best baseline | " + " | ".join(f"{a} → {b}" for a, b in pairwise(ends)) + " |",
+          "|---|---|" + "---|" * len(targets)]
+    for b, row in per_batch.items():
+        cells = [f"{_fmt_steps(s['baseline_steps'])} / {_fmt_steps(s['steps'])}"
+                 + (f" = {s['ratio']:.2f}×" if s["ratio"] else "") for s in row["segments"]]
+        md.append(f"| {_fmt_batch(int(b))} | {row['baseline'] or 'none reached'} | " + " | ".join(cells) + " |")
+    return md
+
+
 def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
-    """Steps to the primary target against batch, each method's fit over the batches it was fitted to, and a hollow
-    triangle at the method's own step budget where its reported seeds ran but the median did not reach the target
-    (not reached is not the same as not run)."""
+    """Steps to the primary target against batch, each method's fit over the batches it was fitted to with its
+    CBS (Zhang et al.) as a hollow diamond on the curve where it lies in that range, and a hollow triangle at the
+    method's own step budget where its reported seeds ran but the median did not reach the target (not reached is
+    not the same as not run)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     primary, batches = summary["primary_target"], summary["batch_tokens"]
@@ -409,8 +570,11 @@ def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
                 curve, label = [fit["steps_times_batch"] / b for b in grid], f"{m.name}: fit, S ∝ 1/B (B_crit unbounded)"
             else:
                 curve = [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid]
-                label = f"{m.name}: fit, B_crit {fit['b_crit']:,.0f}"
+                label = f"{m.name}: fit, B_crit {fit['b_crit']:,.0f}, CBS {fit['cbs']:,.0f}"
             ax.plot(grid, curve, "-", color=f"C{i % 10}", lw=1, alpha=0.8, label=label)
+            if fit.get("cbs") is not None and lo <= fit["cbs"] <= hi:
+                ax.plot([fit["cbs"]], [fit["s_min"] * (1 + fit["b_crit"] / fit["cbs"])], "D", mfc="none", mew=1.5,
+                        ms=7, color=f"C{i % 10}")
     _batch_axis(ax, batches)
     ax.set_yscale("log")
     if ys:
@@ -419,7 +583,7 @@ def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
         _plain_log_axis(ax.yaxis, lo, hi)
     ax.set_xlabel("batch size (tokens)")
     ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
-    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)  (△ = not reached)")
+    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)\n(◇ = CBS, Zhang et al.; △ = not reached)")
     ax.grid(True, which="major", alpha=0.3)
     _save_with_legend_below(fig, ax, path)
 
@@ -514,46 +678,24 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
         md += ["", f"⚠ The GN line search chose its smallest step size in at least half of the outer steps at "
                f"{', '.join(binding)}: its range binds there (the step wanted to be shorter still). A larger "
                f"`gn.line_search_range` extends it downwards."]
-    md += ["", "### Fitted critical batch", "",
-           "S(B) = S_min·(1 + B_crit/B) fitted by least squares on log S (McCandlish et al. 2018) to the interpolated "
-           "steps to the primary target; 90% interval by bootstrap over seeds. Second view: the fraction of steps "
-           "each doubling of the batch saves on the same medians (1 − S(2B)/S(B)).", "",
-           "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
-           "| method | S_min | B_crit (tokens) | 90% interval | note | "
-           + (f"saving per doubling from {', '.join(_fmt_batch(b) for b in batches[:-1])}" if len(batches) > 1
-              else "saving per doubling (one batch size: none)") + " |", "|---|---|---|---|---|---|"]
-    for m in methods:
-        f = summary["fit"].get(m, {})
-        doubling = ", ".join("—" if (v := f.get("per_doubling", {}).get(str(b))) is None else f"{v:.0%}"
-                             for b in batches[:-1]) or "—"
-        if "s_min" not in f:
-            md.append(f"| {m} | — | — | — | {f.get('reason', '')} | {doubling} |")
-            continue
-        lo, hi = f.get("b_crit_lo"), f.get("b_crit_hi")
-        if f.get("b_crit_unbounded") or hi is None:  # an unbounded end of the interval
-            interval = f"[{lo:,.0f}, ∞)" if lo is not None else "unbounded"
-        else:
-            interval = f"[{lo:,.0f}, {hi:,.0f}]" if lo is not None else "—"
-        if f.get("b_crit_unbounded"):
-            md.append(f"| {m} | → 0 | > {batches[-1]:,} (unbounded) | {interval} | steps fall like 1/B over the whole "
-                      f"measured range: no plateau, only a lower bound on B_crit | {doubling} |")
-            continue
-        note = "" if f["in_range"] else "B_crit outside the measured batch sizes"
-        md.append(f"| {m} | {f['s_min']:.2f} | {f['b_crit']:,.0f} | {interval} | {note} | {doubling} |")
+    md += _fit_lines(summary, methods)
     _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
            "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
-           "line-search tokens. Medians over the seeds that reached the target.", "",
-           "| method | batch | steps | tokens | FLOPs | time (s) |", "|---|---|---|---|---|---|"]
+           "line-search tokens; GN inner steps are its outer steps times N, the inner steps per outer step. Medians "
+           "over the seeds that reached the target.", "",
+           "| method | batch | steps | GN inner steps | tokens | FLOPs | time (s) |", "|---|---|---|---|---|---|---|"]
     for m in methods:
         for b in batches:
             c = summary["cells"].get(f"{m}/{b}")
             pt = c["per_target"][target_key(primary)] if c else None
             if pt is None or pt["steps_interp"] is None:
                 continue
-            md.append(f"| {m} | {_fmt_batch(b)} | {pt['steps_interp']:.1f} | {_fmt_int(pt['tokens_to_target'])} | "
+            md.append(f"| {m} | {_fmt_batch(b)} | {pt['steps_interp']:.1f} | "
+                      f"{_fmt_int(pt.get('inner_steps_to_target'))} | {_fmt_int(pt['tokens_to_target'])} | "
                       f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])} |")
+    md += _crossover_lines(summary)
     if controls:
         md += ["", "### Controls", "", "Each control runs the reported seeds at the lr selected for the method it "
                "controls, with one change (its overrides); interpolated steps to each target, median over seeds. "
@@ -589,4 +731,6 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                 name, base = _best_baseline(summary, families, b, t)
                 cells.append(f"{base / g:.2f}× ({name})" if g and math.isfinite(base) else "—")
             md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
+    if gn is not None:
+        md += _segment_lines(summary, gn)
     return md + [""]

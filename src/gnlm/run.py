@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
@@ -37,7 +38,7 @@ from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepar
 from gnlm.model import GPT, ModelConfig, loss_fn
 from gnlm.optim import EMA
 from gnlm.runconfig import RunConfig, run_config_to_dict
-from gnlm.rundir import RunDirLock, has_checkpoint, prepare_run_dir
+from gnlm.rundir import RunDirLock, has_checkpoint, prepare_run_dir, read_saved_config
 
 
 def resolve_device(name: str, what: str = "train.device", fix: str = "train.device=cpu") -> torch.device:
@@ -210,37 +211,58 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+@dataclass
+class Evaluation:
+    """One evaluation on the held-out set: the mean loss over its tokens and the standard error of that mean over
+    its ``sequences`` (None for a set of one sequence)."""
+
+    loss: float
+    se: float | None
+    sequences: int
+    tokens: int
+
+
 @torch.no_grad()
 def _eval_sums(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-               device: torch.device) -> tuple[float, int]:
+               device: torch.device) -> list[float]:
+    """[loss sum over tokens, tokens, sum and sum of squares of the per-sequence mean losses, sequences]."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, s1, s2 = 0.0, 0, 0.0, 0.0
     for i in range(0, inputs.size(0), batch_size):
         x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-        total += loss_fn(model(x), y).item() * y.numel()
+        logits = model(x)
+        total += loss_fn(logits, y).item() * y.numel()
         count += y.numel()
+        per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none")
+        per_sequence = per_token.double().view(y.shape).mean(dim=1)
+        s1 += per_sequence.sum().item()
+        s2 += per_sequence.square().sum().item()
     model.train(was_training)
-    return total, count
+    return [total, float(count), s1, s2, float(inputs.size(0))]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the fixed held-out set.
+def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> Evaluation:
+    """Mean next-token cross-entropy over the fixed held-out set, and its standard error over the n sequences,
+    SE = s/√n with s² = Σᵢ(ℓᵢ − ℓ̄)²/(n − 1) over the sequences' mean losses ℓᵢ (each sequence has the same number
+    of tokens, so ℓ̄ is the mean loss).
 
     Under torchrun, when the set splits evenly, each rank evaluates its contiguous share and the sums are
     all-reduced (the same number as one process, up to rounding); otherwise every rank evaluates everything."""
     device = next(model.parameters()).device
     n, w = inputs.size(0), dist.world_size()
     if w == 1 or n % w:
-        total, count = _eval_sums(model, inputs, targets, batch_size, device)
-        return total / count
-    share = n // w
-    lo = dist.rank() * share
-    total, count = _eval_sums(model, inputs[lo:lo + share], targets[lo:lo + share], batch_size, device)
-    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist.comm_device(device))
-    dist.all_reduce_sum(sums)
-    return float(sums[0] / sums[1])
+        total, count, s1, s2, seqs = _eval_sums(model, inputs, targets, batch_size, device)
+    else:
+        share = n // w
+        lo = dist.rank() * share
+        sums = torch.tensor(_eval_sums(model, inputs[lo:lo + share], targets[lo:lo + share], batch_size, device),
+                            dtype=torch.float64, device=dist.comm_device(device))
+        dist.all_reduce_sum(sums)
+        total, count, s1, s2, seqs = sums.tolist()
+    se = math.sqrt(max(s2 - s1 * s1 / seqs, 0.0) / (seqs - 1) / seqs) if seqs > 1 else None
+    return Evaluation(loss=total / count, se=se, sequences=n, tokens=targets.numel())
 
 
 class CheckpointTimer:
@@ -302,6 +324,7 @@ class Run:
     eval_targets: torch.Tensor
     device: torch.device
     checkpoint: dict[str, Any] | None
+    init_optimizer: dict[str, Any] | None = None  # train.init_optimizer: the optimizer state of train.init_from
     lock: RunDirLock | None = None
     logger: MetricsLogger | None = None
     ema: EMA | None = None
@@ -317,7 +340,7 @@ class Run:
         if self.checkpoint is not None:
             self.ema.load_state_dict(dist.shard_ema_state(self.checkpoint["ema"], params))
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> Evaluation:
         """Loss on the fixed held-out set, of the EMA weights when there is an EMA (as the paper evaluates)."""
         if self.ema is None:
             return evaluate(self.model, self.eval_inputs, self.eval_targets, self.cfg.train.eval_batch_size)
@@ -395,8 +418,9 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
     summary: dict[str, Any] = {"reached_target": False, "diverged": False}
     run.timer = CheckpointTimer(cfg.train.checkpoint_every_seconds)
     if run.checkpoint is None:
-        st["eval_loss"] = st["initial_eval_loss"] = run.evaluate()
-        run.log(step=0, tokens=0, eval_loss=st["eval_loss"], wall_time=0.0)
+        first: dict[str, Any] = {"step": 0, "tokens": 0}
+        st["initial_eval_loss"] = _evaluate_into(run, first)
+        run.log(**first, wall_time=0.0)
         if (found := divergence(cfg, st, {"step": 0, "eval_loss": st["eval_loss"]})) is not None:
             summary.update(diverged=True, diverged_reason=found[0], message=found[1])
     bar = tqdm(total=cfg.train.steps, initial=st["step"], unit=trainer.unit, dynamic_ncols=True,
@@ -418,8 +442,8 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
         if out.flops is not None:  # every process does its equal share
             row["flops"] = st["flops"] = st.get("flops", 0) + out.flops * dist.world_size()
         last = st["step"] == cfg.train.steps
-        if st["step"] % cfg.train.eval_every == 0 or last:
-            st["eval_loss"] = row["eval_loss"] = run.evaluate()
+        if evaluation_due(cfg, st["step"]) or last:
+            _evaluate_into(run, row)
         if out.row.get("skipped"):  # a GN outer step whose line search kept θ (η = 0)
             st["skipped_steps"] = st.get("skipped_steps", 0) + 1
         if (found := divergence(cfg, st, row)) is not None:
@@ -450,6 +474,25 @@ def run_loop(run: Run, trainer: Trainer, stop: Callable[[dict[str, Any]], str | 
             print(f"gnlm: every outer step of the run was skipped ({skipped} of {skipped}): no line-search step "
                   f"size lowered the loss, so the model never moved; lower gn.inner_optim.lr", file=sys.stderr)
     return run.finish(target_summary(run, summary))
+
+
+def evaluation_due(cfg: RunConfig, step: int) -> bool:
+    """Is an evaluation due after ``step``: every ``train.eval_every`` steps, or, with ``train.eval_every_tokens``
+    = E, when the step's batch carries the run's training tokens across a multiple of E (the batch is the same at
+    every step, so this depends on the step alone and a resumed run evaluates where it would have)."""
+    every = cfg.train.eval_every_tokens
+    if every is None:
+        return step % cfg.train.eval_every == 0
+    per_step = cfg.batch_tokens()
+    return step * per_step // every > (step - 1) * per_step // every
+
+
+def _evaluate_into(run: Run, row: dict[str, Any]) -> float:
+    """Evaluate; the loss and its standard error go into the run's state and the metrics ``row``."""
+    ev = run.evaluate()
+    run.state["eval_loss"] = row["eval_loss"] = ev.loss
+    run.state["eval_loss_se"] = row["eval_loss_se"] = ev.se
+    return ev.loss
 
 
 def divergence(cfg: RunConfig, st: dict[str, Any], row: dict[str, Any]) -> tuple[str, str] | None:
@@ -501,8 +544,11 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
     device = resolve_device(cfg.train.device)
     check_run_memory(cfg, device, dist.world_size())
     init_from = cfg.train.init_from
-    if init_from is not None and not Path(init_from).exists() and not (resume and has_checkpoint(cfg.out_dir)):
-        raise ConfigError(f"train.init_from: checkpoint {init_from} does not exist; give a checkpoint path")
+    if init_from is not None and not (resume and has_checkpoint(cfg.out_dir)):
+        if not Path(init_from).exists():
+            raise ConfigError(f"train.init_from: checkpoint {init_from} does not exist; give a checkpoint path")
+        if cfg.train.init_optimizer:
+            check_optimizer_source(cfg)
     lock = RunDirLock(cfg.out_dir)  # taken by rank 0 only, inside prepare_run_dir
     run_dir, resuming = dist.main_first(lambda: prepare_run_dir(cfg, resume, overwrite, lock))
     try:
@@ -512,6 +558,23 @@ def setup_run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> 
         raise
     run.lock = lock
     return run
+
+
+def check_optimizer_source(cfg: RunConfig) -> None:
+    """``train.init_optimizer``: refuse, before any compute, a checkpoint whose optimizer state another kind of
+    optimizer wrote (as its run directory's config.yaml, beside it, records): one line naming the mismatch."""
+    where = Path(cfg.train.init_from)
+    saved = read_saved_config(where.parent)
+    if saved is None:
+        raise ConfigError(f"train.init_optimizer: no config.yaml beside {where} says which optimizer wrote its state; "
+                          f"give a checkpoint in a gnlm run directory or set train.init_optimizer=false")
+    method, name = saved.get("method"), (saved.get("optim") or {}).get("name")
+    if method != "baseline":
+        raise ConfigError(f"train.init_optimizer: {where} was written by a method: {method} run, which has no "
+                          f"baseline optimizer state; set train.init_optimizer=false")
+    if name != cfg.optim.name:
+        raise ConfigError(f"train.init_optimizer: the optimizer state in {where} is {name}'s but this run's "
+                          f"optimizer is {cfg.optim.name}; use optim.name={name} or set train.init_optimizer=false")
 
 
 def open_data(cfg: RunConfig, progress: bool = False) -> PreparedData:
@@ -551,12 +614,18 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.device) -> Run:
     data = open_data(cfg, progress=cfg.train.progress)
-    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences)
+    eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences, cfg.data.eval_sampling)
     stream = train_stream(cfg, data)
     model = build_model(cfg, device)
+    init_optimizer = None
     if cfg.train.init_from is not None and not resuming:
         init = load_checkpoint(cfg.train.init_from, map_location=device, verbose=dist.is_main())
         load_weights(model, init["model"], "train.init_from")
+        if cfg.train.init_optimizer:
+            if "optimizer" not in init:
+                raise ConfigError(f"train.init_optimizer: {cfg.train.init_from} holds no optimizer state; set "
+                                  f"train.init_optimizer=false")
+            init_optimizer = init["optimizer"]
     checkpoint = (load_checkpoint(run_dir / "checkpoint.pt", map_location=device, verbose=dist.is_main())
                   if resuming else None)
     if checkpoint is not None and checkpoint["state"]["step"] > cfg.train.steps:
@@ -566,7 +635,7 @@ def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.devic
         atomic_write_bytes(run_dir / "config.yaml",
                            yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False).encode())
     run = Run(cfg=cfg, dir=run_dir, data=data, model=model, stream=stream, eval_inputs=eval_inputs,
-              eval_targets=eval_targets, device=device, checkpoint=checkpoint)
+              eval_targets=eval_targets, device=device, checkpoint=checkpoint, init_optimizer=init_optimizer)
     if dist.is_main():
         run.logger = MetricsLogger(run_dir, cfg, resume_step=checkpoint["state"]["step"] if checkpoint else None)
     dist.barrier()  # no rank starts before rank 0 has trimmed the metrics of a resumed run
@@ -574,8 +643,11 @@ def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.devic
 
 
 def target_summary(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
-    """Add the eval loss and, if a target is set, where it was first reached (read back from the metrics)."""
+    """Add the eval loss with its standard error and the eval set's size and, if a target is set, where it was first
+    reached (read back from the metrics)."""
     summary["final_eval_loss"] = run.state.get("eval_loss")
+    summary["final_eval_loss_se"] = run.state.get("eval_loss_se")
+    summary["eval_sequences"], summary["eval_tokens"] = run.eval_targets.size(0), run.eval_targets.numel()
     target = run.cfg.train.target_loss
     summary["target_loss"] = target
     if target is not None and run.logger is not None:

@@ -129,12 +129,19 @@ class TrainConfig:
     Divergence (see ``run.divergence``): a run is diverged when a loss is non-finite, when a loss exceeds
     max(initial eval loss, ln V) + ``divergence_margin`` nats (V = ``model.vocab_size``; ``.inf`` = off), or when
     the eval loss returns to within ``collapse_tolerance`` of ln V (the uniform predictor) after having been below
-    it (0 = off)."""
+    it (0 = off).
+
+    Evaluation: every ``eval_every`` steps, or, with ``eval_every_tokens`` set, whenever the run's training tokens
+    (the optimizer's batches; GN's line-search tokens not counted, :meth:`RunConfig.batch_tokens`) cross a multiple
+    of it (so a small-batch run evaluates every few steps and a large-batch run every step); always after the last
+    step. ``init_optimizer``: with ``init_from``, also continue the optimizer state of that checkpoint (its moments
+    and step count; the hyperparameters are this run's), for a baseline whose optimizer is the one that wrote it."""
 
     steps: int = 200
     batch_size: int = 32
     micro_batch_size: int | None = None
     eval_every: int = 25
+    eval_every_tokens: int | None = None
     eval_batch_size: int = 32
     target_loss: float | None = None
     ema_decay: float = 0.0
@@ -148,6 +155,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     init_from: str | None = None
+    init_optimizer: bool = False
     progress: bool = True
     threads: int | None = None
     tensorboard: bool = False
@@ -158,6 +166,12 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every_tokens is not None and self.eval_every_tokens < 1:
+            raise ConfigError(f"train.eval_every_tokens must be >= 1 (or null: every train.eval_every steps), "
+                              f"got {self.eval_every_tokens}")
+        if self.init_optimizer and self.init_from is None:
+            raise ConfigError("train.init_optimizer needs train.init_from (the checkpoint whose optimizer state the "
+                              "run continues); set train.init_from or train.init_optimizer=false")
         if self.micro_batch_size is not None:
             if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
                 raise ConfigError(
@@ -210,6 +224,16 @@ class RunConfig:
             raise ConfigError(
                 f"data.vocab_size ({self.data.vocab_size}) exceeds model.vocab_size ({self.model.vocab_size}); "
                 f"lower data.vocab_size or raise model.vocab_size")
+        if self.train.init_optimizer and self.method == "gn":
+            raise ConfigError("train.init_optimizer continues a baseline optimizer's state; method: gn has none to "
+                              "continue (its inner optimizer starts afresh): set train.init_optimizer=false")
+
+    def batch_tokens(self) -> int:
+        """Tokens of one step's batch: a baseline's ``train.batch_size`` sequences, GN's outer batch (the inner
+        solve's N batches; line-search tokens not counted)."""
+        if self.method == "gn":
+            return self.gn.inner_tokens(self.data.seq_len)
+        return self.train.batch_size * self.data.seq_len
 
 
 def build_run_config(raw: dict[str, Any]) -> RunConfig:
@@ -306,7 +330,11 @@ def upgrade_run_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def run_differences(saved: dict[str, Any], now: dict[str, Any], may_continue: bool = False) -> list[str]:
     """Is a run directory's saved config (its config.yaml, from any gnlm version) the run ``now`` describes? The
-    dotted keys in which they differ, sorted; none means the same run. Bookkeeping keys never count; with
-    ``may_continue`` neither do the keys a resumed run may change (where it stops and logs)."""
-    return config_differences(upgrade_run_config(saved), now, RESUMABLE_CHANGES if may_continue else BOOKKEEPING_KEYS,
-                              _normalized_path)
+    dotted keys in which they differ, sorted; none means the same run. Bookkeeping keys never count, nor the ``gn``
+    section of two baselines; with ``may_continue`` neither do the keys a resumed run may change (where it stops and
+    logs)."""
+    saved = upgrade_run_config(saved)
+    ignore = RESUMABLE_CHANGES if may_continue else BOOKKEEPING_KEYS
+    if saved.get("method") == now.get("method") == "baseline":  # a baseline never reads the gn section
+        ignore = ignore | {"gn"}
+    return config_differences(saved, now, ignore, _normalized_path)

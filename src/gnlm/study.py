@@ -16,14 +16,15 @@ optimizer steps for baselines and outer steps for GN: what the paper counts.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gnlm.config import ConfigError, config_differences, from_dict, load_yaml, merge, parse_overrides, to_dict
+from gnlm.config import ConfigError, config_differences, flatten, from_dict, load_yaml, merge, parse_overrides, to_dict
 from gnlm.optim import resolve_optimizer_class
-from gnlm.runconfig import GNConfig, RunConfig, build_run_config
+from gnlm.runconfig import BOOKKEEPING_KEYS, GNConfig, RunConfig, build_run_config
 
 PRESET_DIR = Path(__file__).parent / "configs" / "studies"
 
@@ -39,6 +40,10 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
 }
 WARM_START_SEED = 10_000  # the warm start reads other batches than the runs (stream seed = data.seed + train.seed)
 PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (launch.Placement), not what it computes
+# The base.train keys the warm start shares with the runs (numerics, placement, evaluation batch); the rest of
+# base.train describes the runs.
+WARM_START_TRAIN_KEYS = ("dtype", "device", "threads", "parallel", "micro_batch_size", "eval_batch_size")
+STUDY_SCHEMA = 2  # 2: the warm start takes only base.model, base.data and WARM_START_TRAIN_KEYS from base
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -88,12 +93,21 @@ class MethodConfig:
 
 @dataclass
 class WarmStartConfig:
-    """The shared AdamW warm start: ``tokens`` tokens at ``batch_tokens`` per step, constant lr ``lr``."""
+    """The shared AdamW warm start: ``tokens`` tokens at ``batch_tokens`` per step, constant lr ``lr``, on the
+    study's model and data (:meth:`StudyConfig.warm_start_config`); ``overrides``: dotted RunConfig keys of the warm
+    start only. ``load_optimizer_state``: every baseline run whose optimizer is the warm start's (AdamW) continues
+    its optimizer state (``train.init_optimizer``) instead of starting a fresh optimizer."""
 
     tokens: int
     batch_tokens: int
     lr: float = 3e-3
     overrides: dict[str, Any] = field(default_factory=dict)
+    load_optimizer_state: bool = False
+
+    def continues_optimizer(self, run: RunConfig) -> bool:
+        """Does ``run`` continue the warm start's optimizer state (``train.init_optimizer``)?"""
+        warm_optim = _nest(self.overrides).get("optim", {}).get("name", "adamw")
+        return self.load_optimizer_state and run.method == "baseline" and run.optim.name == warm_optim
 
     def validate(self) -> None:
         if self.batch_tokens < 1 or self.tokens < self.batch_tokens:
@@ -131,11 +145,14 @@ class StudyConfig:
     ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
     (equal tuning effort); set true to allow otherwise.
     ``count_line_search_tokens`` (budget): GN line-search tokens count against the token budget.
+    ``schema``: the version of the study format, written by gnlm into study.yaml (one without it is schema 1,
+    brought up to date by :func:`upgrade_saved_study`); a study you write leaves it out.
     """
 
     methods: list[MethodConfig]
     batch_tokens: list[int]
     name: str = "study"
+    schema: int = STUDY_SCHEMA
     kind: Literal["steps_to_target", "budget"] = "steps_to_target"
     base: dict[str, Any] = field(default_factory=dict)
     warm_start: WarmStartConfig | None = None
@@ -155,6 +172,9 @@ class StudyConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        if self.schema != STUDY_SCHEMA:
+            raise ConfigError(f"schema: {self.schema} is not the study schema of this gnlm ({STUDY_SCHEMA}); gnlm "
+                              f"writes it into study.yaml: leave it out of a study you write")
         if not self.methods:
             raise ConfigError("methods is empty; list at least one method, e.g. methods: [{name: adamw, lrs: [3e-3]}]")
         names = [m.name for m in self.methods]
@@ -300,14 +320,21 @@ class StudyConfig:
             steps, target = m.max_steps or self.max_steps, self.deepest_target
         run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / f"lr{lr:g}" / f"s{seed}"
         train = {"steps": steps, "target_loss": target, "seed": seed, "progress": False,
-                 "init_from": str(warm_start_path(results_dir)) if self.warm_start else None}
+                 "init_from": str(warm_start_path(results_dir)) if self.warm_start else None,
+                 "init_optimizer": self.warm_start is not None and self.warm_start.continues_optimizer(probe)}
         return _build(merge(raw, {"train": train, "out_dir": str(run_dir)}), where)
 
     def warm_start_config(self, results_dir: str | Path) -> RunConfig:
-        """The RunConfig of the shared AdamW warm start (``results_dir/warm_start``)."""
+        """The RunConfig of the shared AdamW warm start (``results_dir/warm_start``): ``base.model``, ``base.data``
+        and the ``base.train`` keys of :data:`WARM_START_TRAIN_KEYS`, AdamW at ``warm_start.lr`` with every other
+        option at its default (a constant lr, no warm-up), then ``warm_start.overrides``. Nothing else of ``base``
+        (the runs' schedule, optimizer, GN settings) reaches it, so studies that differ only in their runs share
+        one warm start."""
         ws = self.warm_start
         assert ws is not None
-        raw = merge(self.base, {"method": "baseline", "optim": {"name": "adamw", "lr": ws.lr}})
+        train = {k: v for k, v in (self.base.get("train") or {}).items() if k in WARM_START_TRAIN_KEYS}
+        raw = {**{k: self.base[k] for k in ("model", "data") if k in self.base}, "train": train,
+               "method": "baseline", "optim": {"name": "adamw", "lr": ws.lr}}
         raw = merge(raw, _nest(ws.overrides))
         if isinstance(raw.get("model"), str):
             raw["model"] = {"preset": raw["model"]}
@@ -316,8 +343,8 @@ class StudyConfig:
             raise ConfigError(f"warm_start.batch_tokens ({ws.batch_tokens}) is not a multiple of data.seq_len ({seq})")
         raw = merge(raw, {"out_dir": str(Path(results_dir) / "warm_start"), "train": {
             "batch_size": ws.batch_tokens // seq, "steps": ws.tokens // ws.batch_tokens, "target_loss": None,
-            "eval_every": ws.tokens // ws.batch_tokens,  # only the final loss matters
-            "init_from": None, "seed": WARM_START_SEED, "progress": self.progress}})
+            "eval_every": ws.tokens // ws.batch_tokens, "eval_every_tokens": None,  # only the final loss matters
+            "init_from": None, "init_optimizer": False, "seed": WARM_START_SEED, "progress": self.progress}})
         return _build(raw, "warm_start")
 
     def methods_at(self, batch: int) -> list[MethodConfig]:
@@ -484,14 +511,37 @@ def _renamed_nested(raw: Any) -> Any:
     return {**raw, "gn": gn}
 
 
+# The train keys the warm start sets itself (StudyConfig.warm_start_config): a schema-1 base never reached them.
+_WARM_START_OWN_TRAIN_KEYS = ("batch_size", "steps", "target_loss", "eval_every", "eval_every_tokens", "init_from",
+                              "init_optimizer", "seed", "progress")
+
+
+def _inherited_warm_start_keys(base: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys a schema-1 warm start took from its study's ``base`` that a warm start no longer takes and
+    that differ from the value it now uses (the default): its schedule, optimizer settings and other train keys.
+    As ``warm_start.overrides`` they keep a schema-1 study's warm start the one it trained. The ``gn`` section never
+    mattered (the warm start is a baseline), nor bookkeeping keys or the keys the warm start sets itself."""
+    defaults = flatten(json.loads(json.dumps(to_dict(RunConfig()))))
+    shared = {*(f"train.{k}" for k in (*WARM_START_TRAIN_KEYS, *_WARM_START_OWN_TRAIN_KEYS)),
+              *BOOKKEEPING_KEYS, "method", "optim.name", "optim.lr"}
+    return {key: value for key, value in flatten(json.loads(json.dumps(base))).items()
+            if key.split(".")[0] not in ("model", "data", "gn") and key not in shared and value != defaults.get(key)}
+
+
 def upgrade_saved_study(raw: dict[str, Any]) -> StudyConfig:
     """A study.yaml written by any gnlm version, as a StudyConfig of this one: removed keys dropped, renamed run
-    keys under their new names, defaults for keys it lacks. A one-line ConfigError when it is not a study this
-    gnlm can continue (e.g. one of the earlier protocol without a selection seed)."""
+    keys under their new names, defaults for keys it lacks; a schema-1 study's warm start gets the base keys it
+    used to inherit as ``warm_start.overrides`` (:func:`_inherited_warm_start_keys`). A one-line ConfigError when
+    it is not a study this gnlm can continue (e.g. one of the earlier protocol without a selection seed)."""
     raw = {k: v for k, v in dict(raw).items() if k not in _REMOVED_KEYS}
     raw["base"] = _renamed_nested(raw.get("base") or {})
     if isinstance(raw.get("warm_start"), dict):
         raw["warm_start"] = {**raw["warm_start"], "overrides": _renamed_run_keys(raw["warm_start"].get("overrides") or {})}
+    if raw.get("schema", 1) == 1:  # its warm start took every key of base
+        if isinstance(raw.get("warm_start"), dict):
+            raw["warm_start"]["overrides"] = {**_inherited_warm_start_keys(raw["base"]),
+                                              **raw["warm_start"]["overrides"]}
+        raw["schema"] = STUDY_SCHEMA
     if isinstance(raw.get("methods"), list):
         raw["methods"] = [{**m, "overrides": _renamed_run_keys(m.get("overrides") or {})} if isinstance(m, dict) else m
                           for m in raw["methods"]]

@@ -22,6 +22,7 @@ import torch
 
 from gnlm import accounting
 from gnlm import distributed as dist
+from gnlm.config import ConfigError
 from gnlm.curvature import ggn_vector_product, layerwise_blocks, surrogate_grad
 from gnlm.gauss_newton import InnerPosition, InnerSolver, inner_step, outer_step
 from gnlm.model import loss_fn
@@ -53,6 +54,9 @@ class BaselineTrainer:
         run.start_ema(self.params)
         if run.checkpoint is not None:
             dist.load_optimizer_state(self.optimizer, run.restore()["optimizer"])
+        elif run.init_optimizer is not None:
+            dist.load_optimizer_state(self.optimizer, continued_optimizer_state(
+                self.optimizer.state_dict(), run.init_optimizer, cfg.train.init_from))
         local_batch = cfg.train.batch_size // dist.world_size()
         self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
         self.n_micro = local_batch // self.micro
@@ -104,6 +108,32 @@ class BaselineTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
+
+
+def continued_optimizer_state(ours: dict[str, Any], saved: dict[str, Any], where: str) -> dict[str, Any]:
+    """The state that continues ``saved`` (another run's optimizer of the same kind, ``train.init_optimizer``) in
+    this run's optimizer, whose ``state_dict()`` is ``ours``: each parameter's state (moments, step count) from
+    ``saved``, every hyperparameter (lr, betas, eps, weight decay) from ``ours``. Parameters are matched by name:
+    both optimizers were built from the same model's ``named_parameters()`` (the weights were loaded strictly by
+    name), so group by group, in order, the i-th parameter is the same one; a combined optimizer (Muon, SOAP) also
+    checks its roles' parameter names. One ConfigError naming ``where`` when the groups differ."""
+    if "optimizers" in ours:  # optim.CombinedOptimizer: one state per role
+        if saved.get("roles") != ours["roles"] or saved.get("param_names") != ours["param_names"]:
+            raise ConfigError(f"train.init_optimizer: the optimizer state in {where} routes the parameters "
+                              f"differently (roles {saved.get('roles')}); use the optim settings of the run that "
+                              f"wrote it or set train.init_optimizer=false")
+        return {**ours, "optimizers": {role: continued_optimizer_state(ours["optimizers"][role],
+                                                                        saved["optimizers"][role], where)
+                                       for role in ours["roles"]}}
+
+    def layout(state: dict[str, Any]) -> list[tuple[Any, int]]:
+        return [(g.get("role"), len(g["params"])) for g in state.get("param_groups", [])]
+
+    if layout(saved) != layout(ours):
+        raise ConfigError(f"train.init_optimizer: the optimizer state in {where} has parameter groups "
+                          f"{layout(saved)}, this run's optimizer {layout(ours)}; use a checkpoint of the same model "
+                          f"and optimizer or set train.init_optimizer=false")
+    return {"state": saved["state"], "param_groups": ours["param_groups"]}
 
 
 class GNTrainer:
