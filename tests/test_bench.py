@@ -368,3 +368,13 @@ def test_lr_search_stop_keeps_the_selection_and_the_reported_runs(tmp_path):
     for run_id, row in full.items():
         if run_id != loser.run_id:
             assert again[run_id] == row
+
+
+def test_a_token_budget_caps_the_steps_of_large_batches(tmp_path):
+    study = _study(tmp_path, max_steps=3, max_tokens=2048, batch_tokens=[256, 1024],
+                   methods=[{"name": "adamw", "lrs": [1e-2, 3e-2]}, {"name": "gn", "lrs": [1e-2, 3e-2], "max_tokens": 1024}])
+    by = {s.run_id: s.config["train"]["steps"] for s in _selection_runs(study, tmp_path / "res")}
+    assert by["adamw/b256/lr0.01/s0"] == 3 and by["adamw/b1024/lr0.01/s0"] == 2  # min(3, 2048 // 1024)
+    assert by["gn/b256/lr0.01/s0"] == 3 and by["gn/b1024/lr0.01/s0"] == 1  # the method's own token budget
+    with pytest.raises(ConfigError, match="max_tokens .* is smaller than the largest batch"):
+        _study(tmp_path, max_tokens=512, batch_tokens=[256, 1024])

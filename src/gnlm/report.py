@@ -308,9 +308,11 @@ def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
         facts.append(f"- token budget per run: {study.token_budget:,} tokens (GN line-search tokens "
                      f"{'count' if study.count_line_search_tokens else 'do not count'})")
     else:
-        budgets = sorted({(m.max_steps or study.max_steps, m.family == "gn") for m in study.methods})
+        budgets = sorted({(m.max_steps or study.max_steps, m.max_tokens or study.max_tokens, m.family == "gn")
+                          for m in study.methods}, key=lambda x: (x[0], x[1] or 0, x[2]))
         facts.append(f"- declared targets: {', '.join(f'{t:g}' for t in study.targets)} (primary {target:g}); "
-                     f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}" for n, g in budgets))
+                     f"step budget: " + ", ".join(f"{n} {'outer steps (GN)' if g else 'steps'}"
+                                                  + (f" or {t:,} tokens" if t else "") for n, t, g in budgets))
     ws = None
     if ws_summary.exists():
         try:
@@ -553,12 +555,12 @@ def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
         missed = [b for b, c in zip(batches, cells)
                   if c and c["seeds"] and c["per_target"][target_key(primary)]["steps_interp"] is None]
         pts = [(b, s) for b, s in pts if s is not None]
-        budget = m.max_steps or study.max_steps
+        budgets = {b: study.step_budget(m, b) for b in batches}
         if missed:  # side by side, not on top of each other: shifted a little along the (log2) batch axis
             shift = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
-            ax.plot([b * shift for b in missed], [budget] * len(missed), "^", mfc="none", mew=1.5, ms=8,
-                    color=f"C{i % 10}", label=f"{m.name}: not reached in {budget} steps")
-            ys.append(budget)
+            ax.plot([b * shift for b in missed], [budgets[b] for b in missed], "^", mfc="none", mew=1.5, ms=8,
+                    color=f"C{i % 10}", label=f"{m.name}: not reached in its step budget")
+            ys += [budgets[b] for b in missed]
         if not pts:
             continue
         ys += [s for _, s in pts]
@@ -651,7 +653,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                 elif not c["seeds"]:
                     cells.append("seeds not run yet")
                 elif pt["steps_interp"] is None:
-                    budget = study.method(m).max_steps or study.max_steps
+                    budget = study.step_budget(study.method(m), b)
                     cells.append(f"not reached in {budget} ({pt['reached']}/{c['seeds']})")
                 else:
                     cells.append(f"{pt['steps_interp']:.1f} ({_fmt_int(pt['steps'])})")

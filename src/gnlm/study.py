@@ -63,6 +63,9 @@ class MethodConfig:
     the reported seeds at the lr selected for that method, with its ``overrides`` (e.g. no warm-up), and is
     reported apart from the comparison. ``batches``: run this method at these batch sizes only (default: all).
     ``max_steps``: this method's step budget (default: the study's), e.g. fewer outer steps for GN.
+    ``max_tokens``: this method's token budget per run (default: the study's): at batch B a run takes at most
+    ``max_tokens // B`` steps (B: the batch, GN's outer batch; line-search tokens not counted), so that a large-batch
+    trial that never reaches the target does not run ``max_steps`` costly steps.
     """
 
     name: str
@@ -75,6 +78,7 @@ class MethodConfig:
     control_of: str | None = None
     batches: list[int] | None = None
     max_steps: int | None = None
+    max_tokens: int | None = None
 
     @property
     def builtin(self) -> str:
@@ -165,6 +169,7 @@ class StudyConfig:
     selection_seed: int = 0
     gn_inner_steps: int | None = None
     max_steps: int = 100
+    max_tokens: int | None = None
     token_budget: int | None = None
     count_line_search_tokens: bool = True
     allow_unequal_grids: bool = False
@@ -192,6 +197,11 @@ class StudyConfig:
             raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        for where, tokens in [("max_tokens", self.max_tokens)] + [(f"methods.{m.name}.max_tokens", m.max_tokens)
+                                                                  for m in self.methods]:
+            if tokens is not None and tokens < max(self.batch_tokens):
+                raise ConfigError(f"{where} ({tokens}) is smaller than the largest batch ({max(self.batch_tokens)}): a "
+                                  f"run could not take one step; raise it")
         if self.kind == "steps_to_target":
             self._check_targets()
         else:
@@ -317,12 +327,18 @@ class StudyConfig:
             per_step = batch_tokens + (gn.line_search_tokens(seq) if gn and self.count_line_search_tokens else 0)
             steps, target = max(1, self.token_budget // per_step), None
         else:
-            steps, target = m.max_steps or self.max_steps, self.deepest_target
+            steps, target = self.step_budget(m, batch_tokens), self.deepest_target
         run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / f"lr{lr:g}" / f"s{seed}"
         train = {"steps": steps, "target_loss": target, "seed": seed, "progress": False,
                  "init_from": str(warm_start_path(results_dir)) if self.warm_start else None,
                  "init_optimizer": self.warm_start is not None and self.warm_start.continues_optimizer(probe)}
         return _build(merge(raw, {"train": train, "out_dir": str(run_dir)}), where)
+
+    def step_budget(self, m: MethodConfig, batch_tokens: int) -> int:
+        """The most steps a steps-to-target run of method ``m`` takes at ``batch_tokens``: its (or the study's)
+        ``max_steps``, capped by ``max_tokens // batch_tokens`` when a token budget is declared."""
+        steps, tokens = m.max_steps or self.max_steps, m.max_tokens or self.max_tokens
+        return steps if tokens is None else max(1, min(steps, tokens // batch_tokens))
 
     def warm_start_config(self, results_dir: str | Path) -> RunConfig:
         """The RunConfig of the shared AdamW warm start (``results_dir/warm_start``): ``base.model``, ``base.data``
