@@ -339,13 +339,18 @@ def test_lr_search_stop_waits_for_an_incumbent_of_its_own_cell(tmp_path):
     assert reason is not None and "lr 0.1 reached the primary target 3.5 at step 4.25" in reason
 
 
-def test_lr_search_stop_keeps_the_selection_and_the_reported_runs(tmp_path):
-    """Run a search to the end without stopping, then again with a losing lr's run deleted: the rerun stops where it
-    can no longer win, its curve is the prefix of the full one, and the selection and reported rows are unchanged."""
+@pytest.mark.parametrize("search", [
+    {"lr_budget": 3, "methods": [{"name": "adamw", "lrs": [3e-4, 3e-3]}]},
+    {"trials": 3, "refine": 0, "methods": [{"name": "adamw", "search": {
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "optim.weight_decay": {"low": 0.0, "high": 0.2}}}]},
+], ids=["lr_grid", "search"])
+def test_lr_search_stop_keeps_the_selection_and_the_reported_runs(tmp_path, search):
+    """Run a search (an lr grid; trials of two settings) to the end without stopping, then again with a losing
+    run deleted: the rerun stops where it can no longer win, its curve is the prefix of the full one, and the
+    selection and reported rows are unchanged."""
     res = tmp_path / "res"
     study = _study(tmp_path, target_loss=None, targets=[7.6, 7.3, 7.0], primary_target=7.3, batch_tokens=[256],
-                   selection_seed=0, seeds=[1], lr_budget=3, max_steps=12, prune_lr_search=False,
-                   methods=[{"name": "adamw", "lrs": [3e-4, 3e-3]}],
+                   selection_seed=0, seeds=[1], max_steps=12, prune_lr_search=False, **search,
                    base={"model": {"preset": "nano"}, "data": {"eval_sequences": 4},
                          "train": {"eval_every": 1, "eval_batch_size": 4, "threads": 1},
                          "schedule": {"name": "constant", "warmup_steps": 2}})

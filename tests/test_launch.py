@@ -244,6 +244,7 @@ def test_slurm_time_formats():
 # --------------------------------------------------------------------------------------- submitit (local executor)
 
 
+@pytest.mark.slow  # 20-25 s of subprocesses; the local pool's kill-and-restart test stays in the default run
 def test_submitit_local_executor_submits_collects_and_resubmits_only_missing_runs_after_a_kill(tmp_path, study_file,
                                                                                               reference):
     pytest.importorskip("submitit")

@@ -72,8 +72,8 @@ def test_no_import_cycle_in_gnlm():
 LAYERS: list[tuple[str, set[str]]] = [
     ("typed config", {"config"}),
     ("files and processes", {"checkpoint", "distributed"}),
-    ("components: model, data, optimizers, linearisation, FLOP counting",
-     {"model", "data", "optim", "schedules", "curvature", "accounting"}),
+    ("components: model, data, optimizers, linearisation, FLOP counting, search spaces",
+     {"model", "data", "optim", "schedules", "curvature", "accounting", "search"}),
     ("a run's config", {"runconfig"}),
     ("methods and declarations: the GN step, the probe's measure, a run directory, a study",
      {"gauss_newton", "oracle", "rundir", "study"}),

@@ -414,13 +414,15 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
             reported = reported_rows[m, b] = sel.pop("reported")
             cell: dict[str, Any] = {**{k: sel[k] for k in ("best_lr", "lr_on_edge")},
                                     "control_of": study.controls.get(m), "edge": sel["edge"], "trials": sel["trials"],
-                                    "seeds": len(reported), "best_point": sel["best_point"], "per_target": {}}
+                                    "seeds": len(reported), "best_point": sel["best_point"], "edges": sel["edges"],
+                                    "per_target": {}}
             rises = [early_rise(r) for r in reported]
             cell["early_rise"] = _median_or_none([x for x in rises if x is not None])
             if reported and reported[0].family == "gn":
                 cell["inner_steps"] = reported[0].inner_steps
                 cell["skipped_steps"] = _median_or_none([float(r.skipped_steps or 0) for r in reported])
-                cell["eta_at_floor"] = eta_at_floor(reported, study.method_run_config(m).gn.line_search_range)
+                line_search_range = study.method_run_config(m, sel["best_point"]).gn.line_search_range
+                cell["eta_at_floor"] = eta_at_floor(reported, line_search_range)
             if study.kind == "budget":
                 cell["final_eval_loss"] = _median_or_none([r.final_eval_loss for r in reported
                                                            if r.final_eval_loss is not None and not r.diverged])

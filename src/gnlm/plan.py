@@ -1,11 +1,15 @@
-"""Which runs a study needs, given the rows recorded so far (:func:`plan_runs`), and the stop that ends lr-search
+"""Which runs a study needs, given the rows recorded so far (:func:`plan_runs`), and the stop that ends selection
 runs that can no longer be selected (:class:`LrSearchStop`).
 
-Per method and batch size: the declared learning-rate grid on the selection seed, extended beyond an edge while the
-best lr sits on it and ``lr_budget`` allows (``analysis.next_lr``; each extension waits for the rows of the lrs
-before it), then the reported ``seeds`` at the selected lr (``analysis.select_lr``); a control runs the reported
-seeds at the lr selected for the method it controls. The plan is a function of the rows, so a restarted study
-plans the same runs.
+Per method and batch size, on the selection seed: an lr grid, extended beyond an edge while the best lr sits on it
+and ``lr_budget`` allows (``selection.next_lr``; each extension waits for the rows of the lrs before it); or, for a
+method with a ``search`` space, ``trials`` quasi-random points (``search.trial_points``), waves of edge
+extensions while the budget allows (``selection.extension_points``), then the lr refinement around the best point
+(``selection.refinement_points``). Then the reported ``seeds`` at the selected lr or point
+(``selection.best_point``); a control runs the reported seeds at the point selected for the method it controls.
+An lr-grid run is ``<method>/b<batch>/lr<lr>/s<seed>``, a searched one ``<method>/b<batch>/t<k>/s<seed>`` (k: the
+point's place in the search, trials first). The plan is a function of the rows, so a restarted study plans the
+same runs.
 """
 
 from __future__ import annotations
@@ -16,16 +20,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnlm.config import to_dict
+from gnlm.config import ConfigError, to_dict
 from gnlm.results import Row, read_rows
 from gnlm.runconfig import RunConfig, build_run_config
-from gnlm.selection import next_lr, select_lr, steps_to
+from gnlm.search import LR, search_seed, trial_points
+from gnlm.selection import (
+    best_point,
+    extension_points,
+    next_lr,
+    point_key,
+    point_of,
+    refinement_points,
+    select_lr,
+    steps_to,
+)
 from gnlm.study import MethodConfig, StudyConfig, lr_ratio
+
+Choice = tuple[dict[str, Any], int | None]  # a selected point and its trial number (None on an lr grid)
 
 
 @dataclass
 class RunSpec:
-    """One run of a study: a method at a batch size, learning rate and seed, with its complete RunConfig."""
+    """One run of a study: a method at a batch size, point (``hparams``: the lr and any searched settings) and
+    seed, with its complete RunConfig."""
 
     run_id: str
     method: str
@@ -59,63 +76,100 @@ class RunSpec:
         return 2.0 * tokens * blocks
 
 
-def run_spec(study: StudyConfig, m: MethodConfig, batch: int, lr: float, seed: int,
-             results_dir: str | Path) -> RunSpec:
-    """One run of ``study``, its RunConfig built and checked (a bad method override fails here, before any
-    training)."""
-    cfg = study.run_config(m, batch, lr, seed, results_dir)
+def run_spec(study: StudyConfig, m: MethodConfig, batch: int, point: dict[str, Any], seed: int,
+             results_dir: str | Path, trial: int | None = None) -> RunSpec:
+    """One run of ``study`` at ``point`` (``trial``: its number in a search), its RunConfig built and checked (a bad
+    method override fails here, before any training)."""
+    cfg = study.run_config(m, batch, point, seed, results_dir, trial)
     ls = cfg.gn.line_search_tokens(cfg.data.seq_len) if cfg.method == "gn" else 0
     prune = (study.prune_lr_search and seed == study.selection_seed and m.control_of is None
              and study.kind == "steps_to_target")
-    return RunSpec(run_id=f"{m.name}/b{batch}/lr{lr:g}/s{seed}", method=m.name, family=m.family, batch_tokens=batch,
-                   lr=float(lr), seed=seed, config=to_dict(cfg), line_search_tokens_per_step=ls,
+    leaf = f"lr{point[LR]:g}" if trial is None else f"t{trial}"
+    # a control's overrides replace the settings of the point it runs at
+    hparams = {k: m.overrides.get(k, v) for k, v in {**point, LR: float(point[LR])}.items()}
+    return RunSpec(run_id=f"{m.name}/b{batch}/{leaf}/s{seed}", method=m.name, family=m.family, batch_tokens=batch,
+                   lr=float(point[LR]), seed=seed, config=to_dict(cfg), line_search_tokens_per_step=ls,
                    targets=study.crossing_levels, prune_against=study.primary_target if prune else None,
-                   hparams={"lr": float(lr)})
+                   hparams=hparams)
+
+
+def _lr_search(study: StudyConfig, m: MethodConfig, batch: int, by_id: dict[str, Row],
+               results_dir: str | Path) -> tuple[list[RunSpec], Choice | None]:
+    """The selection runs of an lr grid so far, and the selected lr once no run or extension waits."""
+    lrs = sorted(m.grid(batch))
+    ratio = lr_ratio(lrs) if study.lr_budget is not None and len(lrs) > 1 else None
+    while True:
+        cell = [run_spec(study, m, batch, {LR: lr}, study.selection_seed, results_dir) for lr in lrs]
+        if any(c.run_id not in by_id for c in cell):
+            return cell, None
+        results = {c.lr: by_id[c.run_id] for c in cell}
+        nxt = next_lr(results, ratio, study.lr_budget, study.primary_target) if ratio is not None else None
+        if nxt is None:
+            return cell, ({LR: select_lr(list(results.values()), study.primary_target)[0]}, None)
+        lrs.append(float(f"{nxt:.6g}"))
+
+
+def _search(study: StudyConfig, m: MethodConfig, batch: int, by_id: dict[str, Row],
+            results_dir: str | Path) -> tuple[list[RunSpec], Choice | None]:
+    """The selection runs of a search so far (trials, edge extensions, then the lr refinement, within
+    ``study.runs_per_search``), and the selected point once no run or next point waits. Each next point is planned
+    from finished rows only: a failed run holds its cell's search until ``--retry-failed`` runs it again, so that a
+    trial number always names one point (a row at another point than planned is refused)."""
+    points = trial_points(m.space(), study.trials, search_seed(m.name, batch, study.selection_seed))
+    budget, refined = study.runs_per_search, False
+    while True:
+        cell = [run_spec(study, m, batch, p, study.selection_seed, results_dir, k) for k, p in enumerate(points)]
+        if any(c.run_id not in by_id or by_id[c.run_id].failed for c in cell):
+            return cell, None
+        rows = [by_id[c.run_id] for c in cell]
+        for c, r in zip(cell, rows):
+            if point_key(point_of(r)) != point_key(c.hparams):
+                raise ConfigError(f"runs.jsonl: {c.run_id} ran at {point_of(r)}, not at the point the search plans "
+                                  f"there ({c.hparams}): its rows were edited; restore runs.jsonl or rerun the study "
+                                  f"in a new results directory")
+        new = [] if refined else extension_points(study, m, batch, rows, budget - study.refine - len(points))
+        if not new and not refined:
+            new, refined = refinement_points(study, rows)[:budget - len(points)], True
+        if not new:
+            k = [point_key(point_of(r)) for r in rows].index(point_key(best_point(rows, study.primary_target)))
+            return cell, (points[k], k)
+        points += new
 
 
 def plan_runs(study: StudyConfig, results_dir: str | Path, rows: list[Row]) -> tuple[list[RunSpec], bool]:
-    """The runs the study needs, given the rows recorded so far, and whether that list is final (no lr search or
-    selection still waits for rows)."""
+    """The runs the study needs, given the rows recorded so far, and whether that list is final (no lr search,
+    search or selection still waits for rows)."""
     by_id = {r.run_id: r for r in rows}
-    target = study.primary_target
     specs: list[RunSpec] = []
     final = True
-    selected: dict[tuple[str, int], float] = {}
+    selected: dict[tuple[str, int], Choice] = {}
     for b in study.batch_tokens:
         for m in [m for m in study.methods_at(b) if m.control_of is None]:
-            lrs = sorted(m.grid(b))
-            ratio = lr_ratio(lrs) if study.lr_budget is not None and len(lrs) > 1 else None
-            while True:
-                cell = [run_spec(study, m, b, lr, study.selection_seed, results_dir) for lr in lrs]
-                specs += [c for c in cell if c.run_id not in {s.run_id for s in specs}]
-                if any(c.run_id not in by_id for c in cell):
-                    final = False
-                    break
-                results = {c.lr: by_id[c.run_id] for c in cell}
-                nxt = next_lr(results, ratio, study.lr_budget, target) if ratio is not None else None
-                if nxt is None:
-                    best = select_lr(list(results.values()), target)[0]
-                    selected[(m.name, b)] = best
-                    specs += [run_spec(study, m, b, best, seed, results_dir) for seed in study.seeds]
-                    break
-                lrs.append(float(f"{nxt:.6g}"))
+            cell, choice = (_search if m.search else _lr_search)(study, m, b, by_id, results_dir)
+            specs += cell
+            if choice is None:
+                final = False
+                continue
+            selected[(m.name, b)] = choice
+            specs += [run_spec(study, m, b, choice[0], seed, results_dir, choice[1]) for seed in study.seeds]
         for m in [m for m in study.methods_at(b) if m.control_of is not None]:
-            lr = selected.get((m.control_of, b))
-            if lr is None:
+            choice = selected.get((m.control_of, b))
+            if choice is None:
                 final = False
             else:
-                specs += [run_spec(study, m, b, lr, seed, results_dir) for seed in study.seeds]
+                specs += [run_spec(study, m, b, choice[0], seed, results_dir, choice[1]) for seed in study.seeds]
     return specs, final
 
 
 @dataclass
 class LrSearchStop:
-    """Stops a selection-seed run of the learning-rate search as soon as it can no longer be selected: once another
-    lr of the same method, batch size and seed has reached the primary target at (interpolated) step c*, a run whose
-    evaluation at step k >= c* is still above the target would cross it after k, so later than c* — it cannot be the
-    fewest steps (:func:`analysis.selection_key`). The selected lr, the edge extensions (:func:`analysis.next_lr`)
-    and every reported seed are the same as without stopping; only the rows of losing lrs end early
-    (``stopped_early``). The incumbent is read from runs.jsonl whenever that file changes."""
+    """Stops a selection-seed run (of an lr grid or a search) as soon as it can no longer be selected: once another
+    run of the same method, batch size and seed has reached the primary target at (interpolated) step c*, a run
+    whose evaluation at step k >= c* is still above the target would cross it after k, so later than c* — it cannot
+    be the fewest steps (:func:`selection.selection_key`). The selected point, the edge extensions and refinement
+    (which follow from the best point alone) and every reported seed are the same as without stopping; only the
+    rows of losing points end early (``stopped_early``). The incumbent is read from runs.jsonl whenever that file
+    changes."""
 
     results_dir: Path
     run_id: str
@@ -124,7 +178,7 @@ class LrSearchStop:
     seed: int
     target: float
     _mtime: int = -1
-    _best: tuple[float, float | None] = (math.inf, None)
+    _best: tuple[float, str | None] = (math.inf, None)
 
     def __call__(self, st: dict[str, Any]) -> str | None:
         try:
@@ -135,10 +189,16 @@ class LrSearchStop:
             self._mtime = mtime
             cell = [r for r in read_rows(self.results_dir) if r.method == self.method and r.seed == self.seed
                     and r.batch_tokens == self.batch_tokens and r.run_id != self.run_id]
-            self._best = min(((steps_to(r, self.target), r.lr) for r in cell), default=(math.inf, None))
+            self._best = min(((steps_to(r, self.target), _describe(point_of(r))) for r in cell),
+                             default=(math.inf, None))
         step, loss = st["step"], st.get("eval_loss", math.inf)
-        best, lr = self._best
+        best, point = self._best
         if step >= best and loss > self.target:
-            return (f"stopped at step {step}: lr {lr:g} reached the primary target {self.target:g} at step {best:.2f}, "
-                    f"so this lr can no longer be selected")
+            return (f"stopped at step {step}: {point} reached the primary target {self.target:g} at step {best:.2f}, "
+                    f"so this run can no longer be selected")
         return None
+
+
+def _describe(point: dict[str, Any]) -> str:
+    """``lr 0.01, optim.weight_decay 0.1``."""
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items())

@@ -253,7 +253,36 @@ def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, A
                 cells.append(f"{_fmt_loss(c['final_eval_loss'])} ({_fmt_loss(c['best_eval_loss'])}; lr "
                              f"{c['best_lr']:.3g}){' ⚠' if c['lr_on_edge'] else ''}")
         md.append(f"| {m} | " + " | ".join(cells) + " |")
-    return md + [""]
+    return md + _selected_settings(study, summary) + [""]
+
+
+def _selected_settings(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
+    """Per searched method and batch: the trials it used and its selected value of every searched setting, ⚠ with
+    the edge where that value still sits on an edge of what was tried (nothing for a study without a search)."""
+    searched = [m for m in study.methods if m.search]
+    if not searched:
+        return []
+    keys = list(dict.fromkeys(k for m in searched for k in m.search))
+    md = ["", "### Selected settings", "",
+          f"The point selected on seed {study.selection_seed} for each searched method: {study.trials} quasi-random "
+          f"(scrambled Sobol) trials per method and batch, then points beyond an edge and {study.refine} refined "
+          f"lr(s) (×/÷ √2, ...), at most {study.runs_per_search} runs per method and batch (trials used: the runs it "
+          f"took; ⚠ low/high: the value still sits on that edge of what was tried; —: not searched by that method).",
+          "", "| method | batch | trials used | " + " | ".join(f"`{k}`" for k in keys) + " |",
+          "|---|---|---|" + "---|" * len(keys)]
+
+    def shown(cell: dict[str, Any], key: str) -> str:
+        value = cell["best_point"][key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return text + (f" ⚠ {cell['edges'][key]}" if key in cell["edges"] else "")
+
+    for m in searched:
+        for b in study.batch_tokens:
+            c = summary["cells"].get(f"{m.name}/{b}")
+            if c is not None:
+                values = [shown(c, k) if k in m.search else "—" for k in keys]
+                md.append(f"| {m.name} | {_fmt_batch(b)} | {c['trials']} | " + " | ".join(values) + " |")
+    return md
 
 
 def _eval_set(study: StudyConfig, ws: dict[str, Any] | None, rows: list[Row]) -> dict[str, Any]:
@@ -680,6 +709,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
         md += ["", f"⚠ The GN line search chose its smallest step size in at least half of the outer steps at "
                f"{', '.join(binding)}: its range binds there (the step wanted to be shorter still). A larger "
                f"`gn.line_search_range` extends it downwards."]
+    md += _selected_settings(study, summary)
     md += _fit_lines(summary, methods)
     _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",

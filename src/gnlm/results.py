@@ -37,9 +37,10 @@ _DROPPED_V1 = ("forward_equivalents", "ls_range")  # fields of schema 1 that no 
 class Row:
     """One run of a study, as recorded in runs.jsonl.
 
-    Identity: ``run_id`` (``method/b<batch>/lr<lr>/s<seed>``), ``method``, ``family`` (``baseline`` or ``gn``),
-    ``batch_tokens``, ``lr``, ``seed``, ``run_dir`` (relative to the results directory), and ``hparams``: every
-    setting the study chose for this run (``lr`` and, in a multi-dimensional search, dotted RunConfig keys).
+    Identity: ``run_id`` (``method/b<batch>/lr<lr>/s<seed>``; a searched point's ``method/b<batch>/t<k>/s<seed>``),
+    ``method``, ``family`` (``baseline`` or ``gn``), ``batch_tokens``, ``lr``, ``seed``, ``run_dir`` (relative to
+    the results directory), and ``hparams``: every setting the study chose for this run (``lr`` and, in a
+    multi-dimensional search, dotted RunConfig keys).
     Outcome: ``status`` (``finished``, or ``error`` with the ``error`` message: a failure, which ``--retry-failed``
     runs again); ``reached`` the run's stop target (the deepest declared target) at ``steps`` (the first
     evaluation at or below it) with ``tokens``/``line_search_tokens``/``wall_time`` to there; ``final_eval_loss``,

@@ -2,10 +2,12 @@
 packaged presets, and the complete RunConfig of each of its runs (:meth:`StudyConfig.run_config`).
 
 The protocol (the only one): each method's learning rate is selected at each batch size on ``selection_seed``
-(an lr search from a declared log-spaced grid, extended beyond an edge while ``lr_budget`` allows; see
-``plan.py``), then the reported ``seeds`` run at the selected lr. ``kind: steps_to_target`` measures steps to the
-declared ``targets`` (selection: fewest steps to ``primary_target``); ``kind: budget`` gives every run the same
-token budget and measures the final eval loss (selection: the lowest).
+(an lr search from a declared log-spaced grid, extended beyond an edge while ``lr_budget`` allows; or, for a
+method that declares a ``search`` space, the same number of quasi-random ``trials`` for every method, edge
+extensions and an lr refinement within ``search_budget``; see ``plan.py``), then the reported ``seeds`` run at the
+selected lr (point). ``kind: steps_to_target`` measures steps to the declared ``targets`` (selection: fewest steps
+to ``primary_target``); ``kind: budget`` gives every run the same token budget and measures the final eval loss
+(selection: the lowest).
 
 Batch sizes are in tokens. A baseline at batch B takes ``train.batch_size = B / seq_len`` sequences per step; a
 Gauss-Newton method takes ``gn.inner_steps = B / (gn.inner_batch_size · seq_len)`` inner steps per outer step
@@ -25,6 +27,7 @@ from typing import Any, Literal
 from gnlm.config import ConfigError, config_differences, flatten, from_dict, load_yaml, merge, parse_overrides, to_dict
 from gnlm.optim import resolve_optimizer_class
 from gnlm.runconfig import BOOKKEEPING_KEYS, GNConfig, RunConfig, build_run_config
+from gnlm.search import LR, Dim
 
 PRESET_DIR = Path(__file__).parent / "configs" / "studies"
 
@@ -44,6 +47,10 @@ PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (launch.P
 # base.train describes the runs.
 WARM_START_TRAIN_KEYS = ("dtype", "device", "threads", "parallel", "micro_batch_size", "eval_batch_size")
 STUDY_SCHEMA = 2  # 2: the warm start takes only base.model, base.data and WARM_START_TRAIN_KEYS from base
+# RunConfig keys the study sets for each run (run_config) or that say where a run runs: never searched.
+_PER_RUN_KEYS = BOOKKEEPING_KEYS | PLACEMENT_KEYS | {
+    "optim.name", "train.batch_size", "train.steps", "train.target_loss", "train.seed", "train.init_optimizer",
+    "gn.inner_steps", "gn.inner_batch_size"}
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -59,9 +66,15 @@ class MethodConfig:
     ``lrs``: the learning-rate grid (GN: the inner learning rate ``gn.inner_optim.lr``); ``lrs_by_batch`` replaces
     it at given batch sizes (keys: batch tokens). ``overrides``: dotted RunConfig keys for this method only, e.g.
     ``{gn.warm_start: false, train.eval_every: 1}``.
-    ``control_of``: a control of another method: no grid of its own, it runs
-    the reported seeds at the lr selected for that method, with its ``overrides`` (e.g. no warm-up), and is
-    reported apart from the comparison. ``batches``: run this method at these batch sizes only (default: all).
+    ``search`` (instead of ``lrs``, in a study with ``trials``): the method's search space, one dimension per key:
+    ``lr`` (its learning rate, as ``lrs``) and any dotted RunConfig key the method reads (``optim.weight_decay``,
+    ``optim.betas.1``: an element of a tuple by index, ``optim.momentum``: Muon's, ``train.ema_decay``,
+    ``schedule.warmup_steps``, ``gn.line_search_range``, ``gn.inner_optim.weight_decay``, ...), each
+    ``{low, high, log: bool, int: bool}`` or ``{choices: [...]}`` (:class:`search.Dim`). A searched key may not
+    also be in ``overrides``.
+    ``control_of``: a control of another method: no grid of its own, it runs the reported seeds at the lr (point)
+    selected for that method, with its ``overrides`` (e.g. no warm-up; they win over a searched point's settings),
+    and is reported apart from the comparison. ``batches``: run this method at these batch sizes only (default: all).
     ``max_steps``: this method's step budget (default: the study's), e.g. fewer outer steps for GN.
     ``max_tokens``: this method's token budget per run (default: the study's): at batch B a run takes at most
     ``max_tokens // B`` steps (B: the batch, GN's outer batch; line-search tokens not counted), so that a large-batch
@@ -74,6 +87,7 @@ class MethodConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
     lrs_by_batch: dict[int, list[float]] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     control_of: str | None = None
     batches: list[int] | None = None
@@ -93,6 +107,10 @@ class MethodConfig:
 
     def grid(self, batch_tokens: int) -> list[float]:
         return list(self.lrs_by_batch.get(batch_tokens, self.lrs))
+
+    def space(self) -> list[Dim]:
+        """The dimensions of ``search``, in declared order (empty: an lr grid)."""
+        return [Dim.parse(k, spec, f"methods.{self.name}.search.{k}") for k, spec in self.search.items()]
 
 
 @dataclass
@@ -134,12 +152,21 @@ class StudyConfig:
     ``lr_budget``: learning-rate search. Each method starts from its declared grid (log-spaced) and, while its best
     lr at a batch size sits on an edge of what was tried, gets the next point beyond that edge (same spacing),
     until it has tried ``lr_budget`` lrs; every method gets the same budget. None: the declared grid only.
-    ``selection_seed``: each (method, batch)'s lr is selected on this seed alone (fewest steps to the primary
-    target; budget studies: the lowest final eval loss); then ``seeds`` run at the selected lr only, so that the
-    selection does not flatter the reported medians.
-    ``prune_lr_search`` (default true): a selection-seed run stops as soon as another lr of its method and batch has
-    reached the primary target in fewer steps than it has already run (:class:`LrSearchStop`); the selection and
-    every reported run are unchanged, the losing lrs' rows end early (``stopped_early``).
+    ``trials``, ``refine``, ``search_budget``: the equal-budget search of the methods that declare ``search``
+    (every method, unless ``allow_unequal_grids``). At each batch size a method first runs ``trials`` points of its
+    space (scrambled Sobol, seeded by method, batch and selection seed: :func:`search.trial_points`); then, while
+    the best point's value of a dimension sits on an edge of what was tried (:meth:`search.Dim.edge`: the outer
+    1/``trials`` of a range, the outermost choice), one point beyond that edge per such dimension (the best point
+    with that value moved one spacing out), each wave waiting for the rows of the last, unless the run config
+    refuses the value (a weight decay below 0: the setting's own limit is no edge); then ``refine`` points of the
+    best point's lr only, ×√2, ÷√2, ×2, ÷2, ... (:func:`search.refined_lrs`). At most ``search_budget`` runs per
+    method and batch (default ``trials + refine``: no extensions), the same for every method.
+    ``selection_seed``: each (method, batch)'s lr (or point) is selected on this seed alone (fewest steps to the
+    primary target; budget studies: the lowest final eval loss); then ``seeds`` run at the selected lr (point)
+    only, so that the selection does not flatter the reported medians.
+    ``prune_lr_search`` (default true): a selection-seed run stops as soon as another lr or point of its method and
+    batch has reached the primary target in fewer steps than it has already run (:class:`LrSearchStop`); the
+    selection and every reported run are unchanged, the losing runs' rows end early (``stopped_early``).
     ``gn_inner_steps``: fix N, the inner steps per outer step, at every batch size (the inner batch grows
     instead: ``gn.inner_batch_size = B / (N · seq_len)``), to separate more data per step from more inner steps.
     ``restart_level``: a loss above every target that each run reaches soon after its restart from the warm start
@@ -147,7 +174,7 @@ class StudyConfig:
     can also be counted from there (what the restart spike costs). None: not recorded.
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
     ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
-    (equal tuning effort); set true to allow otherwise.
+    and, in a study with ``trials``, declare a ``search`` (equal tuning effort); set true to allow otherwise.
     ``count_line_search_tokens`` (budget): GN line-search tokens count against the token budget.
     ``schema``: the version of the study format, written by gnlm into study.yaml (one without it is schema 1,
     brought up to date by :func:`upgrade_saved_study`); a study you write leaves it out.
@@ -166,6 +193,9 @@ class StudyConfig:
     primary_target: float | None = None
     restart_level: float | None = None
     lr_budget: int | None = None
+    trials: int | None = None
+    refine: int = 2
+    search_budget: int | None = None
     selection_seed: int = 0
     gn_inner_steps: int | None = None
     max_steps: int = 100
@@ -216,6 +246,7 @@ class StudyConfig:
         if self.gn_inner_steps is not None and self.gn_inner_steps < 1:
             raise ConfigError(f"gn_inner_steps must be >= 1 (or unset), got {self.gn_inner_steps}")
         self._check_grids()
+        self._check_search()
         if self.lr_budget is not None:
             self._check_lr_search()
 
@@ -256,7 +287,7 @@ class StudyConfig:
     def _check_lr_search(self) -> None:
         if self.lr_budget < 2:
             raise ConfigError(f"lr_budget must be >= 2 (lrs tried per method and batch size), got {self.lr_budget}")
-        for m in [m for m in self.methods if m.control_of is None]:
+        for m in self.grid_methods:
             for b in self.batch_tokens:
                 grid = sorted(m.grid(b))
                 if len(grid) > self.lr_budget:
@@ -274,8 +305,90 @@ class StudyConfig:
             if m.control_of not in names:
                 raise ConfigError(f"methods.{m.name}.control_of: {m.control_of!r} is not a (non-control) method of the "
                                   f"study; use one of {sorted(names)}")
+            if m.lrs or m.lrs_by_batch or m.search:
+                raise ConfigError(f"methods.{m.name}: a control takes the lr (point) selected for {m.control_of}; "
+                                  f"remove its lrs and search")
+
+    @property
+    def grid_methods(self) -> list[MethodConfig]:
+        """The methods tuned on a learning-rate grid (``lrs``): neither a control nor searched."""
+        return [m for m in self.methods if m.control_of is None and not m.search]
+
+    @property
+    def runs_per_search(self) -> int:
+        """The most selection-seed runs of a searched method at one batch size: ``search_budget``, by default
+        ``trials + refine``."""
+        assert self.trials is not None
+        return self.search_budget if self.search_budget is not None else self.trials + self.refine
+
+    def _check_search(self) -> None:
+        """Every searched method's space, before any run: each dimension well formed, each key one the method's
+        RunConfig reads and the study does not set per run, and each end of a range (every choice) a value the run
+        config accepts."""
+        searched = [m for m in self.methods if m.control_of is None and m.search]
+        if self.trials is None:
+            if searched:
+                raise ConfigError(f"methods.{searched[0].name}.search: a search needs trials: N at the study level "
+                                  f"(the quasi-random points every method gets per batch size)")
+            if self.search_budget is not None:
+                raise ConfigError("search_budget: no method declares a search (and trials is unset); remove it")
+            return
+        if self.trials < 1 or self.refine < 0:
+            raise ConfigError(f"trials must be >= 1 and refine >= 0, got trials {self.trials}, refine {self.refine}")
+        if self.search_budget is not None and self.search_budget < self.trials + self.refine:
+            raise ConfigError(f"search_budget ({self.search_budget}) is below trials + refine ({self.trials} + "
+                              f"{self.refine}); raise it (the room beyond is for edge extensions)")
+        if self.lr_budget is not None and not self.grid_methods:
+            raise ConfigError("lr_budget: no method has an lr grid (every method searches); the search's budget is "
+                              "search_budget")
+        for m in searched:
             if m.lrs or m.lrs_by_batch:
-                raise ConfigError(f"methods.{m.name}: a control takes the lr selected for {m.control_of}; remove its lrs")
+                raise ConfigError(f"methods.{m.name}: give either lrs or search (whose lr key is the lr), not both")
+            dims = m.space()
+            if LR not in m.search:
+                raise ConfigError(f"methods.{m.name}.search: needs lr: {{low: ..., high: ..., log: true}} (every "
+                                  f"method searches its learning rate)")
+            flat = flatten(json.loads(json.dumps(to_dict(self.method_run_config(m.name)))))
+            for d in dims:
+                self._check_search_key(m, d, flat)
+            lr_low = next(d for d in dims if d.key == LR).extremes()[0]
+            batch = (m.batches or self.batch_tokens)[0]
+            self.run_config(m, batch, {LR: lr_low}, self.selection_seed, ".")  # what fails without the search, as is
+            for d in dims:
+                for value in d.extremes():
+                    try:
+                        self.run_config(m, batch, {LR: lr_low, d.key: value}, self.selection_seed, ".")
+                    except ConfigError as e:
+                        raise ConfigError(f"methods.{m.name}.search.{d.key}: the run config refuses {value!r} ({e}); "
+                                          f"narrow the range") from None
+
+    def _check_search_key(self, m: MethodConfig, d: Dim, flat: dict[str, Any]) -> None:
+        """A one-line ConfigError unless ``d.key`` is a setting of ``m``'s RunConfig that a search may vary."""
+        key, where = d.key, f"methods.{m.name}.search.{d.key}"
+        if key == LR:
+            return
+        if key in ("optim.lr", "gn.inner_optim.lr"):
+            raise ConfigError(f"{where}: the method's learning rate is the search key lr")
+        if key in _PER_RUN_KEYS or key.split(".")[0] in ("method", "model", "data", "out_dir"):
+            raise ConfigError(f"{where}: set by the study for each run (or not a training setting); search another key")
+        unread = "optim." if m.family == "gn" else "gn."
+        if key.startswith(unread):
+            fix = "gn.inner_optim.* are its inner optimizer's keys" if m.family == "gn" else "its keys are optim.*"
+            raise ConfigError(f"{where}: a {m.family} method never reads {unread}*; {fix}")
+        head, _, last = key.rpartition(".")
+        indexed = last.isdigit() and isinstance(flat.get(head), list) and int(last) < len(flat[head])
+        if not indexed and (key not in flat or isinstance(flat[key], (list, dict))):
+            if isinstance(flat.get(key), list):
+                raise ConfigError(f"{where}: a list; search one element by its index, e.g. {key}.1")
+            close = difflib.get_close_matches(key, list(flat), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
+        if any(o == key or o.startswith(key + ".") or key.startswith(o + ".") for o in map(str, m.overrides)):
+            raise ConfigError(f"{where}: also in methods.{m.name}.overrides; a setting is either searched or fixed")
+        current = flat[head][int(last)] if indexed else flat[key]
+        whole = d.integer or (d.choices is not None and all(isinstance(c, int) for c in d.choices))
+        if isinstance(current, int) and not isinstance(current, bool) and not whole:
+            raise ConfigError(f"{where}: {key} is a whole number; add int: true to its range")
 
     def method(self, name: str) -> MethodConfig:
         return next(m for m in self.methods if m.name == name)
@@ -285,29 +398,46 @@ class StudyConfig:
         """control method -> the method it controls."""
         return {m.name: m.control_of for m in self.methods if m.control_of is not None}
 
-    def _method_raw(self, m: MethodConfig) -> dict[str, Any]:
+    def _method_raw(self, m: MethodConfig, point: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``base``, the method's built-in keys, the searched settings of ``point`` (all but its lr, which
+        :meth:`run_config` sets) and the method's overrides, which win (a control's, over the point it runs at)."""
         raw = merge(self.base, BUILTIN_METHODS[m.builtin])
         if m.optimizer is not None:
             raw = merge(raw, {"optim": {"name": m.optimizer, "kwargs": dict(m.kwargs)}})
+        settings = {k: v for k, v in (point or {}).items() if k != LR}
+        if any(k.rpartition(".")[2].isdigit() for k in settings):  # a tuple element: the rest of its tuple as is
+            settings = _with_elements(to_dict(_build(self._method_raw(m), f"methods.{m.name}")), settings)
+        raw = merge(raw, _nest(settings))
         raw = merge(raw, _nest(m.overrides))
         if isinstance(raw.get("model"), str):
             raw["model"] = {"preset": raw["model"]}
         return raw
 
-    def method_run_config(self, name: str) -> RunConfig:
+    def method_run_config(self, name: str, point: dict[str, Any] | None = None) -> RunConfig:
         """A method's RunConfig before batch size, lr, seed and step budget are set: ``base`` with the method's
-        built-in keys and overrides (e.g. its ``gn.line_search_range``)."""
-        return _build(self._method_raw(self.method(name)), f"methods.{name}")
+        built-in keys, the searched settings of ``point`` and its overrides (e.g. its ``gn.line_search_range``)."""
+        return _build(self._method_raw(self.method(name), point), f"methods.{name}")
 
-    def run_config(self, m: MethodConfig, batch_tokens: int, lr: float, seed: int,
-                   results_dir: str | Path) -> RunConfig:
-        """The complete, checked RunConfig of one run: ``base``, the method's built-in keys and overrides, the
+    def point_is_valid(self, m: MethodConfig, batch_tokens: int, point: dict[str, Any]) -> bool:
+        """Whether the run config of ``m`` at ``point`` passes its checks (an edge extension past a setting's own
+        limit, e.g. a weight decay below 0, does not)."""
+        try:
+            self.run_config(m, batch_tokens, point, self.selection_seed, ".")
+        except ConfigError:
+            return False
+        return True
+
+    def run_config(self, m: MethodConfig, batch_tokens: int, point: dict[str, Any], seed: int,
+                   results_dir: str | Path, trial: int | None = None) -> RunConfig:
+        """The complete, checked RunConfig of one run at ``point`` (``{"lr": ...}`` and, for a searched method,
+        its other settings): ``base``, the method's built-in keys, the point's settings and the overrides, the
         batch (a baseline's ``train.batch_size``; GN's N inner steps of ``gn.inner_batch_size`` sequences, or N
         fixed by ``gn_inner_steps``), the lr, the step budget (budget studies: the token budget over the tokens
         per step, GN's line-search tokens included when ``count_line_search_tokens``), the seed and the run
-        directory ``runs/<method>/b<batch>/lr<lr>/s<seed>``."""
+        directory ``runs/<method>/b<batch>/lr<lr>/s<seed>``, or ``.../t<trial>/s<seed>`` for a searched point."""
         where = f"methods.{m.name} at batch {batch_tokens}"
-        raw = self._method_raw(m)
+        lr = point[LR]
+        raw = self._method_raw(m, point)
         probe = _build(raw, where)
         seq = probe.data.seq_len
         if probe.method == "gn":
@@ -328,7 +458,8 @@ class StudyConfig:
             steps, target = max(1, self.token_budget // per_step), None
         else:
             steps, target = self.step_budget(m, batch_tokens), self.deepest_target
-        run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / f"lr{lr:g}" / f"s{seed}"
+        leaf = f"lr{lr:g}" if trial is None else f"t{trial}"
+        run_dir = Path(results_dir) / "runs" / m.name / f"b{batch_tokens}" / leaf / f"s{seed}"
         train = {"steps": steps, "target_loss": target, "seed": seed, "progress": False,
                  "init_from": str(warm_start_path(results_dir)) if self.warm_start else None,
                  "init_optimizer": self.warm_start is not None and self.warm_start.continues_optimizer(probe)}
@@ -368,7 +499,7 @@ class StudyConfig:
 
     def _check_grids(self) -> None:
         self._check_controls()
-        for m in [m for m in self.methods if m.control_of is None]:
+        for m in self.grid_methods:
             for key in m.lrs_by_batch:
                 if key not in self.batch_tokens:
                     raise ConfigError(f"methods.{m.name}.lrs_by_batch: {key} is not one of batch_tokens "
@@ -376,16 +507,21 @@ class StudyConfig:
             for b in self.batch_tokens:
                 grid = m.grid(b)
                 if not grid:
-                    raise ConfigError(f"methods.{m.name}: empty learning-rate grid at batch {b}; "
-                                      f"give lrs: [...] (the same number of values for every method)")
+                    raise ConfigError(f"methods.{m.name}: empty learning-rate grid at batch {b}; give lrs: [...] (the "
+                                      f"same number of values for every method) or, with trials, search: {{lr: ...}}")
                 if any(not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)) for lr in grid):
                     raise ConfigError(f"methods.{m.name}: learning rates must be positive numbers, got {grid}")
                 if len(set(grid)) != len(grid):
                     raise ConfigError(f"methods.{m.name}: the learning-rate grid at batch {b} has duplicates: {grid}")
         if self.allow_unequal_grids:
             return
+        searched = [m.name for m in self.methods if m.search and m.control_of is None]
+        if self.grid_methods and searched:
+            raise ConfigError(f"unequal tuning effort: {searched[0]} searches {self.trials} trials, "
+                              f"{self.grid_methods[0].name} a grid of learning rates; give every method a search or "
+                              f"set allow_unequal_grids: true")
         for b in self.batch_tokens:
-            sizes = {m.name: len(m.grid(b)) for m in self.methods_at(b) if m.control_of is None}
+            sizes = {m.name: len(m.grid(b)) for m in self.methods_at(b) if m in self.grid_methods}
             if len(set(sizes.values())) > 1:
                 listing = ", ".join(f"{k} {v}" for k, v in sizes.items())
                 raise ConfigError(f"unequal tuning effort at batch {b}: learning-rate grid sizes {listing}; give every "
@@ -484,6 +620,24 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return merge({}, out)
+
+
+def _with_elements(full: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Dotted settings with each tuple element (``optim.betas.1``) written as its whole tuple, the other elements as
+    the resolved config ``full`` has them."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        head, _, last = key.rpartition(".")
+        if not last.isdigit():
+            out[key] = value
+            continue
+        node: Any = full
+        for part in head.split("."):
+            node = node[part]
+        items = list(out.get(head, node))
+        items[int(last)] = value
+        out[head] = items
+    return out
 
 
 def _build(raw: dict[str, Any], where: str) -> RunConfig:
