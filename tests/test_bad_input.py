@@ -76,6 +76,9 @@ class Inputs:
         self._write("results_ws_junk/warm_start/summary.json", JUNK)
         self.results_no_study = root / "results_no_study"
         self.results_no_study.mkdir()
+        self.results_quick = self._results("results_quick", study)
+        other = {**quick, "targets": [3.5, 3.4, 3.3], "primary_target": 3.3}
+        self.results_other_targets = self._results("results_other_targets", yaml.safe_dump(other, sort_keys=False))
         self.study_garbage = self._results("study_garbage", "name: [unclosed\n", warm_start=True)
         self.study_binary_runs = self._results("study_binary_runs", study, runs=JUNK, warm_start=True)
 
@@ -225,6 +228,18 @@ CASES: dict[str, list[Case]] = {
         ("along a file", lambda p: ["probe", "--along", str(p.a_file)]),
         ("study with garbage study.yaml", lambda p: ["probe", str(p.study_garbage)]),
         ("study with binary runs.jsonl", lambda p: ["probe", str(p.study_binary_runs)]),
+    ],
+    "compare": [
+        ("no directory", lambda p: ["compare"]),
+        ("one directory", lambda p: ["compare", str(p.results_quick)]),
+        ("missing path", lambda p: ["compare", str(p.results_quick), str(p.missing)]),
+        ("a file", lambda p: ["compare", str(p.results_quick), str(p.a_file)]),
+        ("no study.yaml", lambda p: ["compare", str(p.results_quick), str(p.results_no_study)]),
+        ("garbage study.yaml", lambda p: ["compare", str(p.results_quick), str(p.results_garbage)]),
+        ("binary runs.jsonl", lambda p: ["compare", str(p.results_quick), str(p.results_binary_runs)]),
+        ("no shared target", lambda p: ["compare", str(p.results_quick), str(p.results_other_targets)]),
+        ("out is a file", lambda p: ["compare", str(p.results_quick), str(p.results_quick), "--out", str(p.a_file)]),
+        ("unknown flag", lambda p: ["compare", str(p.results_quick), str(p.results_quick), "--nosuch"]),
     ],
     "info": [
         ("unknown model", lambda p: ["info", "--model", "nosuch"]),

@@ -136,6 +136,13 @@ def _bench_warm_start_only(spec: study.StudyConfig, results: Path, args: argpars
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gnlm.compare import run_compare
+
+    print(run_compare(args.results_dirs, args.out))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     try:
         print(write_report(args.results_dir))
@@ -198,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and figures from a results directory (never trains)")
     p.add_argument("results_dir", metavar="RESULTS_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="put two or more studies side by side: steps, FLOPs and time to shared targets")
+    p.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR")
+    p.add_argument("--out", default="compare", help="output directory (default ./compare)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

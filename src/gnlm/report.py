@@ -1,4 +1,5 @@
 """``gnlm report RESULTS_DIR``: a Markdown report and PNG figures from a study's results files (never trains).
+Every table of the report is also written as a CSV file in ``tables/`` (``tables.py``).
 
 Reads ``study.yaml``, ``runs.jsonl`` and the warm start's ``summary.json``; writes ``report.md``, ``summary.json``
 (every number of the report, machine-readable: ``analysis.summarize_study``) and the figures beside them:
@@ -27,6 +28,7 @@ from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
 from gnlm.results import Row, read_jsonl, read_rows, target_key
 from gnlm.study import StudyConfig, upgrade_saved_study
+from gnlm.tables import write_tables
 
 BASELINE_FAMILY = "baseline"
 DIVERGENCE_RULE = ("a run is diverged when its training or eval loss is non-finite, exceeds max(initial eval loss, "
@@ -401,6 +403,7 @@ def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
     md += ["", "</details>", ""]
     out = results_dir / "report.md"
     atomic_write_bytes(out, "\n".join(md).encode())
+    write_tables("\n".join(md), results_dir / "tables")
     return out
 
 
