@@ -19,7 +19,7 @@ from typing import Any
 
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
-from gnlm.report import _batch_axis, _fmt_batch, _plain_log_axis, _pyplot, _save_with_legend_below, load_results
+from gnlm.report import _fmt_batch, _pyplot, _save_with_legend_below, _steps_vs_batch_axes, load_results
 from gnlm.results import Row
 from gnlm.selection import selected_cell, steps_to
 from gnlm.study import StudyConfig
@@ -158,16 +158,9 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
                 ys += [s for _, s in pts]
                 ax.plot([b for b, _ in pts], [s for _, s in pts], _STYLES[k % len(_STYLES)], marker="o",
                         color=f"C{i % 10}", label=f"{m} — {study['name']}")
-    _batch_axis(ax, result["batch_tokens"])
-    ax.set_yscale("log")
-    if ys:
-        lo, hi = min(ys) / 1.4, max(ys) * 1.4
-        ax.set_ylim(lo, hi)
-        _plain_log_axis(ax.yaxis, lo, hi)
-    ax.set_xlabel("batch size (tokens)")
+    _steps_vs_batch_axes(ax, result["batch_tokens"], ys)
     ax.set_ylabel(f"steps to {target} (interpolated; median over seeds)")
     ax.set_title("Studies side by side (line style: study)")
-    ax.grid(True, which="major", alpha=0.3)
     _save_with_legend_below(fig, ax, path)
 
 

@@ -123,6 +123,18 @@ def _batch_axis(ax, batches: list[int]) -> None:
         ax.set_xlim(batches[0] / 2, batches[0] * 2)
 
 
+def _steps_vs_batch_axes(ax, batches: list[int], ys: list[float]) -> None:
+    """The axes of a steps-vs-batch figure: the batch axis, a log steps axis around ``ys`` with plain labels, a grid."""
+    _batch_axis(ax, batches)
+    ax.set_yscale("log")
+    if ys:
+        lo, hi = min(ys) / 1.4, max(ys) * 1.4
+        ax.set_ylim(lo, hi)
+        _plain_log_axis(ax.yaxis, lo, hi)
+    ax.set_xlabel("batch size (tokens)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
 def _save_with_legend_below(fig, ax, path: Path) -> None:
     """Put the legend under the axes (where it hides no curve and no marker), write the figure and free it."""
     handles, labels = ax.get_legend_handles_labels()
@@ -609,16 +621,9 @@ def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
             if fit.get("cbs") is not None and lo <= fit["cbs"] <= hi:
                 ax.plot([fit["cbs"]], [fit["s_min"] * (1 + fit["b_crit"] / fit["cbs"])], "D", mfc="none", mew=1.5,
                         ms=7, color=f"C{i % 10}")
-    _batch_axis(ax, batches)
-    ax.set_yscale("log")
-    if ys:
-        lo, hi = min(ys) / 1.4, max(ys) * 1.4
-        ax.set_ylim(lo, hi)
-        _plain_log_axis(ax.yaxis, lo, hi)
-    ax.set_xlabel("batch size (tokens)")
+    _steps_vs_batch_axes(ax, batches, ys)
     ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
     ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)\n(◇ = CBS, Zhang et al.; △ = not reached)")
-    ax.grid(True, which="major", alpha=0.3)
     _save_with_legend_below(fig, ax, path)
 
 
