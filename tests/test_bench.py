@@ -98,7 +98,7 @@ def test_unequal_grids_allowed_when_asked(tmp_path):
 
 def test_presets_load_and_plan(tmp_path):
     assert {"quick", "ablations", "paper-45m", "paper-150m", "budget-quick", "shakespeare-nano",
-            "shakespeare-nano-v2", "shakespeare-nano-budget"} == set(preset_names())
+            "shakespeare-nano-v2", "shakespeare-nano-budget", "shakespeare-nano-ablations"} == set(preset_names())
     for name in preset_names():
         study = load_study(name)
         assert _selection_runs(study, tmp_path / name)

@@ -7,7 +7,8 @@ import pytest
 from test_report import STEPS, _write_results
 
 from gnlm.cli import main
-from gnlm.compare import ratio_interval, run_compare
+from gnlm.analysis import ratio_interval
+from gnlm.compare import run_compare
 from gnlm.config import ConfigError
 from gnlm.report import write_report
 from gnlm.results import read_rows

@@ -9,6 +9,7 @@ import yaml
 from gnlm.config import ConfigError
 from gnlm.report import write_report
 from gnlm.results import Row
+from gnlm.study import study_from_dict
 
 METHODS = ["adamw", "muon", "soap", "gn", "gn_prox_linear", "gn_layerwise"]
 # steps to target at the selected lr, per batch: baselines flatten, GN keeps improving
@@ -90,6 +91,33 @@ def test_report_shows_where_a_method_missed_the_target_within_its_own_budget(tmp
     text = write_report(root, bootstrap=20).read_text()
     assert "| adamw | 80.0 (80) | 60.0 (60) | 55.0 (55) | not reached in 100 (0/1) |" in text
     assert "| 8K | 2.5 | none reached |" in text
+
+
+def test_an_ablation_study_compares_every_method_with_its_reference(tmp_path):
+    """``reference: gn``: each method's steps over GN's per batch, with the interval over seeds; a method that did
+    not reach the target says so."""
+    root = tmp_path / "res"
+    rows = _write_results(root, methods=["gn", "gn_prox_linear", "gn_layerwise"], reference="gn")
+    for r in rows:  # layerwise never reaches the target at 8K
+        if r.method == "gn_layerwise" and r.batch_tokens == 8192:
+            r.reached, r.steps, r.crossings = False, None, {"3": None}
+    (root / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
+    text = write_report(root, bootstrap=20).read_text()
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["reference"] == "gn" and set(summary["against_reference"]) == {"gn_prox_linear", "gn_layerwise"}
+    e = summary["against_reference"]["gn_prox_linear"]["4096"]["3"]
+    assert (e["steps"], e["reference_steps"], e["ratio"], e["reached"]) == (6.0, 5.0, 1.2, 1)
+    assert e["interval"] == [pytest.approx(1.2), pytest.approx(1.2)]  # one seed: a degenerate interval
+    assert "### Against the reference `gn`" in text
+    assert "| gn_prox_linear | — | 4K | 6.0 / 5.0 = 1.20× [1.20, 1.20] |" in text
+    assert "| gn_layerwise | — | 8K | not reached (0/1) |" in text
+
+
+def test_a_reference_that_is_not_a_method_is_refused_on_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="reference: 'gm' is not a") as err:
+        study_from_dict({"methods": [{"name": "gn", "lrs": [0.01]}], "batch_tokens": [512], "target_loss": 3.0,
+                         "reference": "gm"})
+    assert "\n" not in str(err.value)
 
 
 def test_report_with_a_restart_level_and_a_recorded_eval_noise(tmp_path):

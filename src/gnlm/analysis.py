@@ -106,6 +106,24 @@ def _quantile(v: list[Any], p: float) -> Any:
     return v[min(len(v) - 1, max(0, round(p * (len(v) - 1))))]
 
 
+def ratio_interval(base: list[float], other: list[float], n: int = 1000, seed: int = 0,
+                   level: float = 0.9) -> tuple[float | None, float | None]:
+    """A ``level`` bootstrap interval of median(other) / median(base) over seeds (inf: not reached; a resample whose
+    median is not finite is left out). (None, None) without data."""
+    if not base or not other:
+        return None, None
+    rng, ratios = random.Random(seed), []
+    for _ in range(n):
+        a = statistics.median(rng.choices(base, k=len(base)))
+        b = statistics.median(rng.choices(other, k=len(other)))
+        if math.isfinite(a) and math.isfinite(b) and a > 0:
+            ratios.append(b / a)
+    if not ratios:
+        return None, None
+    q = (1 - level) / 2
+    return _quantile(ratios, q), _quantile(ratios, 1 - q)
+
+
 def _finite(v: float | None) -> float | None:
     """JSON has no infinity: an unbounded value (or interval end) is written as None."""
     return v if v is None or math.isfinite(v) else None
@@ -476,6 +494,36 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
                    count_line_search_tokens=study.count_line_search_tokens)
     else:
         out.update(restart_level=restart, **_gn_against_baselines(study, cells, reported_rows, bootstrap))
+        if study.reference is not None:
+            out.update(reference=study.reference,
+                       against_reference=against_reference(study, reported_rows, bootstrap))
+    return out
+
+
+def against_reference(study: StudyConfig, reported_rows: dict[tuple[str, int], list[Row]],
+                      bootstrap: int = 1000) -> dict[str, Any]:
+    """Every other method against the study's ``reference`` (an ablation table): per method, batch and declared
+    target, the median interpolated steps over the reported seeds of the method and of the reference (None: the
+    median run did not reach it), their ratio (method / reference: above 1, the method needs more steps; None when
+    either is None), a 90% bootstrap interval of that ratio over seeds (:func:`ratio_interval`) and how many of the
+    method's seeds reached the target."""
+    out: dict[str, Any] = {}
+    others = [m.name for m in study.methods if m.control_of is None and m.name != study.reference]
+    for m in others:
+        out[m] = {}
+        for b in study.batch_tokens:
+            own, ref = reported_rows.get((m, b)), reported_rows.get((study.reference, b))
+            if not own or not ref:
+                continue
+            out[m][str(b)] = {}
+            for t in study.targets:
+                mine, theirs = [steps_to(r, t) for r in own], [steps_to(r, t) for r in ref]
+                a, c = statistics.median(mine), statistics.median(theirs)
+                lo, hi = ratio_interval(theirs, mine, n=bootstrap)
+                out[m][str(b)][target_key(t)] = {"steps": _finite(a), "reference_steps": _finite(c),
+                                                 "ratio": a / c if math.isfinite(a) and math.isfinite(c) else None,
+                                                 "interval": [lo, hi], "reached": sum(map(math.isfinite, mine)),
+                                                 "seeds": len(mine)}
     return out
 
 

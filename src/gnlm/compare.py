@@ -12,11 +12,11 @@ and every table as CSV in ``tables/``.
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from pathlib import Path
 from typing import Any
 
+from gnlm.analysis import ratio_interval
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
 from gnlm.report import _fmt_batch, _pyplot, _save_with_legend_below, _steps_vs_batch_axes, load_results
@@ -37,26 +37,6 @@ def _median(values: list[float]) -> float | None:
 def _crossing_value(row: Row, target: float, key: str) -> float | None:
     c = row.crossings.get(f"{target:g}")
     return None if c is None or row.diverged or row.failed else c.get(key)
-
-
-def ratio_interval(base: list[float], other: list[float], n: int = 1000, seed: int = 0,
-                   level: float = 0.9) -> tuple[float | None, float | None]:
-    """A ``level`` bootstrap interval of median(other) / median(base) over seeds (inf: not reached; a resample whose
-    median is not finite is left out). (None, None) without data."""
-    if not base or not other:
-        return None, None
-    rng, ratios = random.Random(seed), []
-    for _ in range(n):
-        a = statistics.median(rng.choices(base, k=len(base)))
-        b = statistics.median(rng.choices(other, k=len(other)))
-        if math.isfinite(a) and math.isfinite(b) and a > 0:
-            ratios.append(b / a)
-    if not ratios:
-        return None, None
-    ratios.sort()
-    q = (1 - level) / 2
-    pick = lambda p: ratios[min(len(ratios) - 1, max(0, round(p * (len(ratios) - 1))))]  # noqa: E731
-    return pick(q), pick(1 - q)
 
 
 def compare_studies(dirs: list[str | Path], bootstrap: int = 1000) -> dict[str, Any]:

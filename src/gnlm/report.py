@@ -561,6 +561,36 @@ def _crossover_lines(summary: dict[str, Any]) -> list[str]:
     return md
 
 
+def _reference_lines(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
+    """The ablation table: every method against the study's ``reference`` (``summary["against_reference"]``)."""
+    ref, per_method, targets = study.reference, summary.get("against_reference") or {}, summary["targets"]
+    if ref is None:
+        return []
+    md = ["", f"### Against the reference `{ref}`", "",
+          f"Each method's steps to each target over `{ref}`'s at the same batch: median interpolated steps over the "
+          f"reported seeds, method / {ref} = ratio (above 1: the method needs more steps), with a 90% bootstrap "
+          f"interval over seeds. Every method's learning rate (point) was selected on its own, with the same budget.",
+          "", "| method | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " |",
+          "|---|---|---|" + "---|" * len(targets)]
+    overrides = {m.name: m.overrides for m in study.methods}
+    for m, per_batch in per_method.items():
+        changes = ", ".join(f"{k}={v}" for k, v in overrides.get(m, {}).items()) or "—"
+        for b, per_target in per_batch.items():
+            cells = []
+            for t in targets:
+                e = per_target[target_key(t)]
+                if e["steps"] is None:
+                    cells.append(f"not reached ({e['reached']}/{e['seeds']})")
+                elif e["reference_steps"] is None:
+                    cells.append(f"{e['steps']:.1f} / not reached")
+                else:
+                    lo, hi = e["interval"]
+                    interval = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+                    cells.append(f"{e['steps']:.1f} / {e['reference_steps']:.1f} = {e['ratio']:.2f}×{interval}")
+            md.append(f"| {m} | {changes} | {_fmt_batch(int(b))} | " + " | ".join(cells) + " |")
+    return md
+
+
 def _segment_lines(summary: dict[str, Any], gn: str) -> list[str]:
     """Per batch, the best baseline's and ``gn``'s steps between consecutive targets and their ratio
     (``summary["segments"]``)."""
@@ -756,6 +786,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                 rises = ["—" if x.get("early_rise") is None else f"{x['early_rise']:+.3f}" for x in (cell, ref)]
                 md.append(f"| {c.name} | {c.control_of} | {changes} | {_fmt_batch(b)} | "
                           + " | ".join(steps[:len(targets)] + rises[:1] + steps[len(targets):] + rises[1:]) + " |")
+    md += _reference_lines(study, summary)
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
     if gn is not None:
         md += _headline_lines(summary, families, gn)

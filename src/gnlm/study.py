@@ -172,6 +172,9 @@ class StudyConfig:
     ``restart_level``: a loss above every target that each run reaches soon after its restart from the warm start
     (once a fresh optimizer's early rise is behind it); rows record where each run first crosses it, so that steps
     can also be counted from there (what the restart spike costs). None: not recorded.
+    ``reference`` (steps-to-target): the method every other method is compared against, as in an ablation study:
+    the report gives each method's steps to each target over the reference's at every batch size, with a bootstrap
+    interval over seeds (``summary.json`` ``against_reference``). None: no such table.
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
     ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
     and, in a study with ``trials``, declare a ``search`` (equal tuning effort); set true to allow otherwise.
@@ -192,6 +195,7 @@ class StudyConfig:
     targets: list[float] = field(default_factory=list)
     primary_target: float | None = None
     restart_level: float | None = None
+    reference: str | None = None
     lr_budget: int | None = None
     trials: int | None = None
     refine: int = 2
@@ -268,7 +272,9 @@ class StudyConfig:
                               f"target carries the conclusion, or one target_loss for a quick check")
         self.targets = sorted((float(t) for t in self.targets), reverse=True)
         if self.primary_target is None or float(self.primary_target) not in self.targets:
-            raise ConfigError(f"primary_target must be one of targets {self.targets}, got {self.primary_target}")
+            got = "it is not set" if self.primary_target is None else f"got {self.primary_target}"
+            raise ConfigError(f"primary_target must be one of targets {self.targets} ({got}); declare it, e.g. "
+                              f"primary_target: {self.targets[-1]:g} (the deepest)")
         self.primary_target = float(self.primary_target)
         if self.restart_level is not None and not float(self.restart_level) > max(self.targets):
             raise ConfigError(f"restart_level ({self.restart_level}) must lie above every target ({max(self.targets)}): "
@@ -297,6 +303,12 @@ class StudyConfig:
 
     def _check_controls(self) -> None:
         names = {m.name for m in self.methods if m.control_of is None}
+        if self.reference is not None and self.reference not in names:
+            raise ConfigError(f"reference: {self.reference!r} is not a (non-control) method of the study; use one of "
+                              f"{sorted(names)}")
+        if self.reference is not None and self.kind != "steps_to_target":
+            raise ConfigError("reference: only a steps-to-target study compares its methods with a reference; remove "
+                              "it from this budget study")
         for m in self.methods:
             if m.batches is not None and not set(m.batches) <= set(self.batch_tokens):
                 raise ConfigError(f"methods.{m.name}.batches {m.batches} must be among batch_tokens {self.batch_tokens}")
