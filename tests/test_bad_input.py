@@ -140,6 +140,10 @@ CASES: dict[str, list[Case]] = {
         ("unknown device", lambda p: ["train", "model=nano", f"out_dir={p.root}/new", "train.device=cudax"]),
         ("init_from missing", lambda p: ["train", "model=nano", f"out_dir={p.root}/new",
                                          f"train.init_from={p.missing}"]),
+        ("optimizer field the class does not take", lambda p: ["train", "model=nano", f"out_dir={p.root}/new",
+                                                               "optim.name=torch.optim.SGD", "optim.betas=[0.9,0.9]"]),
+        ("closure optimizer as GN's inner one", lambda p: ["train", "model=nano", f"out_dir={p.root}/new",
+                                                           "method=gn", "gn.inner_optim.name=torch.optim.LBFGS"]),
     ],
     "data prepare": [
         ("missing path", lambda p: ["data", "prepare", str(p.missing)]),

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import math
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -28,6 +31,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A user-facing configuration problem. The message is one line naming the problem and the fix."""
+
+
+def import_module_from_cwd(name: str) -> Any:
+    """``importlib.import_module(name)`` with the working directory on ``sys.path`` first, as under ``python -m``:
+    a user's ``myopt.py`` or ``mymodel.py`` beside the command is importable from ``gnlm`` too (the console script
+    does not put the working directory on the path). ImportError propagates."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(name)
 
 
 def _type_name(tp: Any) -> str:

@@ -20,7 +20,8 @@ import difflib
 import importlib
 import inspect
 import math
-from collections.abc import Iterator, Mapping
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -28,22 +29,29 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from gnlm.config import ConfigError
+from gnlm.config import ConfigError, _coerce, import_module_from_cwd
 
 __all__ = [
-    "OptimConfig",
-    "CombinedOptimizer",
-    "EMA",
     "BUILTIN_OPTIMIZERS",
-    "routing",
+    "CONSTRUCTOR_FIELDS",
+    "EMA",
+    "CombinedOptimizer",
+    "OptimConfig",
     "build_optimizer",
-    "resolve_optimizer_class",
-    "matches_pattern",
-    "set_lr",
     "clip_grad_norm",
+    "matches_pattern",
+    "needs_closure",
+    "resolve_optimizer_class",
+    "routing",
+    "set_lr",
 ]
 
 BUILTIN_OPTIMIZERS = ("adamw", "muon", "soap")
+# OptimConfig field -> the constructor keyword it is passed as, to an import-path optimizer that accepts it.
+CONSTRUCTOR_FIELDS = {"betas": "betas", "eps": "eps", "weight_decay": "weight_decay", "momentum": "momentum",
+                      "nesterov": "nesterov", "ns_steps": "ns_steps", "muon_adjust_lr": "adjust_lr_fn",
+                      "precondition_frequency": "precondition_frequency",
+                      "max_precondition_dim": "max_precondition_dim"}
 _GLOB_CHARS = set("*?[")
 
 
@@ -63,15 +71,21 @@ def _optimizer_classes_in(module: Any) -> list[str]:
 def resolve_optimizer_class(path: str) -> type[torch.optim.Optimizer]:
     """Import ``"package.module.Class"`` and check it is a ``torch.optim.Optimizer`` subclass.
 
-    Raises :class:`ConfigError` (one line, with the closest valid name suggested) otherwise.
+    A module in the working directory is importable (``optim.name=myopt.Lion`` with ``myopt.py`` beside the
+    command), as under ``python -m``. Raises :class:`ConfigError` (one line, with the closest valid name suggested)
+    otherwise.
     """
     fix = "give adamw, muon, soap or an import path like torch.optim.SGD"
     module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(f"optim.name: {path!r} is not an import path; {fix}")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError:
+        module = import_module_from_cwd(module_name)
+    except ImportError as e:
+        if e.name is not None and e.name != module_name and not module_name.startswith(e.name + "."):
+            # the module exists but an import inside it fails: say which
+            raise ConfigError(f"optim.name: importing '{module_name}' of {path!r} failed: {e}; install what it "
+                              f"needs") from None
         parent = module_name.rpartition(".")[0]
         hint = ""
         if parent:
@@ -83,7 +97,8 @@ def resolve_optimizer_class(path: str) -> type[torch.optim.Optimizer]:
                     hint = f" (did you mean '{parent}.{close[0]}.{attr}'?)"
             except ImportError:
                 pass
-        raise ConfigError(f"optim.name: cannot import module '{module_name}' of {path!r}{hint}; {fix}") from None
+        raise ConfigError(f"optim.name: cannot import module '{module_name}' of {path!r}{hint} (looked in the "
+                          f"working directory and the installed packages); {fix}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         names = _optimizer_classes_in(module)
@@ -95,6 +110,15 @@ def resolve_optimizer_class(path: str) -> type[torch.optim.Optimizer]:
     if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"optim.name: {path!r} is not a torch.optim.Optimizer subclass; {fix}")
     return cls
+
+
+def needs_closure(cls: type) -> bool:
+    """Does ``cls.step`` require a closure (``torch.optim.LBFGS``), i.e. take ``closure`` without a default?"""
+    try:
+        param = inspect.signature(cls.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
 
 
 def _accepted_kwargs(cls: type) -> set[str] | None:
@@ -121,7 +145,14 @@ class OptimConfig:
 
     ``name``: ``adamw`` | ``muon`` (Muon on 2-D hidden matrices + AdamW on the rest) | ``soap`` (SOAP on >=2-D
     tensors + AdamW on 1-D) | an import path of a ``torch.optim.Optimizer`` subclass (``torch.optim.SGD``,
-    ``pytorch_optimizer.Lion``), which gets every parameter with ``lr`` and ``kwargs`` only.
+    ``pytorch_optimizer.Lion``, ``myopt.Lion`` from ``myopt.py`` in the working directory), which gets every
+    parameter with ``lr``, each field of :data:`CONSTRUCTOR_FIELDS` that its constructor accepts, and ``kwargs``.
+
+    For an import path the config is resolved against the class (:meth:`resolve_for_class`, when the run's config is
+    built): a field its constructor does not accept is a one-line error when set, and ``null`` otherwise; a field
+    left unset takes the constructor's own default. So a run's config.yaml records exactly what the optimizer
+    received (``null``: not passed). An optimizer whose ``step`` needs a closure (``torch.optim.LBFGS``) gets one
+    that recomputes the loss and gradients on the step's batch (baselines only).
 
     ``adamw_params``: name patterns that Muon never gets (used by ``muon`` only; SOAP follows the reference and
     preconditions the embedding and lm_head too). A plain pattern matches a parameter name equal to it or starting
@@ -139,16 +170,16 @@ class OptimConfig:
 
     name: str = "adamw"
     lr: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    betas: tuple[float, float] | None = (0.9, 0.95)
+    eps: float | None = 1e-8
+    weight_decay: float | None = 0.0
+    momentum: float | None = 0.95
+    nesterov: bool | None = True
+    ns_steps: int | None = 5
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] | None = "original"
     adamw_params: list[str] = field(default_factory=lambda: ["wte", "lm_head"])
-    precondition_frequency: int = 10
-    max_precondition_dim: int = 10000
+    precondition_frequency: int | None = 10
+    max_precondition_dim: int | None = 10000
     kwargs: dict[str, Any] = field(default_factory=dict)
     clip: float = 1.0
     clip_per_group: bool = False
@@ -171,28 +202,34 @@ class OptimConfig:
             raise ConfigError(
                 f"{p}.name: unknown optimizer {self.name!r}{hint}; give adamw, muon, soap or an import path like "
                 f"torch.optim.SGD")
+        if self.name in BUILTIN_OPTIMIZERS:
+            unset = [k for k in CONSTRUCTOR_FIELDS if getattr(self, k) is None]
+            if unset:
+                raise ConfigError(f"{p}.{unset[0]}: null, but {self.name} needs a value; set e.g. "
+                                  f"{p}.{unset[0]}={_coerce_example(unset[0])}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{p}.lr: must be a positive number, got {self.lr!r}; set e.g. optim.lr=3e-3")
-        if len(tuple(self.betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
-            raise ConfigError(f"{p}.betas: each beta must lie in [0, 1), got {list(self.betas)!r}; "
-                              f"set e.g. optim.betas=[0.9,0.95]")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if not self.eps >= 0:
+        if self.betas is not None:
+            if len(tuple(self.betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in self.betas):
+                raise ConfigError(f"{p}.betas: each beta must lie in [0, 1), got {list(self.betas)!r}; "
+                                  f"set e.g. optim.betas=[0.9,0.95]")
+            self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.eps is not None and not self.eps >= 0:
             raise ConfigError(f"{p}.eps: must be >= 0, got {self.eps!r}; set e.g. optim.eps=1e-8")
-        if not self.weight_decay >= 0:
+        if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ConfigError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay!r}; "
                               f"set optim.weight_decay=0 to disable it")
-        if not 0.0 <= self.momentum < 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"{p}.momentum: must lie in [0, 1), got {self.momentum!r}; set e.g. optim.momentum=0.95")
-        if self.ns_steps < 1:
+        if self.ns_steps is not None and self.ns_steps < 1:
             raise ConfigError(f"{p}.ns_steps: must be >= 1, got {self.ns_steps!r}; set e.g. optim.ns_steps=5")
-        if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
+        if self.muon_adjust_lr not in ("original", "match_rms_adamw", None):
             raise ConfigError(f"{p}.muon_adjust_lr: {self.muon_adjust_lr!r} is not one of "
                               f"['original', 'match_rms_adamw']")
-        if self.precondition_frequency < 1:
+        if self.precondition_frequency is not None and self.precondition_frequency < 1:
             raise ConfigError(f"{p}.precondition_frequency: must be >= 1, got {self.precondition_frequency!r}; "
                               f"set e.g. optim.precondition_frequency=10")
-        if self.max_precondition_dim < 1:
+        if self.max_precondition_dim is not None and self.max_precondition_dim < 1:
             raise ConfigError(f"{p}.max_precondition_dim: must be >= 1, got {self.max_precondition_dim!r}; "
                               f"set e.g. optim.max_precondition_dim=10000")
         if not (isinstance(self.clip, (int, float)) and self.clip >= 0):
@@ -203,6 +240,41 @@ class OptimConfig:
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"{p}.kwargs: must be a mapping, got {self.kwargs!r}; write e.g. {{momentum: 0.9}}")
         self._check_kwargs()
+
+    def resolve_for_class(self, given: set[str], prefix: str = "optim") -> None:
+        """Fit the fields to an import-path optimizer's constructor (nothing for the built-ins). ``given``: the
+        fields the user set (keys of the config's ``optim`` mapping; a null counts as unset). A given field the
+        constructor does not accept is a one-line ConfigError naming ``optim.kwargs``; an unset one becomes the
+        constructor's default when it takes the keyword (null when that default is not a plain value), else null.
+        :func:`build_optimizer` resolves a config built in code (not resolved yet) with the fields that differ from
+        their defaults as the given ones."""
+        self._resolved_for = self.name
+        if self.name in BUILTIN_OPTIMIZERS:
+            return
+        cls = resolve_optimizer_class(self.name)
+        accepted = _accepted_kwargs(cls)
+        params = inspect.signature(cls.__init__).parameters
+        types_ = typing.get_type_hints(type(self))
+        for name, keyword in CONSTRUCTOR_FIELDS.items():
+            if name in given and getattr(self, name) is not None:
+                if accepted is not None and keyword not in accepted:
+                    raise ConfigError(f"{prefix}.{name}: {self.name} does not accept '{keyword}'; remove it (put "
+                                      f"settings only this class takes in {prefix}.kwargs)")
+                continue
+            default = params[keyword].default if keyword in params else inspect.Parameter.empty
+            if default is inspect.Parameter.empty:
+                # not accepted, or required / swallowed by **kwargs: nothing is passed unless the user sets it
+                setattr(self, name, None)
+                continue
+            try:
+                value = _coerce(list(default) if isinstance(default, tuple) else default, types_[name], name)
+            except ConfigError:
+                value = None  # not a plain value of this field (e.g. a callable): the class's default, unrecorded
+            setattr(self, name, value)
+
+    def needs_closure(self) -> bool:
+        """Does this optimizer's ``step`` need a closure (``torch.optim.LBFGS``)?"""
+        return self.name not in BUILTIN_OPTIMIZERS and needs_closure(resolve_optimizer_class(self.name))
 
     def optimizer_classes(self) -> list[type]:
         return _builtin_classes(self.name) if self.name in BUILTIN_OPTIMIZERS else [
@@ -228,6 +300,12 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------------------------------------------
 # routing and construction
+
+
+def _coerce_example(name: str) -> str:
+    return {"betas": "[0.9,0.95]", "eps": "1e-8", "weight_decay": "0", "momentum": "0.95", "nesterov": "true",
+            "ns_steps": "5", "muon_adjust_lr": "original", "precondition_frequency": "10",
+            "max_precondition_dim": "10000"}[name]
 
 
 def matches_pattern(name: str, pattern: str) -> bool:
@@ -270,6 +348,9 @@ def build_optimizer(named_params: Mapping[str, Tensor], cfg: OptimConfig) -> Opt
     before it.
     """
     cfg.validate()
+    if getattr(cfg, "_resolved_for", None) != cfg.name:
+        defaults = OptimConfig()
+        cfg.resolve_for_class({k for k in CONSTRUCTOR_FIELDS if getattr(cfg, k) != getattr(defaults, k)})
     if not named_params:
         raise ConfigError("optim: no parameters to optimise; pass a non-empty dict of named parameters")
     route = routing(named_params, cfg)
@@ -293,7 +374,10 @@ def build_optimizer(named_params: Mapping[str, Tensor], cfg: OptimConfig) -> Opt
         return adamw()
     if cfg.name not in BUILTIN_OPTIMIZERS:
         cls = resolve_optimizer_class(cfg.name)
-        kw = {k: v for k, v in cfg.kwargs.items() if k != "lr"}
+        accepted = _accepted_kwargs(cls)
+        kw = {key: getattr(cfg, name) for name, key in CONSTRUCTOR_FIELDS.items()
+              if getattr(cfg, name) is not None and (accepted is None or key in accepted)}
+        kw.update({k: v for k, v in cfg.kwargs.items() if k != "lr"})
         return cls([group(cfg.name)], lr=cfg.lr, **kw)
 
     parts: dict[str, torch.optim.Optimizer] = {}
@@ -497,11 +581,30 @@ def clip_grad_norm(optimizer: Optimizer, max_norm: float, per_group: bool = Fals
     return float(torch.linalg.vector_norm(torch.stack([n.cpu() for n in norms])))
 
 
-def optimizer_step(optimizer: Optimizer, clip: float, per_group: bool = False) -> float:
+def optimizer_step(optimizer: Optimizer, clip: float, per_group: bool = False,
+                   closure: Callable[[], float] | None = None) -> float:
     """One update from the gradients already in ``p.grad``: clip (:func:`clip_grad_norm`), step, zero the gradients.
     Every optimizer step of gnlm (baseline, GN inner step, the probe) goes through here. Returns the gradient norm
-    before clipping."""
-    grad_norm = clip_grad_norm(optimizer, clip, per_group=per_group)
-    optimizer.step()
+    before clipping.
+
+    ``closure`` (for an optimizer whose ``step`` needs one, :func:`needs_closure`): a function that computes the
+    loss and its gradients into ``p.grad`` at the current parameters and returns the loss; the optimizer calls it
+    as often as it needs, each time from zeroed gradients and clipped after. The norm returned is the first call's.
+    """
+    if closure is None:
+        grad_norm = clip_grad_norm(optimizer, clip, per_group=per_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+    norms: list[float] = []
+
+    def evaluate() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        norms.append(clip_grad_norm(optimizer, clip, per_group=per_group))
+        return loss
+
+    optimizer.step(evaluate)
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return norms[0]

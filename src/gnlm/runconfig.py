@@ -247,7 +247,20 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
         model_raw = {"preset": "micro", **model_raw}
     model = resolve_model_config(model_raw)
     cfg = from_dict(RunConfig, {**raw, "model": model})
+    # An import-path optimizer gets the fields its constructor accepts: fit them to it (config.yaml then records
+    # what it received), refusing a set field it does not accept.
+    cfg.optim.resolve_for_class(_given(raw.get("optim")), "optim")
+    cfg.gn.inner_optim.resolve_for_class(_given((raw.get("gn") or {}).get("inner_optim")), "gn.inner_optim")
+    if cfg.method == "gn" and cfg.gn.inner_optim.needs_closure():
+        raise ConfigError(f"gn.inner_optim.name: {cfg.gn.inner_optim.name}.step needs a closure, but GN's inner "
+                          f"solve gives one surrogate gradient per batch; use an optimizer that steps from p.grad "
+                          f"(e.g. muon, adamw)")
     return cfg
+
+
+def _given(section: Any) -> set[str]:
+    """The keys a config mapping sets (a null counts as unset)."""
+    return {k for k, v in section.items() if v is not None} if isinstance(section, dict) else set()
 
 
 def load_run_config(path: str | None = None, overrides: list[str] | None = None,

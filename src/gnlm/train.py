@@ -33,7 +33,9 @@ from gnlm.schedules import lr_multiplier
 
 
 class BaselineTrainer:
-    """One optimizer step per step on ``train.batch_size`` sequences (accumulated over micro-batches)."""
+    """One optimizer step per step on ``train.batch_size`` sequences (accumulated over micro-batches). An optimizer
+    whose ``step`` needs a closure (``torch.optim.LBFGS``) gets one that recomputes the loss and gradients on the
+    step's batch; each call is counted in the step's FLOPs."""
 
     unit = "step"
 
@@ -61,9 +63,13 @@ class BaselineTrainer:
         self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
         self.n_micro = local_batch // self.micro
         self.step_flops: int | None = None
+        self.closure = cfg.optim.needs_closure()
+        self.closure_flops: int | None = None  # FLOPs of one closure call (forward and backward of the batch)
         model.train()
 
     def step(self) -> StepResult:
+        if self.closure:  # the optimizer decides how many forward-backward passes a step takes
+            return self._step()
         if self.step_flops is None:  # every step has the same shape: its FLOPs are counted once, on the first
             self.step_flops, out = accounting.count_flops(self._step)
         else:
@@ -79,6 +85,36 @@ class BaselineTrainer:
         set_lr(self.optimizer, cfg.optim.lr, mult)
         lr = cfg.optim.lr * mult
         x, y = run.next_batch(cfg.train.batch_size)  # this rank's shard of the global batch
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        if self.closure:
+            losses: list[float] = []
+
+            def closure() -> float:
+                if self.closure_flops is None:
+                    self.closure_flops, loss = accounting.count_flops(lambda: self._loss_and_grad(x, y))
+                else:
+                    loss = self._loss_and_grad(x, y)
+                losses.append(loss)
+                return loss
+
+            grad_norm = optimizer_step(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group,
+                                       closure=closure)
+            loss_sum, flops = losses[0], len(losses) * self.closure_flops
+        else:
+            loss_sum, flops = self._loss_and_grad(x, y), None
+        if not math.isfinite(loss_sum):
+            return StepResult(row={}, tokens=0, diverged=f"training loss became {loss_sum} at step {step + 1}")
+        if not self.closure:
+            grad_norm = optimizer_step(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
+        if run.ema is not None:
+            run.ema.update(self.params)
+        row = dict(loss=loss_sum, lr=lr, grad_norm=grad_norm)
+        if self.closure:
+            row["closure_calls"] = len(losses)
+        return StepResult(row=row, tokens=tokens, flops=flops, postfix={"loss": f"{loss_sum:.3f}"})
+
+    def _loss_and_grad(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The mean loss of the batch (over every rank), its gradients accumulated into ``p.grad``."""
         micro, loss_sum = self.micro, 0.0
         for j, i in enumerate(range(0, x.size(0), micro)):
             # Each rank's loss is the mean over its shard; DDP/FSDP average the gradients over the (equal) shards,
@@ -88,15 +124,8 @@ class BaselineTrainer:
                 loss.backward()
             loss_sum += loss.item()
         if dist.world_size() > 1:
-            loss_sum = dist.mean_of_floats([loss_sum], run.device)[0]
-        tokens = cfg.train.batch_size * cfg.data.seq_len
-        if not math.isfinite(loss_sum):
-            return StepResult(row={}, tokens=0, diverged=f"training loss became {loss_sum} at step {step + 1}")
-        grad_norm = optimizer_step(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
-        if run.ema is not None:
-            run.ema.update(self.params)
-        return StepResult(row=dict(loss=loss_sum, lr=lr, grad_norm=grad_norm), tokens=tokens,
-                          postfix={"loss": f"{loss_sum:.3f}"})
+            loss_sum = dist.mean_of_floats([loss_sum], self.run.device)[0]
+        return loss_sum
 
     def _no_grad_sync(self, last: bool):
         """Skip the gradient all-reduce for all but the last micro-batch (the gradients accumulate locally)."""
