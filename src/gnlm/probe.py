@@ -226,7 +226,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
     reduce = dist.all_reduce_mean if dist.world_size() > 1 else None
     params = dict(model.named_parameters())
     theta0 = {n: p.detach().clone() for n, p in params.items()}
-    blocks = layerwise_blocks(list(params), cfg.gn.blocks)
+    blocks = layerwise_blocks(model, cfg.gn.blocks)
     etas = cfg.gn.line_search_etas()
 
     def to_device(b):
@@ -405,7 +405,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
                 print(f"gnlm probe: {n}: lr {chosen[n][0]:g} ({chosen[n][1]}); pass --lrs to choose", file=sys.stderr)
     if threads or cfg.train.threads:
         torch.set_num_threads(threads or cfg.train.threads)
-    data = open_data(cfg, progress=progress)
+    data = open_data(cfg, progress=progress, run_dir=src.config_path.parent)  # the run's own tokenizer
 
     from tqdm.auto import tqdm
 

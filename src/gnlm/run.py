@@ -577,10 +577,21 @@ def check_optimizer_source(cfg: RunConfig) -> None:
                           f"optimizer is {cfg.optim.name}; use optim.name={name} or set train.init_optimizer=false")
 
 
-def open_data(cfg: RunConfig, progress: bool = False) -> PreparedData:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def run_tokenizer(run_dir: str | Path) -> Path | None:
+    """The tokenizer a run saved in its directory (tokenizer.json or tokenizer.model), or None."""
+    return next((Path(run_dir) / n for n in TOKENIZER_FILES if (Path(run_dir) / n).is_file()), None)
+
+
+def open_data(cfg: RunConfig, progress: bool = False, run_dir: str | Path | None = None) -> PreparedData:
     """The run's prepared data (tokenized on first use; under torchrun rank 0 prepares it while the others wait),
-    checked against the model's vocabulary."""
-    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress and dist.is_main()).dir))
+    checked against the model's vocabulary. ``run_dir``: a run directory holding the run's tokenizer (resume,
+    probe), which the data must have been tokenized with (and is tokenized with when prepared again)."""
+    tokenizer = run_tokenizer(run_dir) if run_dir is not None else None
+    data_dir = dist.main_first(lambda: str(prepare_data(cfg.data, progress=progress and dist.is_main(),
+                                                        tokenizer_file=tokenizer).dir))
     data = load_prepared(data_dir)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -613,7 +624,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 def _open_run(cfg: RunConfig, run_dir: Path, resuming: bool, device: torch.device) -> Run:
-    data = open_data(cfg, progress=cfg.train.progress)
+    data = open_data(cfg, progress=cfg.train.progress, run_dir=run_dir if resuming else None)
+    if dist.is_main() and run_tokenizer(run_dir) is None:  # the run keeps its tokenizer (resume and probe use it)
+        atomic_write_bytes(run_dir / data.tokenizer_path.name, data.tokenizer_path.read_bytes())
     eval_inputs, eval_targets = eval_set(data, cfg.data.seq_len, cfg.data.eval_sequences, cfg.data.eval_sampling)
     stream = train_stream(cfg, data)
     model = build_model(cfg, device)

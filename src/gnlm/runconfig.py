@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -214,8 +215,7 @@ class RunConfig:
             self.gn.damping = 1e-3 if self.gn.solver == "cg" else 0.0
         if self.gn.layerwise:  # the partition against the model's parameter names, before any compute
             with torch.device("meta"):
-                names = [n for n, _ in GPT(self.model).named_parameters()]
-            layerwise_blocks(names, self.gn.blocks)
+                layerwise_blocks(GPT(self.model), self.gn.blocks)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
@@ -268,7 +268,8 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
     """YAML file (optional) -> overrides -> checked RunConfig."""
     # `model=micro` is short for `model.preset=micro`, so it composes with `model.n_layers=2`.
     overrides = [("model.preset=" + o[len("model="):]) if o.startswith("model=") else o for o in overrides or []]
-    layers = [base or {}, load_yaml(path) if path is not None else {}, parse_overrides(overrides)]
+    layers = [base or {}, rebase_paths(load_yaml(path), Path(path).parent) if path is not None else {},
+              parse_overrides(overrides)]
     raw: dict[str, Any] = {}
     for layer in layers:
         if isinstance(layer.get("model"), str):  # `model: micro` is short for `model: {preset: micro}`
@@ -278,6 +279,42 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
     if cfg.method == "gn":
         _warn_unused_optim(layers[1:])
     return cfg
+
+
+def rebase_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's relative paths taken from the file's folder (absolute): ``data.paths``, ``data.data_dir``,
+    ``data.cache_dir``, a tokenizer or ``data.hf_path`` file there, ``train.init_from`` and a ``model.hf_config``
+    file or folder. ``out_dir`` stays relative to the working directory (where runs are written)."""
+    folder = Path(folder).resolve()
+
+    def rebased(value: Any, only_existing: bool = False) -> Any:
+        if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+            return value
+        if only_existing and not (folder / value).exists():
+            return value
+        return str(folder / value)
+
+    raw = json.loads(json.dumps(raw, default=str))
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("paths"), list):
+            data["paths"] = [rebased(p) for p in data["paths"]]
+        for key in ("data_dir", "cache_dir"):
+            data[key] = rebased(data.get(key)) if key in data else None
+            if data[key] is None:
+                del data[key]
+        tok = data.get("tokenizer")
+        if isinstance(tok, str) and tok != "bpe":
+            data["tokenizer"] = rebased(tok, only_existing=not tok.endswith((".json", ".model")))
+        if "hf_path" in data:
+            data["hf_path"] = rebased(data["hf_path"], only_existing=True)
+    train = raw.get("train")
+    if isinstance(train, dict) and "init_from" in train:
+        train["init_from"] = rebased(train["init_from"])
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("hf_config"), str):
+        model["hf_config"] = rebased(model["hf_config"], only_existing=True)
+    return raw
 
 
 def _warn_unused_optim(layers: list[dict[str, Any]]) -> None:
@@ -313,11 +350,18 @@ RESUMABLE_CHANGES = BOOKKEEPING_KEYS | {
     "train.steps", "train.target_loss", "train.log_every", "train.divergence_margin", "train.collapse_tolerance",
 }
 # Path-valued keys: compared after resolving (./runs/t0, runs/t0 and its absolute path are one directory).
-_PATH_KEYS = {"out_dir", "train.init_from", "data.data_dir", "data.cache_dir"}
+_PATH_KEYS = {"out_dir", "train.init_from", "data.data_dir", "data.cache_dir", "data.paths", "data.tokenizer"}
 
 
 def _normalized_path(key: str, value: Any) -> Any:
-    if key in _PATH_KEYS and isinstance(value, str) and value:
+    if key not in _PATH_KEYS:
+        return value
+    if key == "data.paths" and isinstance(value, list):
+        return [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) else v for v in value]
+    if key == "data.tokenizer" and (value == "bpe" or not isinstance(value, str)
+                                   or not os.path.exists(os.path.expanduser(value))):
+        return value
+    if isinstance(value, str) and value:
         return os.path.abspath(os.path.expanduser(value))
     return value
 

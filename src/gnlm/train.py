@@ -176,7 +176,7 @@ class GNTrainer:
         self.run = run
         gn = run.cfg.gn
         params = dict(run.model.named_parameters())
-        self.blocks = layerwise_blocks(list(params), gn.blocks) if gn.layerwise else None
+        self.blocks = layerwise_blocks(run.model, gn.blocks) if gn.layerwise else None
         self.solver = InnerSolver(run.model, gn)
         run.start_ema(params)
         self.resume: InnerPosition | None = None
