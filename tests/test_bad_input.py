@@ -144,6 +144,11 @@ CASES: dict[str, list[Case]] = {
                                                                "optim.name=torch.optim.SGD", "optim.betas=[0.9,0.9]"]),
         ("closure optimizer as GN's inner one", lambda p: ["train", "model=nano", f"out_dir={p.root}/new",
                                                            "method=gn", "gn.inner_optim.name=torch.optim.LBFGS"]),
+        ("HF config name not available offline", lambda p: ["train", f"out_dir={p.root}/new", "model.source=hf",
+                                                            "model.hf_config=nosuch-org/nosuch-model"]),
+        ("HF config without model_type", lambda p: ["train", f"out_dir={p.root}/new", "model.source=hf",
+                                                    "model.hf_config={hidden_size: 8}"]),
+        ("model.module not importable", lambda p: ["train", f"out_dir={p.root}/new", "model.module=nosuch:build"]),
     ],
     "data prepare": [
         ("missing path", lambda p: ["data", "prepare", str(p.missing)]),

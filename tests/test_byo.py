@@ -17,7 +17,7 @@ import yaml
 
 from gnlm.cli import main
 from gnlm.config import ConfigError
-from gnlm.optim import OptimConfig, build_optimizer
+from gnlm.optim import build_optimizer
 from gnlm.runconfig import load_run_config
 from gnlm.train import run_training
 
@@ -122,7 +122,7 @@ def test_console_script_imports_from_the_working_directory(in_tmp):
     env = {**os.environ, "PYTHONPATH": ""}
     script = Path(sys.executable).with_name("gnlm")
     out = subprocess.run([str(script), "train", f"out_dir={in_tmp / 'r'}", "optim.name=myopt.Lion",
-                          "optim.eps=1e-6"], cwd=in_tmp, env=env, capture_output=True, text=True)
+                          "optim.eps=1e-6"], cwd=in_tmp, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "does not accept 'eps'" in out.stderr, out.stderr
 
 
@@ -172,3 +172,158 @@ def test_own_folder_relative_paths_run_tokenizer_and_probe_elsewhere(tmp_path, s
     monkeypatch.chdir(elsewhere)
     assert main(["probe", str(tmp_path / "run"), "--optimizers", "adamw", "--lrs", "3e-3", "--probe-batches", "1",
                  "--warmup-steps", "1", "--batch-tokens", "64", "--cg-iters", "4", "--no-progress"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+HF_CONFIGS = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 8, "n_layer": 2, "n_head": 2, "vocab_size": 11, "n_positions": 8},
+    "llama": {"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 11, "max_position_embeddings": 8},
+}
+
+
+def tiny_hf(kind: str, seed: int = 0):
+    pytest.importorskip("transformers")
+    from conftest import randomize_parameters
+
+    from gnlm.hf import build_hf_model
+
+    torch.manual_seed(seed)
+    model = randomize_parameters(build_hf_model(HF_CONFIGS[kind]).double(), seed=seed).eval()
+    x, y = torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5))
+    return model, {k: v.detach().clone() for k, v in model.named_parameters()}, x, y
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_surrogate_gradient_and_ggn_products_match_dense_float64(kind, monkeypatch):
+    from test_curvature import Dense, plus, random_like, rel
+
+    from gnlm.curvature import ggn_vector_product, layerwise_blocks, surrogate_grad
+
+    if kind == "llama":  # LlamaRMSNorm computes in float32 whatever the dtype: keep float64 for a 1e-8 check
+        from transformers.models.llama import modeling_llama
+
+        def rms_norm(self, h):
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+        monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+    model, params0, x, y = tiny_hf(kind)
+    dense = Dense(model, params0, x, y)
+    delta = random_like(params0, 0.05)
+    d = dense.flat(delta)
+    loss, grads = surrogate_grad(model, params0, plus(params0, delta), x, y, kind="gn")
+    assert rel(dense.flat(grads), dense.g + dense.G @ d) < 1e-8
+    assert abs(float(loss) - float(dense.loss + dense.g @ d + 0.5 * d @ dense.G @ d)) < 1e-10
+    v = random_like(params0, 1.0, seed=2)
+    assert rel(dense.flat(ggn_vector_product(model, params0, x, y, v)), dense.G @ dense.flat(v)) < 1e-8
+    # layerwise: the default blocks are the embeddings, each decoder layer, the final norm + head
+    blocks = layerwise_blocks(model)
+    assert len(blocks) == 4 and all(n.startswith(("lm.model.layers.0.", "lm.transformer.h.0."))
+                                    for n in blocks[1])
+    gbd = dense.G * dense.block_mask(blocks)
+    _, grads = surrogate_grad(model, params0, plus(params0, delta), x, y, kind="gn", blocks=blocks)
+    assert rel(dense.flat(grads), dense.g + gbd @ d) < 1e-8
+    assert rel(dense.flat(ggn_vector_product(model, params0, x, y, v, blocks=blocks)), gbd @ dense.flat(v)) < 1e-8
+
+
+MYMODEL = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        h = self.norm(x)
+        mean = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype, device=h.device)[:, None]
+        x = x + self.mix(mean)
+        return x + self.mlp(x)
+
+
+class TinyLM(nn.Module):
+    """ids (B, T) -> logits (B, T, V): embedding, causal running-mean mixing blocks, head."""
+
+    def __init__(self, vocab_size, d=32, n_layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def build(vocab_size=512, d=32):
+    return TinyLM(vocab_size, d)
+'''
+
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 64}
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 64}
+MODELS = {
+    "hf-llama": ["model.source=hf", f"model.hf_config={json.dumps(LLAMA)}"],
+    "hf-gpt2": ["model.source=hf", f"model.hf_config={json.dumps(GPT2)}"],
+    "module": ["model.module=mymodel:build", "model.vocab_size=512", "model.max_seq_len=64"],
+}
+METHODS = {
+    "adamw": ["optim.name=adamw", "optim.lr=1e-2", "train.steps=3"],
+    "muon": ["optim.name=muon", "optim.lr=2e-2", "train.steps=3"],
+    "gn": ["method=gn", "gn.inner_steps=3", "gn.inner_batch_size=4", "train.steps=1"],
+    "gn-layerwise": ["method=gn", "gn.layerwise=true", "gn.inner_steps=3", "gn.inner_batch_size=4",
+                     "train.steps=1"],
+}
+BASE = ["data.vocab_size=512", "data.seq_len=32", "data.eval_sequences=8", "train.progress=false", "train.threads=1",
+        "train.batch_size=4", "train.eval_every=100"]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_models_we_did_not_write_train_with_every_method(model, tmp_path, monkeypatch):
+    if model.startswith("hf"):
+        pytest.importorskip("transformers")
+    (tmp_path / "mymodel.py").write_text(MYMODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mymodel", raising=False)
+    for method, overrides in METHODS.items():
+        cfg = load_run_config(None, [f"out_dir={tmp_path / method}", *BASE, *MODELS[model], *overrides])
+        if method == "muon":  # Muon leaves the embedding and the output layer to AdamW, as for gnlm's GPT
+            assert len(cfg.optim.adamw_params) in (1, 2) and any("emb" in n or "wte" in n
+                                                                for n in cfg.optim.adamw_params)
+        summary = run_training(cfg)
+        rows = [json.loads(x) for x in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+        assert not summary["diverged"], (model, method)
+        assert summary["final_eval_loss"] < rows[0]["eval_loss"], (model, method)
+        assert rows[-1]["flops"] > 0
+
+
+def test_hf_model_under_gn_resumes_bitwise(tmp_path):
+    pytest.importorskip("transformers")
+    from gnlm.checkpoint import read_checkpoint
+
+    common = [*BASE, *MODELS["hf-llama"], "method=gn", "gn.inner_steps=2", "gn.inner_batch_size=4"]
+    run_training(load_run_config(None, [f"out_dir={tmp_path / 'straight'}", *common, "train.steps=2"]))
+    run_training(load_run_config(None, [f"out_dir={tmp_path / 'split'}", *common, "train.steps=1"]))
+    run_training(load_run_config(None, [f"out_dir={tmp_path / 'split'}", *common, "train.steps=2"]), resume=True)
+    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["inner"]["phi"]:
+        assert torch.equal(a["inner"]["phi"][k], b["inner"]["phi"][k]), k
+
+
+def test_hf_config_not_available_offline_is_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    rc = main(["train", f"out_dir={tmp_path / 'r'}", "model.source=hf", "model.hf_config=nosuch-org/nosuch-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not available offline" in err[0] and "inline" in err[0], err

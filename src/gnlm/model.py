@@ -8,25 +8,37 @@ w2 ~ N(0, r²/d_ff), norms 1, biases 0.
 
 Attention has two backends with identical outputs: ``sdpa`` (fused ``scaled_dot_product_attention``) and
 ``math`` (plain matmuls; forward-mode AD needs it). Switch with ``model.attention = "math"``.
+
+Other models (:func:`build_model`): ``model.source: hf`` builds a Hugging Face causal LM from ``model.hf_config``
+and ``model.module: pkg.mod:factory`` any ``nn.Module`` mapping ids (B, T) to logits (B, T, V) (``hf.py``). They
+train with every method; GN linearises them with ``torch.func`` (``curvature.py``) where gnlm's GPT has its
+hand-written stages.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gnlm import hf
 from gnlm.config import ConfigError, from_dict
 
 
 @dataclass
 class ModelConfig:
-    """Architecture. ``preset`` names a starting point; any field given next to it overrides the preset."""
+    """Architecture. ``preset`` names a starting point; any field given next to it overrides the preset.
+
+    ``source: hf`` with ``hf_config`` (fields inline with a ``model_type``, a local config.json or folder, or a name
+    in the local Hugging Face cache): a ``transformers`` causal LM (``hf.py``); ``vocab_size`` and ``max_seq_len``
+    are then read from its config, and the GPT fields are not used. ``module: pkg.mod:factory``: the
+    ``nn.Module`` that ``factory(**module_kwargs)`` returns (ids (B, T) -> logits (B, T, V)); ``vocab_size`` and
+    ``max_seq_len`` state its vocabulary and longest sequence (checked against the data)."""
 
     preset: str | None = None
     d_model: int = 128
@@ -39,8 +51,34 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attention: Literal["sdpa", "math"] = "sdpa"
+    source: Literal["gnlm", "hf"] = "gnlm"
+    hf_config: str | dict[str, Any] | None = None
+    module: str | None = None
+    module_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``gpt`` (gnlm's), ``hf`` or ``module``."""
+        return "module" if self.module is not None else "hf" if self.source == "hf" else "gpt"
 
     def validate(self) -> None:
+        if self.source == "hf" and self.module is not None:
+            raise ConfigError("model.source=hf and model.module are both set; keep one of them")
+        if self.source == "hf":
+            if self.hf_config is None:
+                raise ConfigError("model.source=hf needs model.hf_config: the config's fields inline "
+                                  "({model_type: llama, hidden_size: 64, ...}) or a local config.json path")
+            self.vocab_size, longest = hf.hf_lengths(hf.hf_config(self.hf_config))
+            self.max_seq_len = longest if longest is not None else self.max_seq_len
+            return
+        if self.hf_config is not None:
+            raise ConfigError("model.hf_config is set but model.source is not hf; set model.source=hf")
+        if self.module is not None:
+            hf.module_factory(self.module)
+            for name in ("vocab_size", "max_seq_len"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+            return
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -368,6 +406,28 @@ def _lin_block(p: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n
     return x2 + out, jvp
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model ``cfg`` describes, initialised from the global RNG: gnlm's GPT, a Hugging Face causal LM
+    (``source: hf``) or a user's module (``module``). Under ``torch.device("meta")`` nothing is allocated."""
+    if cfg.kind == "hf":
+        return hf.build_hf_model(cfg.hf_config)
+    if cfg.kind == "module":
+        return hf.build_module(cfg.module, cfg.module_kwargs)
+    return GPT(cfg)
+
+
+def model_shapes(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg`` on the meta device (shapes and names, no memory), or built on the CPU when its code
+    does not run there."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure on meta (e.g. a data-dependent init): build it for real
+        return build_model(cfg)
+
+
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over all B·T tokens."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
@@ -377,14 +437,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(model: GPT) -> str:
+def describe(model: nn.Module) -> str:
     """Preset, exact parameter count and every parameter's shape, for ``gnlm info``."""
-    cfg = model.cfg
-    lines = [
-        f"model {cfg.preset or 'custom'}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-        f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}",
-        f"parameters: {count_parameters(model):,}",
-    ]
+    cfg = getattr(model, "cfg", None)
+    head = (f"model {cfg.preset or 'custom'}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+            f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}") if isinstance(
+        cfg, ModelConfig) else f"model {type(model).__name__}"
+    lines = [head, f"parameters: {count_parameters(model):,}"]
     width = max(len(n) for n, _ in model.named_parameters())
     for name, p in model.named_parameters():
         lines.append(f"  {name:<{width}}  {str(tuple(p.shape)):>14}  {p.numel():>12,}")

@@ -35,7 +35,8 @@ from gnlm import distributed as dist
 from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from gnlm.config import ConfigError, dumps_json, to_dict
 from gnlm.data import BatchStream, PreparedData, eval_set, load_prepared, prepare_data
-from gnlm.model import GPT, ModelConfig, loss_fn
+from gnlm.model import ModelConfig, loss_fn, model_shapes
+from gnlm.model import build_model as build_module
 from gnlm.optim import EMA
 from gnlm.runconfig import RunConfig, run_config_to_dict
 from gnlm.rundir import RunDirLock, has_checkpoint, prepare_run_dir, read_saved_config
@@ -88,8 +89,7 @@ def available_memory(device: torch.device) -> int | None:
 @functools.lru_cache(maxsize=64)
 def _model_bytes(model_json: str, dtype: str) -> int:
     """Bytes of a model's parameters and buffers in ``dtype``, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        model = GPT(ModelConfig(**json.loads(model_json))).to(dtype=getattr(torch, dtype))
+    model = model_shapes(ModelConfig(**json.loads(model_json))).to(dtype=getattr(torch, dtype))
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
@@ -318,7 +318,7 @@ class Run:
     cfg: RunConfig
     dir: Path
     data: PreparedData
-    model: GPT
+    model: torch.nn.Module
     stream: BatchStream
     eval_inputs: torch.Tensor
     eval_targets: torch.Tensor
@@ -606,10 +606,11 @@ def train_stream(cfg: RunConfig, data: PreparedData) -> BatchStream:
                        rank=dist.rank(), world_size=dist.world_size())
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> GPT:
-    """The run's model, initialised from ``train.seed``, on ``device`` in ``train.dtype``."""
+def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The run's model (gnlm's GPT, a Hugging Face causal LM or a user's module, ``model.build_model``),
+    initialised from ``train.seed``, on ``device`` in ``train.dtype``."""
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = build_module(cfg.model)
     return model.to(device=device, dtype=getattr(torch, cfg.train.dtype))
 
 

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
-
 from gnlm.config import (
     ConfigError,
     config_differences,
@@ -27,7 +25,8 @@ from gnlm.config import (
 )
 from gnlm.curvature import layerwise_blocks
 from gnlm.data import DataConfig
-from gnlm.model import GPT, ModelConfig, resolve_model_config
+from gnlm.hf import embedding_and_head
+from gnlm.model import ModelConfig, model_shapes, resolve_model_config
 from gnlm.optim import OptimConfig
 from gnlm.schedules import InnerScheduleConfig, ScheduleConfig
 
@@ -213,9 +212,16 @@ class RunConfig:
     def validate(self) -> None:
         if self.gn.damping is None:  # the solver's default, recorded as a number in the run's config.yaml
             self.gn.damping = 1e-3 if self.gn.solver == "cg" else 0.0
+        model = None
+        if self.gn.layerwise or self.model.kind != "gpt":
+            model = model_shapes(self.model)
         if self.gn.layerwise:  # the partition against the model's parameter names, before any compute
-            with torch.device("meta"):
-                layerwise_blocks(GPT(self.model), self.gn.blocks)
+            layerwise_blocks(model, self.gn.blocks)
+        if self.model.kind != "gpt":  # Muon leaves the embeddings and the output layer to AdamW, as for GPT
+            default = OptimConfig().adamw_params
+            for optim in (self.optim, self.gn.inner_optim):
+                if optim.adamw_params == default:
+                    optim.adamw_params = embedding_and_head(model)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "

@@ -24,7 +24,7 @@ import yaml
 
 from gnlm.checkpoint import remove_stale_temp_files
 from gnlm.config import ConfigError
-from gnlm.model import GPT, count_parameters
+from gnlm.model import count_parameters, model_shapes
 from gnlm.runconfig import RunConfig, run_config_to_dict, run_differences
 
 LOCK_NAME = ".gnlm.lock"
@@ -50,8 +50,7 @@ def read_saved_config(run_dir: str | Path) -> dict[str, Any] | None:
 
 def checkpoint_bytes_estimate(cfg: RunConfig) -> int:
     """About how many bytes one checkpoint takes: parameters + optimizer state (+ φ and EMA)."""
-    with torch.device("meta"):
-        n = count_parameters(GPT(cfg.model))
+    n = count_parameters(model_shapes(cfg.model))
     itemsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
     if cfg.method == "gn":
         copies = 2 + _STATE_COPIES.get(cfg.gn.inner_optim.name, 2)  # θ, φ, inner optimizer

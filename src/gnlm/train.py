@@ -108,7 +108,7 @@ class BaselineTrainer:
             grad_norm = optimizer_step(self.optimizer, cfg.optim.clip, per_group=cfg.optim.clip_per_group)
         if run.ema is not None:
             run.ema.update(self.params)
-        row = dict(loss=loss_sum, lr=lr, grad_norm=grad_norm)
+        row = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
         if self.closure:
             row["closure_calls"] = len(losses)
         return StepResult(row=row, tokens=tokens, flops=flops, postfix={"loss": f"{loss_sum:.3f}"})
