@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from gnlm.config import ConfigError, config_differences, flatten, from_dict, load_yaml, merge, parse_overrides, to_dict
 from gnlm.optim import resolve_optimizer_class
-from gnlm.runconfig import BOOKKEEPING_KEYS, GNConfig, RunConfig, build_run_config
+from gnlm.runconfig import BOOKKEEPING_KEYS, GNConfig, RunConfig, build_run_config, rebase_paths
 from gnlm.search import LR, Dim
 
 PRESET_DIR = Path(__file__).parent / "configs" / "studies"
@@ -577,7 +577,11 @@ def _check_method(m: MethodConfig) -> None:
 def load_study(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
     """A study from a YAML file or a packaged preset name (``quick``, ``shakespeare-nano``, ...), then ``a.b=value``
     overrides. ``None`` is the ``quick`` preset."""
-    raw = merge(load_yaml(resolve_study_path(path)), parse_overrides(overrides or []))
+    file = resolve_study_path(path)
+    raw = load_yaml(file)
+    if isinstance(raw.get("base"), dict) and file.parent != PRESET_DIR:  # its paths are its folder's
+        raw["base"] = rebase_paths(raw["base"], file.parent)
+    raw = merge(raw, parse_overrides(overrides or []))
     return study_from_dict(raw)
 
 
