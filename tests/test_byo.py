@@ -305,7 +305,7 @@ def test_models_we_did_not_write_train_with_every_method(model, tmp_path, monkey
         assert rows[-1]["flops"] > 0
 
 
-def test_hf_model_under_gn_resumes_bitwise(tmp_path):
+def test_hf_model_under_gn_resumes_bitwise_and_is_probed(tmp_path):
     pytest.importorskip("transformers")
     from gnlm.checkpoint import read_checkpoint
 
@@ -320,6 +320,9 @@ def test_hf_model_under_gn_resumes_bitwise(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["inner"]["phi"]:
         assert torch.equal(a["inner"]["phi"][k], b["inner"]["phi"][k]), k
+    # and it is probed like any run
+    assert main(["probe", str(tmp_path / "split"), "--optimizers", "adamw", "--lrs", "1e-3", "--probe-batches", "1",
+                 "--warmup-steps", "1", "--batch-tokens", "64", "--cg-iters", "4", "--no-progress"]) == 0
 
 
 def test_hf_config_not_available_offline_is_one_line(tmp_path, capsys):
@@ -327,3 +330,55 @@ def test_hf_config_not_available_offline_is_one_line(tmp_path, capsys):
     rc = main(["train", f"out_dir={tmp_path / 'r'}", "model.source=hf", "model.hf_config=nosuch-org/nosuch-model"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not available offline" in err[0] and "inline" in err[0], err
+
+
+# -------------------------------------------------------------------------------------------------------- README
+
+
+def readme_blocks() -> dict[str, str]:
+    """The README's Bring-your-own files and commands: each fenced block after a ``<!-- byo:NAME -->`` line."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    out = {}
+    for part in text.split("<!-- byo:")[1:]:
+        name, rest = part.split(" -->", 1)
+        out[name] = rest.split("```", 2)[1].split("\n", 1)[1]
+    return out
+
+
+SHORTER = {
+    "train": ["train.steps=2", "train.progress=false", "train.threads=1", "gn.inner_steps=2"],
+    "bench": ["max_steps=2", "base.train.threads=1", "progress=false"],
+    "probe": ["--probe-batches", "1", "--warmup-steps", "1", "--batch-tokens", "128", "--cg-iters", "4",
+              "--no-progress"],
+}
+
+
+def test_readme_bring_your_own(tmp_path, small_docs, monkeypatch, capsys):
+    """The README's example, shortened: Lion from a file trained, in a study next to Muon and GN, probed; a tiny HF
+    Llama trained with GN; a folder of one's own text as data."""
+    import shlex
+
+    blocks = readme_blocks()
+    assert set(blocks) == {"myopt.py", "commands", "lion-study.yaml"}
+    for name in ("myopt.py", "lion-study.yaml"):
+        (tmp_path / name).write_text(blocks[name])
+    (tmp_path / "mytext").mkdir()
+    for i, doc in enumerate(small_docs):
+        (tmp_path / "mytext" / (f"m{i}.py" if i % 3 else f"n{i}.md")).write_text(doc)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "myopt", raising=False)
+    commands = [shlex.split(line) for line in blocks["commands"].strip().splitlines()]
+    assert [c[:2] for c in commands] == [["gnlm", "train"], ["gnlm", "bench"], ["gnlm", "probe"], ["gnlm", "train"]]
+    for cmd in commands:
+        if cmd[1] == "train" and "model.source=hf" in cmd:
+            pytest.importorskip("transformers")
+        args = cmd[1:] + SHORTER[cmd[1]] + (["--results", str(tmp_path / "results")] if cmd[1] == "bench" else [])
+        assert main(args) == 0, cmd
+    out = capsys.readouterr()
+    assert "| myopt.Lion |" in out.out
+    assert read_yaml(tmp_path / "runs" / "lion" / "config.yaml")["optim"]["betas"] == [0.9, 0.99]
+    rows = [json.loads(x) for x in (tmp_path / "results" / "runs.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"lion", "muon", "gn"} and not any(r.get("status") == "error" for r in rows)
+    gn = [json.loads(x) for x in (tmp_path / "runs" / "llama-gn" / "metrics.jsonl").read_text().splitlines()]
+    assert gn[-1]["eval_loss"] < gn[0]["eval_loss"]

@@ -592,6 +592,9 @@ def optimizer_step(optimizer: Optimizer, clip: float, per_group: bool = False,
     as often as it needs, each time from zeroed gradients and clipped after. The norm returned is the first call's.
     """
     if closure is None:
+        if not isinstance(optimizer, CombinedOptimizer) and needs_closure(type(optimizer)):
+            raise ConfigError(f"{type(optimizer).__name__}.step needs a closure, which only gnlm train's baselines "
+                              f"give; use an optimizer that steps from p.grad here")
         grad_norm = clip_grad_norm(optimizer, clip, per_group=per_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
