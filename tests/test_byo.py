@@ -382,3 +382,16 @@ def test_readme_bring_your_own(tmp_path, small_docs, monkeypatch, capsys):
     assert {r["method"] for r in rows} == {"lion", "muon", "gn"} and not any(r.get("status") == "error" for r in rows)
     gn = [json.loads(x) for x in (tmp_path / "runs" / "llama-gn" / "metrics.jsonl").read_text().splitlines()]
     assert gn[-1]["eval_loss"] < gn[0]["eval_loss"]
+
+
+def test_a_run_recorded_before_this_resumes(in_tmp):
+    """An import-path run's config.yaml of an earlier gnlm records every optim field (its class got lr and kwargs
+    only): it still builds, with the class defaults it trained with."""
+    from gnlm.config import to_dict
+    from gnlm.runconfig import build_run_config
+
+    old = to_dict(load_run_config(None, ["optim.name=adamw"]))
+    old["optim"]["name"] = "torch.optim.SGD"
+    del old["data"]["extensions"]
+    cfg = build_run_config(old)
+    assert cfg.optim.betas is None and cfg.optim.momentum == 0 and cfg.optim.nesterov is False

@@ -27,7 +27,7 @@ from gnlm.curvature import layerwise_blocks
 from gnlm.data import DataConfig
 from gnlm.hf import embedding_and_head
 from gnlm.model import ModelConfig, model_shapes, resolve_model_config
-from gnlm.optim import OptimConfig
+from gnlm.optim import BUILTIN_OPTIMIZERS, CONSTRUCTOR_FIELDS, OptimConfig
 from gnlm.schedules import InnerScheduleConfig, ScheduleConfig
 
 
@@ -243,7 +243,7 @@ class RunConfig:
 
 
 def build_run_config(raw: dict[str, Any]) -> RunConfig:
-    raw = dict(raw)
+    raw = _recorded_before_fields_reached_the_class(dict(raw))
     model_raw = raw.pop("model", {"preset": "micro"})
     if isinstance(model_raw, str):
         model_raw = {"preset": model_raw}
@@ -262,6 +262,26 @@ def build_run_config(raw: dict[str, Any]) -> RunConfig:
                           f"solve gives one surrogate gradient per batch; use an optimizer that steps from p.grad "
                           f"(e.g. muon, adamw)")
     return cfg
+
+
+def _recorded_before_fields_reached_the_class(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run config.yaml written before the optim fields reached an import-path optimizer (it records every field
+    and has no data.extensions): that run passed its class lr and kwargs only, so its recorded fields are dropped
+    (they become the class's defaults, what it trained with) instead of refused as set."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or "extensions" in data:
+        return raw
+    raw = json.loads(json.dumps(raw, default=str))
+
+    def strip(section: Any) -> None:
+        if (isinstance(section, dict) and set(CONSTRUCTOR_FIELDS) <= set(section)
+                and str(section.get("name", "adamw")).lower() not in BUILTIN_OPTIMIZERS):
+            for key in CONSTRUCTOR_FIELDS:
+                section.pop(key)
+
+    strip(raw.get("optim"))
+    strip((raw.get("gn") or {}).get("inner_optim"))
+    return raw
 
 
 def _given(section: Any) -> set[str]:
