@@ -220,6 +220,7 @@ CASES: dict[str, list[Case]] = {
         ("empty file", lambda p: ["probe", str(p.empty)]),
         ("directory without a run", lambda p: ["probe", str(p.a_dir)]),
         ("run without checkpoint", lambda p: ["probe", str(p.run_no_ckpt)]),
+        ("closure optimizer", lambda p: ["probe", str(p.run), "--optimizers", "torch.optim.LBFGS"]),
         ("empty checkpoint", lambda p: ["probe", str(p.run_empty_ckpt)]),
         ("garbage config.yaml", lambda p: ["probe", str(p.run_garbage)]),
         ("binary config.yaml", lambda p: ["probe", str(p.run_binary)]),

@@ -168,6 +168,9 @@ def _check_optimizer(name: str) -> str:
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"--optimizers: {str(e).removeprefix('optim.name: ')}") from None
+    if cfg.needs_closure():  # the probe steps from one gradient per batch
+        raise ConfigError(f"--optimizers: {name}.step needs a closure, which the probe does not give; probe an "
+                          f"optimizer that steps from p.grad")
     return cfg.name
 
 
