@@ -159,6 +159,9 @@ def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):
     assert "## Final validation loss vs batch size" in text
     assert "| gn | 2.9000 (—; lr 0.003) |" in text
     assert json.loads((root / "summary.json").read_text())["kind"] == "budget"
+    # every run trained to the budget's end: the table shows what it ran, not a target it never had
+    assert "| run | steps | tokens | time (s) | final eval loss | best eval loss |" in text
+    assert f"| gn/b{BATCHES[0]}/lr0.003/s0 | {STEPS['gn'][0]} |" in text
 
 
 def test_report_of_a_directory_without_a_study_is_a_config_error(tmp_path):

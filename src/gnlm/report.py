@@ -403,15 +403,22 @@ def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
                f"{_fmt_loss(r.final_eval_loss)}" for r in stuck]
         md.append("")
 
+    budget = study.kind == "budget"   # a budget run trains to its end: what it ran, not when it reached a target
     md += ["## All runs", "", "<details><summary>every run</summary>", "",
-           "| run | reached | steps | tokens | time (s) | final eval loss | skipped steps | diverged |",
+           "| run | steps | tokens | time (s) | final eval loss | best eval loss | skipped steps | diverged |"
+           if budget else "| run | reached | steps | tokens | time (s) | final eval loss | skipped steps | diverged |",
            "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.method, r.batch_tokens, r.lr, r.seed)):
         skipped = f"{r.skipped_steps}/{r.steps_run}" if r.skipped_steps else ""
+        diverged = (r.diverged_reason or "yes") if r.diverged else ""
+        if budget:
+            md.append(f"| {r.run_id} | {_fmt_int(r.steps_run)} | {_fmt_int(r.tokens_run)} | "
+                      f"{_fmt_time(r.total_wall_time)} | {_fmt_loss(r.final_eval_loss)} | "
+                      f"{_fmt_loss(r.best_eval_loss)} | {skipped} | {diverged} |")
+            continue
         reached = "yes" if r.reached else "no" + (" (lr search: stopped early)" if r.stopped_early else "")
         md.append(f"| {r.run_id} | {reached} | {_fmt_int(r.steps)} | {_fmt_int(r.tokens)} | "
-                  f"{_fmt_time(r.wall_time)} | {_fmt_loss(r.final_eval_loss)} | {skipped} | "
-                  f"{(r.diverged_reason or 'yes') if r.diverged else ''} |")
+                  f"{_fmt_time(r.wall_time)} | {_fmt_loss(r.final_eval_loss)} | {skipped} | {diverged} |")
     md += ["", "</details>", ""]
     out = results_dir / "report.md"
     atomic_write_bytes(out, "\n".join(md).encode())
