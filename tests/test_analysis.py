@@ -17,6 +17,7 @@ from gnlm.analysis import (
     fit_steps_vs_batch,
     restart_step,
     summarize_study,
+    verdict,
     zhang_cbs,
 )
 from gnlm.results import Row, target_crossing
@@ -358,3 +359,22 @@ def test_summary_crossover_uses_the_cheapest_baseline_and_a_study_without_baseli
     assert out["restart_level"] is None and "steps_from_restart" not in out["cells"]["gn/1000"]["per_target"]["3.4"]
     gn_only = summarize_study(_study(["gn"], batches, targets), [r for r in rows if r.family == "gn"], bootstrap=10)
     assert gn_only["crossover"] == {} and gn_only["segments"] == {} and gn_only["fit"]["gn"]["b_crit"] == 0.0
+
+
+@pytest.mark.parametrize("expect, steps, ref, lo, hi, want", [
+    ("more_steps", 15, 10, 1.2, 1.8, "agrees"),
+    ("more_steps", 9, 10, 0.8, 0.95, "disagrees"),
+    ("more_steps", 11, 10, 0.9, 1.3, "not resolved"),
+    ("fewer_steps", 9, 10, 0.8, 0.95, "agrees"),
+    ("fewer_steps", 15, 10, 1.2, 1.8, "disagrees"),
+    ("same", 10.5, 10, 0.95, 1.08, "agrees"),
+    ("same", 15, 10, 1.2, 1.8, "disagrees"),
+    ("same", 10.5, 10, 0.95, 1.3, "not resolved"),
+    ("more_steps", math.inf, 10, None, None, "agrees"),       # never reached where the reference did
+    ("same", math.inf, 10, None, None, "disagrees"),
+    ("fewer_steps", 10, math.inf, None, None, "agrees"),
+    ("same", math.inf, math.inf, None, None, "not resolved"),
+    ("same", 10, 10, None, None, "not resolved"),             # no interval
+])
+def test_a_published_claim_is_judged_by_the_whole_interval(expect, steps, ref, lo, hi, want):
+    assert verdict(expect, steps, ref, lo, hi, same_within=0.1) == want

@@ -196,6 +196,8 @@ CASES: dict[str, list[Case]] = {
         ("results with runs.jsonl a directory", lambda p: ["bench", "quick", "--results", str(p.results_runs_dir)]),
         ("huge batch", lambda p: ["bench", "quick", "--results", f"{p.root}/new", f"batch_tokens=[4096, {HUGE}]"]),
         ("huge model", lambda p: ["bench", "quick", "--results", f"{p.root}/new", "base.model.d_model=1000000000"]),
+        ("zero same_within", lambda p: ["bench", "shakespeare-nano-ablations", "--results", f"{p.root}/new",
+                                        "same_within=0"]),
     ],
     "report": [
         ("no directory", lambda p: ["report"]),

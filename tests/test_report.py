@@ -113,6 +113,35 @@ def test_an_ablation_study_compares_every_method_with_its_reference(tmp_path):
     assert "| gn_layerwise | — | 8K | not reached (0/1) |" in text
 
 
+def test_an_ablation_reports_its_declared_published_findings_and_their_verdicts(tmp_path):
+    """Claims declared with the methods: prox-linear 'almost overlaps GN' (same) measured 1.20x at 4K with the default
+    ±10% tolerance disagrees; layerwise 'needs more steps' agrees where it never reached the target."""
+    root = tmp_path / "res"
+    rows = _write_results(root, methods=["gn", "gn_prox_linear", "gn_layerwise"], reference="gn")
+    for r in rows:
+        if r.method == "gn_layerwise" and r.batch_tokens == 8192:
+            r.reached, r.steps, r.crossings = False, None, {"3": None}
+    (root / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
+    study = yaml.safe_load((root / "study.yaml").read_text())
+    study["methods"][1].update(claim="almost overlaps GN (§5.4)", expect="same")
+    study["methods"][2].update(claim="78 vs 54 steps", expect="more_steps")
+    (root / "study.yaml").write_text(yaml.safe_dump(study))
+    text = write_report(root, bootstrap=20).read_text()
+    per = json.loads((root / "summary.json").read_text())["against_reference"]
+    assert per["gn_prox_linear"]["4096"]["3"]["verdict"] == "disagrees"   # 1.20 > 1.1
+    assert per["gn_layerwise"]["8192"]["3"]["verdict"] == "agrees"        # not reached where gn did
+    assert per["gn_layerwise"]["1024"]["3"]["verdict"] == "agrees"        # 30 / 20 = 1.5
+    assert "| published finding | verdict |" in text
+    assert "| gn_prox_linear | — | 4K | 6.0 / 5.0 = 1.20× [1.20, 1.20] | almost overlaps GN (§5.4) (expects same) " \
+           "| disagrees |" in text
+    with pytest.raises(ConfigError, match="declare claim .* and expect .* together"):
+        study_from_dict({"methods": [{"name": "gn", "lrs": [0.01]}, {"name": "gn_layerwise", "lrs": [0.01],
+                         "expect": "more_steps"}], "batch_tokens": [512], "target_loss": 3.0, "reference": "gn"})
+    with pytest.raises(ConfigError, match="a claim compares a method with the study's reference"):
+        study_from_dict({"methods": [{"name": "gn", "lrs": [0.01]}, {"name": "gn_layerwise", "lrs": [0.01],
+                         "claim": "x", "expect": "same"}], "batch_tokens": [512], "target_loss": 3.0})
+
+
 def test_a_reference_that_is_not_a_method_is_refused_on_one_line(tmp_path):
     with pytest.raises(ConfigError, match="reference: 'gm' is not a") as err:
         study_from_dict({"methods": [{"name": "gn", "lrs": [0.01]}], "batch_tokens": [512], "target_loss": 3.0,

@@ -506,10 +506,12 @@ def against_reference(study: StudyConfig, reported_rows: dict[tuple[str, int], l
     target, the median interpolated steps over the reported seeds of the method and of the reference (None: the
     median run did not reach it), their ratio (method / reference: above 1, the method needs more steps; None when
     either is None), a 90% bootstrap interval of that ratio over seeds (:func:`ratio_interval`) and how many of the
-    method's seeds reached the target."""
+    method's seeds reached the target; with a declared ``expect``, the ``verdict`` on the published claim
+    (:func:`verdict`)."""
     out: dict[str, Any] = {}
-    others = [m.name for m in study.methods if m.control_of is None and m.name != study.reference]
-    for m in others:
+    others = [m for m in study.methods if m.control_of is None and m.name != study.reference]
+    for method in others:
+        m = method.name
         out[m] = {}
         for b in study.batch_tokens:
             own, ref = reported_rows.get((m, b)), reported_rows.get((study.reference, b))
@@ -520,11 +522,36 @@ def against_reference(study: StudyConfig, reported_rows: dict[tuple[str, int], l
                 mine, theirs = [steps_to(r, t) for r in own], [steps_to(r, t) for r in ref]
                 a, c = statistics.median(mine), statistics.median(theirs)
                 lo, hi = ratio_interval(theirs, mine, n=bootstrap)
-                out[m][str(b)][target_key(t)] = {"steps": _finite(a), "reference_steps": _finite(c),
-                                                 "ratio": a / c if math.isfinite(a) and math.isfinite(c) else None,
-                                                 "interval": [lo, hi], "reached": sum(map(math.isfinite, mine)),
-                                                 "seeds": len(mine)}
+                e = {"steps": _finite(a), "reference_steps": _finite(c),
+                     "ratio": a / c if math.isfinite(a) and math.isfinite(c) else None,
+                     "interval": [lo, hi], "reached": sum(map(math.isfinite, mine)), "seeds": len(mine)}
+                if method.expect is not None:
+                    e["verdict"] = verdict(method.expect, a, c, lo, hi, study.same_within)
+                out[m][str(b)][target_key(t)] = e
     return out
+
+
+def verdict(expect: str, steps: float, reference_steps: float, lo: float | None, hi: float | None,
+            same_within: float) -> str:
+    """Does a measured ratio (median ``steps`` over median ``reference_steps``, inf: not reached, with its interval
+    [lo, hi]) agree with a published claim that predicts ``more_steps``, ``fewer_steps`` or the ``same`` (ratio
+    within [1/(1 + same_within), 1 + same_within])? ``agrees`` / ``disagrees`` when the whole interval says so,
+    else ``not resolved``. A method whose median run did not reach the target where the reference's did counts as
+    more steps (and the other way round); neither reaching it resolves nothing."""
+    if not math.isfinite(steps) or not math.isfinite(reference_steps):
+        if math.isfinite(steps) == math.isfinite(reference_steps):
+            return "not resolved"
+        measured = "more_steps" if math.isfinite(reference_steps) else "fewer_steps"
+        return "agrees" if expect == measured else "disagrees"
+    if lo is None or hi is None:
+        return "not resolved"
+    up, down = 1 + same_within, 1 / (1 + same_within)
+    if expect == "same":
+        return "agrees" if down <= lo and hi <= up else "disagrees" if lo > up or hi < down else "not resolved"
+    more, fewer = lo > 1, hi < 1
+    if expect == "fewer_steps":
+        more, fewer = fewer, more
+    return "agrees" if more else "disagrees" if fewer else "not resolved"
 
 
 def _gn_against_baselines(study: StudyConfig, cells: dict[str, Any], reported_rows: dict[tuple[str, int], list[Row]],

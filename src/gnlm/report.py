@@ -577,11 +577,20 @@ def _reference_lines(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
           f"Each method's steps to each target over `{ref}`'s at the same batch: median interpolated steps over the "
           f"reported seeds, method / {ref} = ratio (above 1: the method needs more steps), with a 90% bootstrap "
           f"interval over seeds. Every method's learning rate (point) was selected on its own, with the same budget.",
-          "", "| method | changes | batch | " + " | ".join(f"{t:g}" for t in targets) + " |",
-          "|---|---|---|" + "---|" * len(targets)]
-    overrides = {m.name: m.overrides for m in study.methods}
+          ""]
+    methods = {m.name: m for m in study.methods}
+    claims = any(methods[m].claim for m in per_method if m in methods)
+    if claims:
+        md += [f"The published finding was declared with each method before the runs (`claim`, `expect`); the "
+               f"verdict reads the ratio's interval at the primary target {study.primary_target:g}: agrees or "
+               f"disagrees when the whole interval does (`same`: within ×/÷ {1 + study.same_within:g}), else not "
+               f"resolved.", ""]
+    md += ["| method | changes | batch | " + " | ".join(f"{t:g}" for t in targets)
+           + (" | published finding | verdict |" if claims else " |"),
+           "|---|---|---|" + "---|" * len(targets) + ("---|---|" if claims else "")]
     for m, per_batch in per_method.items():
-        changes = ", ".join(f"{k}={v}" for k, v in overrides.get(m, {}).items()) or "—"
+        spec = methods.get(m)
+        changes = ", ".join(f"{k}={v}" for k, v in (spec.overrides if spec else {}).items()) or "—"
         for b, per_target in per_batch.items():
             cells = []
             for t in targets:
@@ -594,6 +603,10 @@ def _reference_lines(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
                     lo, hi = e["interval"]
                     interval = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
                     cells.append(f"{e['steps']:.1f} / {e['reference_steps']:.1f} = {e['ratio']:.2f}×{interval}")
+            if claims:
+                primary = per_target[target_key(study.primary_target)]
+                cells += [f"{spec.claim} (expects {spec.expect.replace('_', ' ')})", primary["verdict"]]\
+                    if spec and spec.claim else ["—", "—"]
             md.append(f"| {m} | {changes} | {_fmt_batch(int(b))} | " + " | ".join(cells) + " |")
     return md
 

@@ -79,6 +79,10 @@ class MethodConfig:
     ``max_tokens``: this method's token budget per run (default: the study's): at batch B a run takes at most
     ``max_tokens // B`` steps (B: the batch, GN's outer batch; line-search tokens not counted), so that a large-batch
     trial that never reaches the target does not run ``max_steps`` costly steps.
+    ``claim`` and ``expect`` (a study with a ``reference``): a published finding about this method against the
+    reference, declared before the runs: ``claim`` its words (and source), ``expect`` what it predicts for the
+    method's steps over the reference's: ``more_steps``, ``fewer_steps`` or ``same`` (within the study's
+    ``same_within``). The report says whether the measured ratio agrees (:func:`gnlm.analysis.verdict`).
     """
 
     name: str
@@ -93,6 +97,8 @@ class MethodConfig:
     batches: list[int] | None = None
     max_steps: int | None = None
     max_tokens: int | None = None
+    claim: str | None = None
+    expect: Literal["more_steps", "fewer_steps", "same"] | None = None
 
     @property
     def builtin(self) -> str:
@@ -175,6 +181,8 @@ class StudyConfig:
     ``reference`` (steps-to-target): the method every other method is compared against, as in an ablation study:
     the report gives each method's steps to each target over the reference's at every batch size, with a bootstrap
     interval over seeds (``summary.json`` ``against_reference``). None: no such table.
+    ``same_within``: with a reference, a method expected to take the ``same`` steps (``expect``) agrees when the
+    ratio's interval lies within [1/(1 + same_within), 1 + same_within] (default 0.1).
     ``base``: the RunConfig options shared by every run, written like a ``gnlm train`` YAML file.
     ``allow_unequal_grids``: by default every method must get the same number of learning rates at each batch size
     and, in a study with ``trials``, declare a ``search`` (equal tuning effort); set true to allow otherwise.
@@ -196,6 +204,7 @@ class StudyConfig:
     primary_target: float | None = None
     restart_level: float | None = None
     reference: str | None = None
+    same_within: float = 0.1
     lr_budget: int | None = None
     trials: int | None = None
     refine: int = 2
@@ -309,7 +318,15 @@ class StudyConfig:
         if self.reference is not None and self.kind != "steps_to_target":
             raise ConfigError("reference: only a steps-to-target study compares its methods with a reference; remove "
                               "it from this budget study")
+        if not (math.isfinite(self.same_within) and self.same_within > 0):
+            raise ConfigError(f"same_within must be > 0 (a ratio tolerance, e.g. 0.1 for ±10%), got {self.same_within}")
         for m in self.methods:
+            if (m.claim is None) != (m.expect is None):
+                raise ConfigError(f"methods.{m.name}: declare claim (the finding's words) and expect (more_steps, "
+                                  f"fewer_steps or same) together")
+            if m.expect is not None and (self.reference is None or m.name == self.reference or m.control_of):
+                raise ConfigError(f"methods.{m.name}.expect: a claim compares a method with the study's reference; "
+                                  f"declare reference: and put claims on the other methods")
             if m.batches is not None and not set(m.batches) <= set(self.batch_tokens):
                 raise ConfigError(f"methods.{m.name}.batches {m.batches} must be among batch_tokens {self.batch_tokens}")
             if m.control_of is None:
