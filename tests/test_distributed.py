@@ -34,6 +34,10 @@ CASES = {
     "gn_full": GN,
     "gn_layerwise": [*GN, "gn.layerwise=true"],
     "gn_cg": [*GN, "gn.solver=cg", "gn.cg_iters=4"],
+    # bring your own model: a Hugging Face Llama under DDP, trained by GN (generic torch.func linearisation)
+    "hf_llama_gn": [*GN, "model.source=hf", "model.hf_config={model_type: llama, hidden_size: 32, intermediate_size: 64, "
+                    "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 4096, "
+                    "max_position_embeddings: 128}"],
 }
 
 
