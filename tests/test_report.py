@@ -186,7 +186,8 @@ def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):
     text = write_report(root).read_text()
     assert (root / "final_loss_vs_batch.png").exists()
     assert "## Final validation loss vs batch size" in text
-    assert "| gn | 2.9000 (—; lr 0.003) |" in text
+    assert "| gn | 2.9000 [2.9000, 2.9000] (—; lr 0.003) |" in text
+    assert json.loads((root / "summary.json").read_text())["cells"]["gn/1024"]["final_eval_loss_range"] == [2.9, 2.9]
     assert json.loads((root / "summary.json").read_text())["kind"] == "budget"
     # every run trained to the budget's end: the table shows what it ran, not a target it never had
     assert "| run | steps | tokens | time (s) | final eval loss | best eval loss |" in text

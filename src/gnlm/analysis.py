@@ -442,8 +442,9 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
                 line_search_range = study.method_run_config(m, sel["best_point"]).gn.line_search_range
                 cell["eta_at_floor"] = eta_at_floor(reported, line_search_range)
             if study.kind == "budget":
-                cell["final_eval_loss"] = _median_or_none([r.final_eval_loss for r in reported
-                                                           if r.final_eval_loss is not None and not r.diverged])
+                finals = [r.final_eval_loss for r in reported if r.final_eval_loss is not None and not r.diverged]
+                cell["final_eval_loss"] = _median_or_none(finals)
+                cell["final_eval_loss_range"] = [min(finals), max(finals)] if finals else None
                 cell["best_eval_loss"] = _median_or_none([r.best_eval_loss for r in reported
                                                           if r.best_eval_loss is not None])
                 cell["diverged"] = sum(r.diverged for r in reported)

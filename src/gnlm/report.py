@@ -232,14 +232,22 @@ def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | No
 def _plot_final_loss(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for i, m in enumerate(m.name for m in study.methods if m.control_of is None):
-        pts = [(b, summary["cells"].get(f"{m}/{b}", {}).get("final_eval_loss")) for b in study.batch_tokens]
-        pts = [(b, v) for b, v in pts if v is not None]
+    names = [m.name for m in study.methods if m.control_of is None]
+    for i, m in enumerate(names):
+        shift = 1.04 ** (i - (len(names) - 1) / 2)  # side by side at each batch, so the seeds' ranges do not overlap
+        cells = [(b, summary["cells"].get(f"{m}/{b}", {})) for b in study.batch_tokens]
+        pts = [(b * shift, c["final_eval_loss"], c.get("final_eval_loss_range")) for b, c in cells
+               if c.get("final_eval_loss") is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=m)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=m)
+            spans = [(b, y, r) for b, y, r in pts if r]
+            if spans:  # the seeds' range around each median
+                ax.errorbar([s[0] for s in spans], [s[1] for s in spans], fmt="none", ecolor=f"C{i % 10}", capsize=3,
+                            yerr=[[y - r[0] for _, y, r in spans], [r[1] - y for _, y, r in spans]])
     _batch_axis(ax, study.batch_tokens)
     ax.set_xlabel("batch size (tokens)")
-    ax.set_ylabel("final validation loss (median over seeds)")
+    ax.set_ylabel("final validation loss (median, range over seeds)")
     ax.set_title("Final validation loss at a fixed token budget (selected lr per point)")
     ax.grid(True, which="both", alpha=0.3)
     _save_with_legend_below(fig, ax, path)
@@ -253,7 +261,8 @@ def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, A
           f"Every run trains on the same {study.token_budget:,} tokens (GN line-search tokens "
           f"{'count' if study.count_line_search_tokens else 'do not count'}); learning rates selected on seed "
           f"{study.selection_seed} (the lowest final eval loss); medians over the reported seeds {list(study.seeds)}: "
-          f"final eval loss (best eval loss on the way in parentheses; ⚠ = selected lr on an edge of what was tried).",
+          f"final eval loss, the seeds' range [min, max] and, in parentheses, the best eval loss on the way "
+          f"(⚠ = selected lr on an edge of what was tried).",
           "", "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for m in [m.name for m in study.methods]:
         cells = []
@@ -264,7 +273,9 @@ def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, A
             elif not c["seeds"]:
                 cells.append("seeds not run yet")
             else:
-                cells.append(f"{_fmt_loss(c['final_eval_loss'])} ({_fmt_loss(c['best_eval_loss'])}; lr "
+                span = c.get("final_eval_loss_range")
+                span = f" [{_fmt_loss(span[0])}, {_fmt_loss(span[1])}]" if span else ""
+                cells.append(f"{_fmt_loss(c['final_eval_loss'])}{span} ({_fmt_loss(c['best_eval_loss'])}; lr "
                              f"{c['best_lr']:.3g}){' ⚠' if c['lr_on_edge'] else ''}")
         md.append(f"| {m} | " + " | ".join(cells) + " |")
     return md + _selected_settings(study, summary) + [""]
