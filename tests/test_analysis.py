@@ -15,6 +15,7 @@ from gnlm.analysis import (
     early_rise,
     eta_at_floor,
     fit_steps_vs_batch,
+    rank_correlation,
     restart_step,
     summarize_study,
     verdict,
@@ -378,3 +379,16 @@ def test_summary_crossover_uses_the_cheapest_baseline_and_a_study_without_baseli
 ])
 def test_a_published_claim_is_judged_by_the_whole_interval(expect, steps, ref, lo, hi, want):
     assert verdict(expect, steps, ref, lo, hi, same_within=0.1) == want
+
+
+def test_rank_correlation_is_spearmans_with_a_bootstrap_interval_over_pairs():
+    from scipy.stats import spearmanr
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5, 0.7], [90.0, 40.0, 70.0, 10.0, 45.0, 12.0]
+    out = rank_correlation(x, y, n=200)
+    assert out["spearman"] == pytest.approx(spearmanr(x, y).statistic) and out["n"] == 6
+    assert out["spearman"] < -0.9 and out["interval"][0] <= out["spearman"] <= out["interval"][1] <= -0.5
+    assert rank_correlation([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["spearman"] == pytest.approx(1.0)
+    assert rank_correlation([1.0, 2.0], [2.0, 1.0])["spearman"] is None          # too few pairs
+    assert rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["spearman"] is None  # a constant side
+    with pytest.raises(ValueError):
+        rank_correlation([1.0], [1.0, 2.0])

@@ -124,6 +124,33 @@ def ratio_interval(base: list[float], other: list[float], n: int = 1000, seed: i
     return _quantile(ratios, q), _quantile(ratios, 1 - q)
 
 
+def rank_correlation(x: list[float], y: list[float], n: int = 1000, seed: int = 0,
+                     level: float = 0.9) -> dict[str, Any]:
+    """Spearman's rank correlation of paired values (``scipy.stats.spearmanr``; ties get average ranks) with a
+    ``level`` bootstrap interval over the pairs (a resample in which x or y is constant has no correlation and is
+    left out). ``{"spearman", "interval": [lo, hi], "n"}``; None where fewer than 3 pairs or a constant side."""
+    from scipy.stats import spearmanr
+
+    def rho(xs: list[float], ys: list[float]) -> float | None:
+        if len(set(xs)) < 2 or len(set(ys)) < 2:
+            return None
+        return float(spearmanr(xs, ys).statistic)
+
+    if len(x) != len(y):
+        raise ValueError(f"rank_correlation: {len(x)} x values for {len(y)} y values")
+    point = rho(list(x), list(y)) if len(x) >= 3 else None
+    if point is None:
+        return {"spearman": None, "interval": [None, None], "n": len(x)}
+    rng, pairs, draws = random.Random(seed), list(zip(x, y)), []
+    for _ in range(n):
+        sample = rng.choices(pairs, k=len(pairs))
+        r = rho([a for a, _ in sample], [b for _, b in sample])
+        if r is not None:
+            draws.append(r)
+    q = (1 - level) / 2
+    return {"spearman": point, "interval": [_quantile(draws, q), _quantile(draws, 1 - q)], "n": len(x)}
+
+
 def _finite(v: float | None) -> float | None:
     """JSON has no infinity: an unbounded value (or interval end) is written as None."""
     return v if v is None or math.isfinite(v) else None
