@@ -234,6 +234,7 @@ PROBE = ["--probe-batches", "2", "--warmup-steps", "2", "--batch-tokens", "64", 
 def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
     out = tiny_run.parent / "probe_out"
     assert main(["probe", str(tiny_run), "--optimizers", "adamw,muon", "--lrs", "3e-3,2e-2", "--out", str(out),
+                 "--set", "muon:optim.weight_decay=0.05", "--set", "muon:optim.kwargs.ns_coefficients=[3,-4,2]",
                  *PROBE]) == 0
     captured = capsys.readouterr()
     assert "| adamw |" in captured.out and "| layerwise GN |" in captured.out
@@ -249,6 +250,10 @@ def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
         assert 0.0 <= entry["rho"] <= 1.0 and entry["rho_std"] >= 0.0 and "step_efficiency" in entry
         assert len(entry["per_batch"]["rho"]) == 2 and len(entry["real_loss_change"]) == len(result["etas"])
     assert 0.0 < result["gn_rho"] <= 1.0
+    muon_group = result["optimizers"]["muon"]["settings"]["param_groups"][0]
+    assert muon_group["role"] == "muon" and muon_group["weight_decay"] == 0.05
+    assert muon_group["ns_coefficients"] == [3, -4, 2]
+    assert result["optimizers"]["adamw"]["settings"]["param_groups"][0]["weight_decay"] == 0.0
     assert (out / "probe.md").read_text().startswith("## gnlm probe")
     assert (out / "probe.png").stat().st_size > 0
 
@@ -266,8 +271,10 @@ def test_probe_of_a_study_uses_its_warm_start_and_best_lrs(tiny_run, capsys):
     (study / "warm_start").mkdir(parents=True)
     for name in ("config.yaml", "checkpoint.pt"):
         shutil.copy(tiny_run / name, study / "warm_start" / name)
+    run_cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     (study / "study.yaml").write_text(yaml.safe_dump({
         "name": "t", "kind": "steps_to_target", "batch_tokens": [64, 128], "target_loss": 5.5, "seeds": [1],
+        "base": {"model": run_cfg["model"], "data": run_cfg["data"]},
         "methods": [{"name": "adamw", "lrs": [1e-3, 1e-2]}, {"name": "muon", "lrs": [0.02, 0.06]}]}))
     rows = [Row(run_id=f"{m}/b{b}/lr{lr:g}/s0", method=m, family="baseline", batch_tokens=b, lr=lr, seed=0,
                 run_dir="x", reached=True, steps=steps, final_eval_loss=5.0,
@@ -291,6 +298,10 @@ def test_probe_of_a_study_uses_its_warm_start_and_best_lrs(tiny_run, capsys):
     (["{run}", "--batch-tokens", "50"], "multiple of data.seq_len"),
     (["{run}/metrics.jsonl", "--along", "{run}"], "must be a study results directory"),
     (["{root}/empty_run"], "has no checkpoint.pt"),
+    (["{run}", "--set", "adamw.optim.betas=[0.9,0.99]"], "is not LABEL:KEY=VALUE"),
+    (["{run}", "--optimizers", "adamw", "--set", "muon:optim.lr=1"], "is not one of --optimizers"),
+    (["{run}", "--optimizers", "adamw", "--set", "adamw:model.d_model=3"], "is not an optimizer setting"),
+    (["{run}", "--optimizers", "adamw", "--set", "adamw:optim.betas=[2,3]"], "--set adamw: optim.betas"),
 ])
 def test_bad_input_is_one_line_before_compute(tiny_run, capsys, args, message):
     root = tiny_run.parent
@@ -299,3 +310,95 @@ def test_bad_input_is_one_line_before_compute(tiny_run, capsys, args, message):
     assert main(["probe", *(a.format(root=root, run=tiny_run) for a in args)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------- faithful optimizers (issue 17 item 1)
+
+RECORDER = '''
+import json
+import os
+
+import torch
+
+
+class Rec(torch.optim.SGD):
+    """SGD that appends its constructor's arguments to $GNLM_TEST_RECORD."""
+
+    def __init__(self, params, lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False, foo=1):
+        params = list(params)
+        with open(os.environ["GNLM_TEST_RECORD"], "a") as f:
+            f.write(json.dumps({"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
+                                "foo": foo, "params": sum(len(g["params"]) for g in params)}) + "\\n")
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+'''
+
+TINY_RUN = ["model=nano", "model.vocab_size=512", "data.vocab_size=512", "data.seq_len=32", "train.progress=false",
+            "train.threads=1", "train.batch_size=2", "train.eval_every=100", "data.eval_sequences=4"]
+ONE = ["--probe-batches", "1", "--warmup-steps", "1", "--cg-iters", "2", "--no-progress"]
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_probe_builds_each_optimizer_as_train_and_bench_did(tmp_path, monkeypatch):
+    """A class recording its constructor's arguments gets the same ones from gnlm train, gnlm bench and gnlm probe
+    (of the run and of the study); AdamW, Muon and SOAP with a study's overrides are built with the param groups of
+    the runs gnlm bench made, and step at the schedule's lr of the probe's update."""
+    import sys
+
+    from gnlm.optim import build_optimizer
+    from gnlm.runconfig import build_run_config
+    from gnlm.schedules import lr_multiplier
+    from gnlm.probe import param_group_settings
+
+    (tmp_path / "recopt.py").write_text(RECORDER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "recopt", raising=False)
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("GNLM_TEST_RECORD", str(record))
+    rec = ["optim.lr=0.05", "optim.momentum=0.8", "optim.weight_decay=0.01", "optim.kwargs.foo=7"]
+    assert main(["train", "out_dir=run", *TINY_RUN, "train.steps=2", "optim.name=recopt.Rec", *rec]) == 0
+    trained = _records(record)
+    assert len(trained) == 1 and trained[0]["foo"] == 7 and trained[0]["momentum"] == 0.8
+    record.unlink()
+    assert main(["probe", "run", "--optimizers", "recopt.Rec", "--batch-tokens", "64", *ONE]) == 0
+    assert _records(record) == trained
+    record.unlink()
+    run_cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    study = {"name": "faithful", "target_loss": 1.0, "max_steps": 2, "batch_tokens": [64], "seeds": [1],
+             "progress": False, "allow_unequal_grids": True,
+             "base": {"model": run_cfg["model"], "data": run_cfg["data"], "train": {"threads": 1, "eval_every": 100},
+                      "schedule": {"name": "cosine", "warmup_steps": 3}},
+             "warm_start": {"tokens": 64, "batch_tokens": 64, "lr": 0.01, "load_optimizer_state": True},
+             "methods": [
+                 {"name": "rec", "optimizer": "recopt.Rec", "kwargs": {"foo": 7}, "lrs": [0.05],
+                  "overrides": {"optim.momentum": 0.8, "optim.weight_decay": 0.01}},
+                 {"name": "adamw", "lrs": [0.002], "overrides": {"optim.betas": [0.8, 0.9], "optim.weight_decay": 0.1,
+                                                                 "optim.eps": 1e-6}},
+                 {"name": "muon_wd", "type": "muon", "lrs": [0.02],
+                  "overrides": {"optim.momentum": 0.9, "optim.ns_steps": 3, "optim.clip": 0.5}},
+                 {"name": "soap", "lrs": [0.003], "overrides": {"optim.precondition_frequency": 2}}]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    assert main(["bench", "study.yaml", "--results", "res"]) == 0
+    benched = _records(record)
+    assert len(benched) == 2 and all(r == trained[0] for r in benched)  # the selection seed and seed 1
+    record.unlink()
+    assert main(["probe", "res", "--optimizers", "rec,adamw,muon_wd,soap", *ONE]) == 0
+    assert _records(record) == trained
+    result = json.loads((tmp_path / "res" / "probe" / "probe.json").read_text())
+    for label in ("rec", "adamw", "muon_wd", "soap"):
+        st = result["optimizers"][label]["settings"]
+        lr = study["methods"][[m["name"] for m in study["methods"]].index(label)]["lrs"][0]
+        saved = yaml.safe_load(next((tmp_path / "res" / "runs" / label).glob("b64/*/s1/config.yaml")).read_text())
+        assert st["optim"] == saved["optim"] and st["schedule"] == saved["schedule"], label
+        assert st["train_steps"] == saved["train"]["steps"] and st["probe_update"] == 1
+        cfg = build_run_config(saved)
+        want_lr = lr * lr_multiplier(cfg.schedule, 1, cfg.train.steps)
+        assert st["lr_at_probe_step"] == pytest.approx(want_lr)
+        model = GPT(ModelConfig(**{k: v for k, v in saved["model"].items() if k in ModelConfig.__dataclass_fields__}))
+        assert st["param_groups"] == param_group_settings(build_optimizer(dict(model.named_parameters()), cfg.optim))
+        # AdamW continues the warm start's state (load_optimizer_state), as its runs did; the others start fresh
+        assert st["state"].startswith("the checkpoint's" if label == "adamw" else "fresh"), label
+    md = (tmp_path / "res" / "probe" / "probe.md").read_text()
+    assert "betas [0.8, 0.9]" in md and "eps 1e-06" in md and "ns_steps 3" in md and "{'foo': 7}" in md

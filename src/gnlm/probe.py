@@ -41,16 +41,18 @@ from torch import Tensor
 
 from gnlm import distributed as dist
 from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, prev_path
-from gnlm.config import ConfigError, dumps_json
+from gnlm.config import ConfigError, dumps_json, merge, parse_overrides, to_dict
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
-from gnlm.optim import OptimConfig, build_optimizer, optimizer_step
+from gnlm.optim import BUILTIN_OPTIMIZERS, OptimConfig, optimizer_step
 from gnlm.oracle import REFERENCES, loss_along, probe_directions, step_direction
 from gnlm.results import read_rows
 from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
 from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
+from gnlm.search import LR
 from gnlm.selection import selected_cell
-from gnlm.study import StudyConfig, upgrade_saved_study
+from gnlm.study import MethodConfig, StudyConfig, upgrade_saved_study
+from gnlm.train import baseline_optimizer, scheduled_lr
 
 __all__ = ["run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
 
@@ -162,34 +164,127 @@ def _parse_list(text: str | Sequence[str], flag: str, example: str) -> list[str]
     return items
 
 
-def _check_optimizer(name: str) -> str:
+def _check_optimizer(name: str, flag: str = "--optimizers") -> str:
     cfg = OptimConfig(name=name)
     try:
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"--optimizers: {str(e).removeprefix('optim.name: ')}") from None
+        raise ConfigError(f"{flag}: {str(e).removeprefix('optim.name: ')}") from None
     if cfg.needs_closure():  # the probe steps from one gradient per batch
-        raise ConfigError(f"--optimizers: {name}.step needs a closure, which the probe does not give; probe an "
+        raise ConfigError(f"{flag}: {name}.step needs a closure, which the probe does not give; probe an "
                           f"optimizer that steps from p.grad")
     return cfg.name
 
 
-def _study_lrs(spec: StudyConfig, study_dir: Path, optimizers: list[str],
-               batch_tokens: int) -> dict[str, tuple[float, str]]:
-    """The lr selected for each optimizer at ``batch_tokens`` in a study (summary.json's ``best_lr``), where the
-    study has a method of that name (a plain built-in, or a label whose ``optimizer`` is that import path) run at
-    that batch."""
-    rows = read_rows(study_dir)
+# the RunConfig keys an optimizer of the probe reads: its options, its schedule and the run length it spans
+_SET_KEYS = ("optim.", "schedule.", "train.steps")
+_SET_EXAMPLE = "--set adamw:optim.betas=[0.9,0.99]"
+
+
+def _parse_sets(items: Sequence[str] | None, labels: list[str]) -> dict[str, list[str]]:
+    """``--set LABEL:KEY=VALUE`` (repeatable) -> label -> ["KEY=VALUE", ...]. The label is one of ``--optimizers``
+    (an import path has dots, so the label ends at the colon); KEY is a dotted RunConfig key under optim., schedule.
+    or train.steps."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        label, colon, setting = str(item).partition(":")
+        key, eq, _ = setting.partition("=")
+        if not colon or not eq or not key.strip():
+            raise ConfigError(f"--set {item!r} is not LABEL:KEY=VALUE; write e.g. {_SET_EXAMPLE}")
+        label, key = label.strip(), key.strip()
+        if label not in labels:
+            raise ConfigError(f"--set {item!r}: {label!r} is not one of --optimizers ({','.join(labels)}); "
+                              f"write e.g. {_SET_EXAMPLE}")
+        if not any(key == k or key.startswith(k) for k in _SET_KEYS):
+            raise ConfigError(f"--set {item!r}: {key!r} is not an optimizer setting; give a key under optim., "
+                              f"schedule. or train.steps (e.g. {_SET_EXAMPLE})")
+        out.setdefault(label, []).append(f"{key}={setting.partition('=')[2]}")
+    return out
+
+
+@dataclass
+class _Optimizer:
+    """One optimizer of the probe: the complete RunConfig it is built from, as ``gnlm train`` (a run source) or
+    ``gnlm bench`` (a study method) built it, with ``--lrs`` and ``--set`` applied."""
+
+    label: str
+    cfg: RunConfig
+    lr_source: str
+    settings_source: str
+    continue_state: bool  # continue the checkpoint's optimizer state (a resumed run; train.init_optimizer)
+    start_step: int | None  # schedule position of the first warm-up step; None: the checkpoint's step
+
+
+def _study_method(spec: StudyConfig, label: str, name: str | None) -> MethodConfig:
+    """The study's method of ``label``: a method of that name, else the first method whose optimizer is the import
+    path ``label``, else a method of its own (``name``: the optimizer it names) on the study's base."""
+    for m in spec.methods:
+        if m.name == label:
+            return m
+    for m in spec.methods:
+        if m.optimizer is not None and m.optimizer == label and m.control_of is None:
+            return m
+    assert name is not None
+    return MethodConfig(name=name) if name in BUILTIN_OPTIMIZERS else MethodConfig(name=label, optimizer=name)
+
+
+def _optimizers(src: _Source, cfg: RunConfig, spec: StudyConfig | None, labels: list[str], names: dict[str, str | None],
+                lrs: list[float] | None, sets: dict[str, list[str]], batch_tokens: int) -> dict[str, _Optimizer]:
+    """Every optimizer's RunConfig, checked before any compute. A study (SOURCE, or with --along): the method's run
+    config at ``batch_tokens`` exactly as ``gnlm bench`` builds it (:meth:`StudyConfig.run_config`: base, the method's
+    optimizer, kwargs and overrides, the selected point with every searched setting, its step budget), at the
+    selected point when the study selected one there. A run or checkpoint: the run's own config for the optimizer it
+    trained with; another optimizer gets the run's config with a default ``optim`` section of that name."""
+    rows = read_rows(src.study_dir) if spec is not None and src.study_dir is not None else []
     out = {}
-    for opt in optimizers:
-        for m in spec.methods:
-            plain = m.name == opt and m.type in (None, opt) and m.optimizer is None
-            if not (plain or m.optimizer == opt) or m.control_of is not None:
-                continue
-            cell = selected_cell(spec, rows, m.name, batch_tokens)
-            if cell is not None:
-                out[opt] = (cell["best_lr"], f"study best lr of {m.name} at batch {batch_tokens}")
-                break
+    for i, label in enumerate(labels):
+        lr = lrs[i] if lrs is not None else None
+        if spec is not None:
+            m = _study_method(spec, label, names[label])
+            if m.family != "baseline":
+                raise ConfigError(f"--optimizers: {label} is a {m.family} method of the study; the probe scores "
+                                  "baseline optimizers against the GN steps it computes itself (its references)")
+            selected = m.control_of or m.name
+            cell = selected_cell(spec, rows, selected, batch_tokens) if m in spec.methods else None
+            point = dict(cell["best_point"]) if cell else {LR: OptimConfig().lr}
+            lr_source = f"study best lr of {selected} at batch {batch_tokens}" if cell else "OptimConfig default"
+            if lr is not None:
+                point[LR], lr_source = lr, "--lrs"
+            rc = spec.run_config(m, batch_tokens, point, spec.selection_seed, src.study_dir or ".")
+            where = (f"study method {m.name} at batch {batch_tokens}" if m in spec.methods else
+                     f"the study's base with optimizer {label} at batch {batch_tokens} (not a method of the study)")
+            if cell:
+                where += f", selected point {cell['best_point']}"
+            own = src.kind == "study" and rc.train.init_optimizer
+            start = 0 if src.kind == "study" else None  # a study's run starts from its warm start at step 0
+        else:
+            name = names[label]
+            own = cfg.method == "baseline" and name == cfg.optim.name
+            raw = to_dict(cfg)
+            if own:
+                lr_source, where = "the run's optim.lr", f"the run's config ({src.config_path})"
+            else:
+                raw = merge({k: v for k, v in raw.items() if k != "optim"}, {"method": "baseline", "optim": {
+                    "name": name, "lr": OptimConfig().lr}})
+                lr_source = "OptimConfig default"
+                where = f"the run's config ({src.config_path}) with optim: {{name: {name}}} (other optim fields default)"
+            if lr is not None:
+                raw, lr_source = merge(raw, {"optim": {"lr": lr}}), "--lrs"
+            rc = build_run_config(raw)
+            start = None
+        if label in sets:
+            if any(s.startswith("optim.lr=") for s in sets[label]):
+                lr_source = "--set"
+            where += "; --set " + ", ".join(sets[label])
+            try:
+                rc = build_run_config(merge(to_dict(rc), parse_overrides(sets[label])))
+            except ConfigError as e:
+                raise ConfigError(f"--set {label}: {e}") from None
+        if rc.optim.needs_closure():
+            _check_optimizer(rc.optim.name, f"--optimizers {label}")
+        if src.kind != "study":  # the checkpoint's own optimizer state, for the optimizer that wrote it
+            own = cfg.method == "baseline" and rc.optim.name == cfg.optim.name
+        out[label] = _Optimizer(label, rc, lr_source, where, own, start)
     return out
 
 
@@ -214,7 +309,35 @@ def _summarize(per_batch: list[dict[str, float]], curves: list[list[float]],
     return out
 
 
-def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, OptimConfig], n_seq: int,
+def _hyper(value: Any) -> Any:
+    """A hyperparameter of a param group as JSON (tensors as numbers, callables by name)."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_hyper(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return getattr(value, "__name__", repr(value))
+
+
+def param_group_settings(optimizer: Any) -> list[dict[str, Any]]:
+    """What a built optimizer holds per param group (its constructor's arguments and defaults, the lr as set):
+    every key but ``params``, with the group's parameter count."""
+    return [{"params": len(g["params"]), **{k: _hyper(v) for k, v in g.items() if k != "params"}}
+            for g in optimizer.param_groups]
+
+
+def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: int, lr: float, continued: bool) -> dict[str, Any]:
+    """Every setting an optimizer of the probe was built and stepped with (probe.json ``settings``)."""
+    return {"source": po.settings_source, "optim": to_dict(po.cfg.optim), "schedule": to_dict(po.cfg.schedule),
+            "train_steps": po.cfg.train.steps, "first_warmup_update": start, "probe_update": start + warm,
+            "lr_at_probe_step": lr,
+            "state": ("the checkpoint's optimizer state, continued" if continued else "fresh")
+            + f", then {warm} warm-up steps",
+            "param_groups": groups}
+
+
+def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int,
                  probe_batches: int, warmup_steps: int, damping: float, cg_iters: int, cg_tol: float,
                  device: torch.device, bar) -> dict[str, Any]:
     """Every number of one checkpoint: optimizer steps, references, real-loss curves over the probe batches."""
@@ -222,6 +345,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
     model = build_model(cfg, device)
     load_weights(model, ckpt["model"], f"checkpoint {ckpt_path}")
     step = ckpt.get("state", {}).get("step")
+    saved_optimizer = ckpt.get("optimizer")
     stream = train_stream(cfg, data)
     if "stream" in ckpt:
         stream.load_state_dict(ckpt["stream"])
@@ -247,20 +371,28 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
             reduce(list(grads.values()))
         return grads
 
-    optimizers: dict[str, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
-    for name, ocfg in opt_cfgs.items():  # build each optimizer's state along the training stream, then back to θ₀
-        opt = build_optimizer(params, ocfg)
-        for x, y in warm:
+    optimizers: dict[str, tuple[Any, dict[str, Any]]] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for name, po in opts.items():  # build each optimizer's state along the training stream, then back to θ₀
+        saved = saved_optimizer if po.continue_state else None
+        opt = baseline_optimizer(params, po.cfg, saved, ckpt_path)  # as gnlm train builds it
+        groups = param_group_settings(opt)  # what it was built with, before any step
+        start = po.start_step if po.start_step is not None else step or 0
+        clip, per_group = po.cfg.optim.clip, po.cfg.optim.clip_per_group
+        for i, (x, y) in enumerate(warm):
+            scheduled_lr(opt, po.cfg, start + i)
             grads = loss_grad(x, y)
             for n, p in params.items():
                 p.grad = grads[n]
-            optimizer_step(opt, ocfg.clip, per_group=ocfg.clip_per_group)
+            optimizer_step(opt, clip, per_group=per_group)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(theta0[n])
+        lr = scheduled_lr(opt, po.cfg, start + len(warm))  # the probe step: update number start + warm-up steps
         optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
+        settings[name] = _settings(po, groups, start, len(warm), lr, saved is not None)
 
-    names = [*REFERENCES, *opt_cfgs]
+    names = [*REFERENCES, *opts]
     scores: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     real: dict[str, list[list[float]]] = {n: [] for n in names}
     predicted: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -273,7 +405,8 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
         steps = {}
         for name, (opt, snapshot) in optimizers.items():  # every probe starts from the same warmed-up state
             opt.load_state_dict(copy.deepcopy(snapshot))
-            steps[name] = step_direction(model, opt, g, opt_cfgs[name].clip, opt_cfgs[name].clip_per_group)
+            ocfg = opts[name].cfg.optim
+            steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
         res = probe_directions(model, theta0, x, y, steps, damping=damping, cg_iters=cg_iters, cg_tol=cg_tol,
                                blocks=blocks, grad=g, reduce=reduce)
         base, changes = loss_along(model, theta0, {**res.references, **steps}, xl, yl, etas, reduce=reduce)
@@ -301,7 +434,9 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opt_cfgs: dict[str, Opti
 
     point: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step,
                              "loss": statistics.fmean(per_batch["loss"])}
-    point["optimizers"] = {name: _summarize(scores[name], real[name], predicted[name]) for name in opt_cfgs}
+    point["optimizers"] = {name: {"lr": opts[name].cfg.optim.lr, "lr_source": opts[name].lr_source,
+                                  **_summarize(scores[name], real[name], predicted[name]),
+                                  "settings": settings[name]} for name in opts}
     point["references"] = {ref: _summarize(scores[ref], real[ref], predicted[ref]) for ref in REFERENCES}
     for ref in REFERENCES:
         point[f"{ref}_rho"] = point["references"][ref]["rho"]
@@ -323,23 +458,31 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
               lrs: str | Sequence[float] | None = None, batch_tokens: int | None = None, probe_batches: int = 4,
               warmup_steps: int = 10, damping: float = 1e-3, cg_iters: int = 100, cg_tol: float = 1e-2,
               out: str | Path | None = None, along: str | Path | None = None, device: str | None = None,
-              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+              threads: int | None = None, progress: bool = True,
+              sets: Sequence[str] | None = None) -> dict[str, Any]:
     """Probe every optimizer at a checkpoint (or at every checkpoint of ``along``); write ``probe.json``,
     ``probe.md`` and ``probe.png`` into ``out`` (default: ``probe/`` in the source directory) and return the dict.
 
     ``source``: a run directory, a checkpoint file (its directory's config.yaml gives model and data) or a study
     results directory (its warm start is probed; its best-lr table at ``batch_tokens`` gives learning rates).
-    Learning rates: ``lrs`` (one per optimizer), else the study's best, else the run's own ``optim.lr`` for the
-    optimizer it was trained with, else :class:`gnlm.optim.OptimConfig`'s default (each choice is reported).
+    ``optimizers``: built-in names, import paths or (a study) the study's method labels. Each is built exactly as
+    ``gnlm train`` / ``gnlm bench`` built it for the source (:func:`_optimizers`; every optim field, kwargs, a study
+    method's optimizer, kwargs, overrides and selected point), warmed up and stepped at its schedule's learning
+    rate (a study's run from step 0, a run from the checkpoint's step), continuing the checkpoint's optimizer state
+    where the trainer would. ``sets``: ``LABEL:KEY=VALUE`` settings of one optimizer (KEY under optim., schedule.
+    or train.steps). Learning rates: ``lrs`` (one per optimizer), else the study's selected point, else the run's
+    own ``optim.lr`` for the optimizer it was trained with, else :class:`gnlm.optim.OptimConfig`'s default (each
+    choice is reported; every setting is in probe.json ``settings``).
     ``batch_tokens`` (default: the study's smallest batch, or the run's batch) is the size of every warm-up step,
     probe batch and real-loss batch. ``device`` and ``threads`` default to the run's ``train.device`` and
     ``train.threads``. Every input is checked (one-line :class:`ConfigError`) before compute.
     """
     t_start = time.perf_counter()
     src = _resolve_source(source, along)
-    names = [_check_optimizer(n) for n in _parse_list(optimizers, "--optimizers", "adamw,muon,soap")]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--optimizers: {','.join(names)} names an optimizer twice; list each once")
+    labels = _parse_list(optimizers, "--optimizers", "adamw,muon,soap")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--optimizers: {','.join(labels)} names an optimizer twice; list each once")
+    sets_by_label = _parse_sets(sets, labels)
     lr_list = None
     if lrs is not None:
         lr_items = _parse_list(lrs, "--lrs", "3e-3,2e-2,3e-3") if isinstance(lrs, str) else [str(v) for v in lrs]
@@ -348,9 +491,9 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         except ValueError:
             raise ConfigError(f"--lrs: {lrs!r} is not a list of numbers; give one learning rate per optimizer, "
                               "e.g. --lrs 3e-3,2e-2,3e-3") from None
-        if len(lr_list) != len(names):
-            raise ConfigError(f"--lrs gives {len(lr_list)} learning rates for {len(names)} optimizers "
-                              f"({','.join(names)}); give one per optimizer, in the same order")
+        if len(lr_list) != len(labels):
+            raise ConfigError(f"--lrs gives {len(lr_list)} learning rates for {len(labels)} optimizers "
+                              f"({','.join(labels)}); give one per optimizer, in the same order")
         if not all(math.isfinite(v) and v > 0 for v in lr_list):
             raise ConfigError(f"--lrs: every learning rate must be a positive number, got {lrs!r}")
     for flag, value, low in (("--probe-batches", probe_batches, 1), ("--warmup-steps", warmup_steps, 0),
@@ -364,6 +507,8 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     cfg = _load_config(src.config_path)
     seq = cfg.data.seq_len
     study = _load_study(src.study_dir) if src.study_dir else None
+    methods = {m.name for m in study.methods} if study else set()
+    names = {n: None if n in methods else _check_optimizer(n) for n in labels}  # a method label: its optimizer
     if batch_tokens is None:
         batch_tokens = min(study.batch_tokens) if study else cfg.train.batch_size * seq
     if batch_tokens < 1 or batch_tokens % seq:
@@ -376,21 +521,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     if n_seq % world:
         raise ConfigError(f"--batch-tokens {batch_tokens} = {n_seq} sequences do not split evenly over {world} "
                           "processes; choose a batch whose sequence count the process count divides")
-    if lr_list is not None:
-        chosen = {n: (lr, "--lrs") for n, lr in zip(names, lr_list)}
-    else:
-        from_study = _study_lrs(study, src.study_dir, names, batch_tokens) if src.study_dir else {}
-        chosen = {}
-        for n in names:
-            if n in from_study:
-                chosen[n] = from_study[n]
-            elif cfg.method == "baseline" and cfg.optim.name == n:
-                chosen[n] = (cfg.optim.lr, "the run's optim.lr")
-            else:
-                chosen[n] = (OptimConfig().lr, "OptimConfig default")
-    opt_cfgs = {n: OptimConfig(name=n, lr=lr) for n, (lr, _) in chosen.items()}
-    for ocfg in opt_cfgs.values():
-        ocfg.validate()
+    opts = _optimizers(src, cfg, study, labels, names, lr_list, sets_by_label, batch_tokens)
     dev = resolve_device(device or cfg.train.device, what="--device" if device else
                          f"train.device of {src.config_path}", fix="--device cpu")
     check_memory(cfg, n_seq // world, dev, f"a probe batch of {batch_tokens:,} tokens", "--batch-tokens")
@@ -404,8 +535,8 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         except OSError as e:
             raise ConfigError(f"cannot create the output directory {out_dir} ({e.strerror}); give --out DIR") from None
         if lr_list is None:  # said once every input is accepted
-            for n in names:
-                print(f"gnlm probe: {n}: lr {chosen[n][0]:g} ({chosen[n][1]}); pass --lrs to choose", file=sys.stderr)
+            for n, o in opts.items():
+                print(f"gnlm probe: {n}: lr {o.cfg.optim.lr:g} ({o.lr_source}); pass --lrs to choose", file=sys.stderr)
     if threads or cfg.train.threads:
         torch.set_num_threads(threads or cfg.train.threads)
     data = open_data(cfg, progress=progress, run_dir=src.config_path.parent)  # the run's own tokenizer
@@ -416,16 +547,13 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
                disable=not (progress and dist.is_main()), file=sys.stderr)
     points = []
     for path in src.checkpoints:
-        points.append(_probe_point(cfg, path, data, opt_cfgs, n_seq, probe_batches, warmup_steps, damping, cg_iters,
+        points.append(_probe_point(cfg, path, data, opts, n_seq, probe_batches, warmup_steps, damping, cg_iters,
                                    cg_tol, dev, bar))
     bar.close()
     unique: dict[Any, dict[str, Any]] = {}
     for p in points:  # a corrupt checkpoint.pt falls back to checkpoint.prev.pt: the same step twice
         unique.setdefault(p["step"], p)
     points = sorted(unique.values(), key=lambda p: (p["step"] is None, p["step"] or 0))
-    for p in points:
-        for n, entry in p["optimizers"].items():
-            entry["lr"], entry["lr_source"] = chosen[n]
     result: dict[str, Any] = {
         **points[-1], "source": str(source if source is not None else along), "source_kind": src.kind,
         "config": str(src.config_path), "batch_tokens": batch_tokens, "probe_batches": probe_batches,
@@ -489,6 +617,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {lr} | {_pm(e['rho'], e['rho_std'])} | "
                      f"{_pm(e['step_efficiency'], e['step_efficiency_std'])} | {e['best_scale']:.3g} | "
                      f"{e['predicted_loss_change'][0]:+.4f} | {curve[0]:+.4f} | {curve[i]:+.4f} ({etas[i]:.3g}) |")
+    lines += ["", "Optimizer settings (as built: each param group's constructor values; probe.json `settings` has "
+              "every option):", ""]
+    for name, e in result["optimizers"].items():
+        st = e["settings"]
+        groups = "; ".join(", ".join(f"{k} {v}" for k, v in g.items()) for g in st["param_groups"])
+        sched = st["schedule"]
+        lines.append(f"- {name}: {st['source']}. Clip {st['optim']['clip']:g}"
+                     f"{' per group' if st['optim']['clip_per_group'] else ''}; schedule {sched['name']} "
+                     f"(warm-up {sched['warmup_steps']}) over {st['train_steps']} steps, probe step = update "
+                     f"{st['probe_update']} at lr {st['lr_at_probe_step']:.3g}; state: {st['state']}. "
+                     + (f"optim.kwargs {st['optim']['kwargs']}. " if st["optim"]["kwargs"] else "")
+                     + f"Groups: {groups}.")
     if "along" in result:
         opts = list(result["optimizers"])
         lines += ["", "ρ along the run:", "",
@@ -546,7 +686,12 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", metavar="SOURCE",
                    help="a run directory, a checkpoint file or a study results directory (its warm start)")
     p.add_argument("--optimizers", default="adamw,muon,soap",
-                   help="comma-separated: adamw, muon, soap or import paths like torch.optim.SGD")
+                   help="comma-separated: adamw, muon, soap, import paths like torch.optim.SGD, or (a study) its "
+                        "method labels")
+    p.add_argument("--set", dest="sets", action="append", default=None, metavar="LABEL:KEY=VALUE",
+                   help="a setting of one optimizer of --optimizers, repeatable: KEY is a dotted key under optim., "
+                        "schedule. or train.steps, e.g. --set adamw:optim.betas=[0.9,0.99] "
+                        "--set myopt.Lion:optim.kwargs.foo=1")
     p.add_argument("--lrs", default=None, help="one learning rate per optimizer, comma-separated (default: the "
                    "study's best lr at --batch-tokens, else the run's or the optimizer's default lr)")
     p.add_argument("--batch-tokens", type=int, default=None,
@@ -573,7 +718,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                            batch_tokens=args.batch_tokens, probe_batches=args.probe_batches,
                            warmup_steps=args.warmup_steps, damping=args.damping, cg_iters=args.cg_iters,
                            cg_tol=args.cg_tol, out=args.out, along=args.along, device=args.device,
-                           threads=args.threads, progress=not args.no_progress)
+                           threads=args.threads, progress=not args.no_progress, sets=args.sets)
         if dist.is_main():
             print(markdown(result))
             print(f"\nwrote {', '.join(result['files'].values())} ({result['wall_time']:.0f} s)", file=sys.stderr)

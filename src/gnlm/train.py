@@ -26,7 +26,7 @@ from gnlm.config import ConfigError
 from gnlm.curvature import ggn_vector_product, layerwise_blocks, surrogate_grad
 from gnlm.gauss_newton import InnerPosition, InnerSolver, inner_step, outer_step
 from gnlm.model import loss_fn
-from gnlm.optim import build_optimizer, optimizer_step, set_lr
+from gnlm.optim import Optimizer, build_optimizer, optimizer_step, set_lr
 from gnlm.run import Run, StepResult, run_loop, setup_run
 from gnlm.runconfig import RunConfig
 from gnlm.schedules import lr_multiplier
@@ -52,13 +52,11 @@ class BaselineTrainer:
                                                else None)
         self.forward = self.ddp if self.ddp is not None else model
         self.params = dict(model.named_parameters())
-        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.optimizer = baseline_optimizer(self.params, cfg, None if run.checkpoint is not None
+                                            else run.init_optimizer, cfg.train.init_from)
         run.start_ema(self.params)
         if run.checkpoint is not None:
             dist.load_optimizer_state(self.optimizer, run.restore()["optimizer"])
-        elif run.init_optimizer is not None:
-            dist.load_optimizer_state(self.optimizer, continued_optimizer_state(
-                self.optimizer.state_dict(), run.init_optimizer, cfg.train.init_from))
         local_batch = cfg.train.batch_size // dist.world_size()
         self.micro = min(cfg.train.micro_batch_size or local_batch, local_batch)
         self.n_micro = local_batch // self.micro
@@ -81,9 +79,7 @@ class BaselineTrainer:
     def _step(self) -> StepResult:
         run, cfg = self.run, self.run.cfg
         step = run.state["step"]
-        mult = lr_multiplier(cfg.schedule, step, cfg.train.steps)
-        set_lr(self.optimizer, cfg.optim.lr, mult)
-        lr = cfg.optim.lr * mult
+        lr = scheduled_lr(self.optimizer, cfg, step)
         x, y = run.next_batch(cfg.train.batch_size)  # this rank's shard of the global batch
         tokens = cfg.train.batch_size * cfg.data.seq_len
         if self.closure:
@@ -137,6 +133,28 @@ class BaselineTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
+
+
+def baseline_optimizer(params: dict[str, torch.Tensor], cfg: RunConfig, saved_state: dict[str, Any] | None = None,
+                       where: str | None = None) -> Optimizer:
+    """The baseline optimizer of ``cfg`` over ``params``, as ``gnlm train`` builds it (:class:`BaselineTrainer`;
+    ``gnlm bench`` runs the same trainer and ``gnlm probe`` calls this too): :func:`gnlm.optim.build_optimizer` of
+    ``cfg.optim`` (every field, ``kwargs``, routing) and, with ``saved_state`` (``train.init_optimizer``: another
+    run's optimizer state, read from ``where``), that state continued with this config's hyperparameters
+    (:func:`continued_optimizer_state`)."""
+    optimizer = build_optimizer(params, cfg.optim)
+    if saved_state is not None:
+        dist.load_optimizer_state(optimizer, continued_optimizer_state(optimizer.state_dict(), saved_state,
+                                                                       str(where)))
+    return optimizer
+
+
+def scheduled_lr(optimizer: Optimizer, cfg: RunConfig, step: int) -> float:
+    """Set the learning rate of optimizer update number ``step`` (0-based) of a run of ``cfg``
+    (``schedule`` over ``train.steps``, warm-up included) into every group of ``optimizer``; return it."""
+    mult = lr_multiplier(cfg.schedule, step, cfg.train.steps)
+    set_lr(optimizer, cfg.optim.lr, mult)
+    return cfg.optim.lr * mult
 
 
 def continued_optimizer_state(ours: dict[str, Any], saved: dict[str, Any], where: str) -> dict[str, Any]:
