@@ -243,12 +243,30 @@ def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
     for key in ("optimizers", "layerwise_rho", "gradient_rho", "gn_rho", "damping", "cg_rel_residual",
                 "cg_iterations", "cg_converged", "etas", "references", "per_batch"):
         assert key in result, key
-    assert result["cg_converged"] is False and result["damping"] == 1e-3
+    assert result["cg_converged"] is False and result["damping_fixed"] is False
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    assert result["damping_grid"] == grid and [d["damping"] for d in result["by_damping"]] == grid
+    # λ*: the damping whose GN step lowers the real loss on the fresh batches most at its best η
+    best = {d["damping"]: min(d["oracle_real_loss_change"]) for d in result["by_damping"]}
+    assert result["damping"] == min(best, key=best.get)
+    at_star = result["by_damping"][grid.index(result["damping"])]
+    assert result["references"]["gn"]["real_loss_change"] == at_star["oracle_real_loss_change"]
+    oracle_best = result["references"]["gn"]["best_real_loss_change"]
+    assert oracle_best == min(at_star["oracle_real_loss_change"])
+    assert result["oracle_helps"] == (oracle_best < 0)
+    if result["oracle_helps"]:
+        assert result["references"]["gn"]["real_loss_fraction"] == 1.0
+    assert "ρ against the damping" in captured.out
     for name, lr in (("adamw", 3e-3), ("muon", 2e-2)):
         entry = result["optimizers"][name]
         assert entry["lr"] == lr and entry["lr_source"] == "--lrs"
         assert 0.0 <= entry["rho"] <= 1.0 and entry["rho_std"] >= 0.0 and "step_efficiency" in entry
         assert len(entry["per_batch"]["rho"]) == 2 and len(entry["real_loss_change"]) == len(result["etas"])
+        assert len(entry["rho_by_damping"]) == len(grid)
+        assert entry["rho"] == pytest.approx(entry["rho_by_damping"][grid.index(result["damping"])])
+        assert entry["best_real_loss_change"] == min(entry["real_loss_change"])
+        if result["oracle_helps"]:  # the second measure: the real decrease over the oracle's at λ*
+            assert entry["real_loss_fraction"] == pytest.approx(entry["best_real_loss_change"] / oracle_best)
     assert 0.0 < result["gn_rho"] <= 1.0
     muon_group = result["optimizers"]["muon"]["settings"]["param_groups"][0]
     assert muon_group["role"] == "muon" and muon_group["weight_decay"] == 0.05
@@ -402,3 +420,68 @@ def test_probe_builds_each_optimizer_as_train_and_bench_did(tmp_path, monkeypatc
         assert st["state"].startswith("the checkpoint's" if label == "adamw" else "fresh"), label
     md = (tmp_path / "res" / "probe" / "probe.md").read_text()
     assert "betas [0.8, 0.9]" in md and "eps 1e-06" in md and "ns_steps 3" in md and "{'foo': 7}" in md
+
+
+# ------------------------------------------------------------------------- calibrated oracle (issue 17 item 2)
+
+
+@pytest.mark.parametrize("kind,grid", [("mlp", [1e-2, 1e-1, 1.0]),
+                                       pytest.param("gpt", [1e-2, 1.0], marks=pytest.mark.slow)])  # gpt: ~30 s
+def test_damping_sweep_is_the_dense_gn_step_at_every_damping(kind, grid):
+    """Over 3 micro-batches, at every λ of a log grid: the oracle step is −(Ḡ + λI)⁻¹ḡ (Ḡ, ḡ the micro-batches'
+    means), the layerwise step −(block-diag Ḡ + λI)⁻¹ḡ, gᵀM⁻¹g and every ρ the dense ones under M = Ḡ + λI."""
+    from gnlm.oracle import damping_sweep
+
+    model, batches, blocks = make(kind, n_batches=3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    dense = [Dense(model, x, y) for x, y in batches]
+    g = sum(d.g for d in dense) / 3
+    G = sum(d.G for d in dense) / 3
+    G_lw = sum(d.block_diagonal(blocks, lam=0.0) for d in dense) / 3
+    eye = torch.eye(len(g), dtype=DT)
+    r = torch.randn(len(g), generator=torch.Generator().manual_seed(4), dtype=DT)
+    r = -r if float(g @ r) > 0 else r
+    res = damping_sweep(model, params, batches, None, {"random": dense[0].unflat(r)}, grid,
+                        cg_iters=5 * len(g), cg_tol=1e-10, blocks=blocks if kind == "mlp" else None)
+    assert sorted(res) == grid
+    for lam in grid:
+        M = G + lam * eye
+        want = -torch.linalg.solve(M, g)
+        got = dense[0].flat(res[lam].references["gn"])
+        assert res[lam].cg["gn"]["converged"], lam
+        assert float((got - want).norm() / want.norm()) < 1e-8, lam
+        gmg = float(g @ torch.linalg.solve(M, g))
+        assert abs(res[lam].gmg / gmg - 1.0) < 1e-9, lam
+        rho_r = float(g @ r) ** 2 / (float(r @ M @ r) * gmg)
+        assert abs(res[lam].scores["random"]["rho"] - rho_r) < 1e-9, lam
+        rho_g = float(g @ g) ** 2 / (float(g @ M @ g) * gmg)
+        assert abs(res[lam].scores["gradient"]["rho"] - rho_g) < 1e-9, lam
+        assert abs(res[lam].scores["gn"]["rho"] - 1.0) < 1e-8, lam
+        if kind == "mlp":
+            want_lw = -torch.linalg.solve(G_lw + lam * eye, g)
+            got_lw = dense[0].flat(res[lam].references["layerwise"])
+            assert float((got_lw - want_lw).norm() / want_lw.norm()) < 1e-8, lam
+            rho_lw = float(g @ want_lw) ** 2 / (float(want_lw @ M @ want_lw) * gmg)
+            assert abs(res[lam].scores["layerwise"]["rho"] - rho_lw) < 1e-9, lam
+
+
+def test_a_checkpoint_where_no_damping_helps_is_warned_about(tiny_run, capsys):
+    """Every weight zero: the logits are 0 whatever the input, the gradient is exactly 0 (a stationary point of
+    every batch's loss), so the GN step is 0 at every λ and no λ lowers the real loss: the warning fires, on stderr
+    and in the table."""
+    from gnlm.checkpoint import read_checkpoint, save_checkpoint
+
+    flat = tiny_run.parent / "flat_run"
+    flat.mkdir(exist_ok=True)
+    shutil.copy(tiny_run / "config.yaml", flat / "config.yaml")
+    ckpt = read_checkpoint(tiny_run / "checkpoint.pt")
+    ckpt["model"] = {k: torch.zeros_like(v) for k, v in ckpt["model"].items()}
+    save_checkpoint(flat / "checkpoint.pt", ckpt)
+    assert main(["probe", str(flat), "--optimizers", "adamw", "--damping-grid", "1e-2,1", "--probe-batches", "1",
+                 "--warmup-steps", "0", "--batch-tokens", "64", "--cg-iters", "4", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the GN oracle does not lower the real loss" in captured.err
+    assert "**Warning: the GN oracle does not lower the real loss" in captured.out
+    result = json.loads((flat / "probe" / "probe.json").read_text())
+    assert result["oracle_helps"] is False and result["optimizers"]["adamw"]["real_loss_fraction"] is None
+    assert all(v == 0.0 for d in result["by_damping"] for v in d["oracle_real_loss_change"])

@@ -1,13 +1,16 @@
 r"""How far is an optimizer's step from the Gauss-Newton step? The probe's measure (design.md; issue 10).
 
-One probe batch at θ₀, in the names of this module::
+One probe batch at θ₀ (one batch or equal micro-batches whose means make the batch's g and G), in the names of
+this module::
 
-    probe_directions(θ₀, batch, directions):
+    damping_sweep(θ₀, batch, directions, λ grid):       probe_directions is the sweep at one λ
         g  ← ∇ℓ(θ₀; batch)
-        d* ← cg_solve((G + λI) d = −g)                   the GN step; the layerwise GN step with block-diagonal G
-        for d in directions ∪ references:  Md ← damped_ggn_product(d)
-        gᵀM⁻¹g ← the largest lower bound (gᵀd)²/dᵀMd, CG's −gᵀd* among them
-        scores[d] ← direction_efficiency(g, d, Md, gᵀM⁻¹g)
+        for λ in the grid, largest first:
+            d*_λ ← cg_solve((G + λI) d = −g, init = d*_λ')   the GN step (and the layerwise one, block-diagonal G),
+                                                            warm-started from the previous λ's solution
+        for d in directions ∪ references:  Gd ← damped_ggn_product(d, λ = 0)    once; dᵀMd = dᵀGd + λ‖d‖² per λ
+        per λ: gᵀM⁻¹g ← the largest lower bound (gᵀd)²/dᵀMd, CG's −gᵀd*_λ among them
+               scores[d] ← direction_efficiency(g, d, Md, gᵀM⁻¹g)
     d ← step_direction(optimizer, g)                    θ_after − θ₀ of one step; θ put back to θ₀
     loss_along(θ₀, directions, fresh batch, η grid)     the real loss change ℓ(θ₀ + η d) − ℓ(θ₀)
 
@@ -56,9 +59,11 @@ from gnlm.curvature import cg_solve, damped_ggn_product, surrogate_grad
 from gnlm.model import loss_fn
 from gnlm.optim import optimizer_step
 
-__all__ = ["REFERENCES", "ProbeResult", "direction_efficiency", "probe_directions", "step_direction", "loss_along"]
+__all__ = ["REFERENCES", "ProbeResult", "damping_sweep", "direction_efficiency", "probe_directions", "step_direction",
+           "loss_along"]
 
 Params = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]
 Reduce = Callable[[list[Tensor]], Any]
 REFERENCES = ("gn", "layerwise", "gradient")
 
@@ -101,56 +106,92 @@ class ProbeResult:
     cg: dict[str, dict[str, Any]]
 
 
-def probe_directions(model: nn.Module, params: Params, inputs: Tensor, targets: Tensor,
-                     directions: dict[str, Params] | None = None, damping: float = 1e-3, cg_iters: int = 100,
-                     cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None, grad: Params | None = None,
+def probe_directions(model: nn.Module, params: Params, inputs: Tensor | Sequence[Batch],
+                     targets: Tensor | None = None, directions: dict[str, Params] | None = None,
+                     damping: float = 1e-3, cg_iters: int = 100, cg_tol: float = 1e-2,
+                     blocks: Sequence[Sequence[str]] | None = None, grad: Params | None = None,
                      reduce: Reduce | None = None) -> ProbeResult:
-    r"""Score ``directions`` (name -> dict like ``params``) against the GN step of one batch at ``params``.
+    r"""Score ``directions`` (name -> dict like ``params``) against the GN step of one batch at ``params``:
+    :func:`damping_sweep` at the one damping ``damping``."""
+    return damping_sweep(model, params, inputs, targets, directions, [damping], cg_iters, cg_tol, blocks, grad,
+                         reduce)[damping]
 
-    Solves (G + λI) d* = −g by CG (``cg_iters``, ``cg_tol`` relative to ‖g‖) and, with ``blocks`` (a partition of
-    the parameter names, e.g. :func:`gnlm.curvature.layerwise_blocks`), the layerwise system with block-diagonal
-    G; then one M-product per direction. ``grad`` is g when the caller already has it (else it is computed).
-    ``reduce`` averages gradients and products over the ranks; ``inputs, targets`` are then this rank's shard.
+
+def damping_sweep(model: nn.Module, params: Params, inputs: Tensor | Sequence[Batch], targets: Tensor | None = None,
+                  directions: dict[str, Params] | None = None, dampings: Sequence[float] = (1e-3,),
+                  cg_iters: int = 100, cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None,
+                  grad: Params | None = None, reduce: Reduce | None = None) -> dict[float, ProbeResult]:
+    r"""Score ``directions`` against the GN step of one batch at every damping λ of ``dampings``.
+
+    The batch is ``inputs, targets``, or a list of equal-sized ``(inputs, targets)`` micro-batches as ``inputs``
+    (no targets): g and G are then their means (as GN's N inner batches), which is the GN matrix of their union.
+    Per λ, CG solves (G + λI) d* = −g (``cg_iters``, ``cg_tol`` relative to ‖g‖) and, with ``blocks`` (a partition
+    of the parameter names, e.g. :func:`gnlm.curvature.layerwise_blocks`), the layerwise system with block-diagonal
+    G; the dampings are solved largest first, each solve warm-started from the previous λ's solution (CG converges
+    fastest at large λ). Every direction's G-product is taken once (λ = 0) and dᵀ(G + λI)d follows for every λ.
+    ``grad`` is g when the caller already has it (else it is computed). ``reduce`` averages gradients and products
+    over the ranks; the batches are then this rank's shard. Returns λ -> :class:`ProbeResult`.
     """
     directions = dict(directions or {})
     clash = sorted(set(directions) & set(REFERENCES))
     if clash:
         raise ValueError(f"probe_directions: direction names {clash} are reserved for the references")
     params = {k: v.detach() for k, v in params.items()}
-    batch = [(inputs, targets)]
+    batches = [(inputs, targets)] if targets is not None else list(inputs)  # type: ignore[arg-type]
     if grad is None:
-        _, grad = surrogate_grad(model, params, params, inputs, targets, kind="gn")
+        grad = {k: torch.zeros_like(v) for k, v in params.items()}
+        for x, y in batches:
+            _, g_b = surrogate_grad(model, params, params, x, y, kind="gn")
+            for k in grad:
+                grad[k] += g_b[k] / len(batches)
         if reduce is not None:
             reduce(list(grad.values()))
-    d_star, info = cg_solve(model, params, batch, damping=damping, max_iters=cg_iters, tol=cg_tol, reduce=reduce)
-    cg = {"gn": _cg_summary(info)}
-    refs: dict[str, Params] = {"gn": d_star}
-    if blocks is not None:
-        refs["layerwise"], info_lw = cg_solve(model, params, batch, damping=damping, max_iters=cg_iters, tol=cg_tol,
-                                              blocks=blocks, reduce=reduce)
-        cg["layerwise"] = _cg_summary(info_lw)
 
-    def m_product(d: Params) -> Params:
-        return damped_ggn_product(model, params, batch, d, damping, reduce=reduce)
+    def g_product(d: Params) -> Params:  # G d: the damped operator at λ = 0
+        return damped_ggn_product(model, params, batches, d, 0.0, reduce=reduce)
 
-    products = {name: m_product(d) for name, d in {**refs, **directions}.items()}
+    solved: dict[float, dict[str, Params]] = {}
+    infos: dict[float, dict[str, dict[str, Any]]] = {}
+    init: dict[str, Params | None] = {"gn": None, "layerwise": None}
+    for lam in sorted(set(dampings), reverse=True):
+        solved[lam], infos[lam] = {}, {}
+        for ref, blk in (("gn", None), ("layerwise", blocks)):
+            if ref == "layerwise" and blocks is None:
+                continue
+            d, info = cg_solve(model, params, batches, damping=lam, max_iters=cg_iters, tol=cg_tol, blocks=blk,
+                               init=init[ref], reduce=reduce)
+            solved[lam][ref], infos[lam][ref], init[ref] = d, info, d
     neg_g = {k: -v for k, v in grad.items()}
-    mg = m_product(neg_g)
-    alpha = _dot(grad, grad) / max(_dot(neg_g, mg), 1e-300)
-    refs["gradient"] = {k: alpha * v for k, v in neg_g.items()}
-    products["gradient"] = {k: alpha * v for k, v in mg.items()}
-    all_dirs = {**refs, **directions}
-    # gᵀM⁻¹g ≥ (gᵀd)²/dᵀMd for every d (equality at d*); CG's −gᵀd* is the same bound for an exact CG iterate
-    bounds = [-_dot(grad, d_star)]
-    for name, d in all_dirs.items():
-        gtd, dmd = _dot(grad, d), _dot(d, products[name])
-        if gtd < 0 and dmd > 0:
-            bounds.append(gtd * gtd / dmd)
-    gmg = max(bounds)
-    gap = info["residual_norm"] ** 2 / (damping * gmg) if damping > 0 and gmg > 0 else None
-    scores = {name: direction_efficiency(grad, d, products[name], gmg) for name, d in all_dirs.items()}
-    return ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs, scores=scores,
-                       cg=cg)
+    gd = {name: g_product(d) for name, d in directions.items()}
+    g_neg_g = g_product(neg_g)
+    gd_refs = {(lam, ref): g_product(d) for lam, refs in solved.items() for ref, d in refs.items()}
+    # every direction gives a lower bound (gᵀd)²/dᵀMd on gᵀM⁻¹g: the sweep's steps at other λ too
+    candidates = [(d, gd[name]) for name, d in directions.items()]
+    candidates += [(solved[lam][ref], gd_refs[(lam, ref)]) for lam, ref in gd_refs]
+    stats = [(_dot(grad, d), _dot(d, gdd), _dot(d, d)) for d, gdd in candidates]
+
+    out = {}
+    for lam in solved:
+        def damped(d: Params, gdd: Params) -> Params:
+            return {k: gdd[k] + lam * d[k] for k in d}
+
+        refs: dict[str, Params] = dict(solved[lam])
+        products = {ref: damped(d, gd_refs[(lam, ref)]) for ref, d in refs.items()}
+        products.update({name: damped(d, gd[name]) for name, d in directions.items()})
+        mg = damped(neg_g, g_neg_g)
+        alpha = _dot(grad, grad) / max(_dot(neg_g, mg), 1e-300)
+        refs["gradient"] = {k: alpha * v for k, v in neg_g.items()}
+        products["gradient"] = {k: alpha * v for k, v in mg.items()}
+        all_dirs = {**refs, **directions}
+        info = infos[lam]["gn"]
+        bounds = [-_dot(grad, refs["gn"]), _dot(grad, grad) * alpha]  # CG's −gᵀd*; the gradient's (gᵀg)²/gᵀMg
+        bounds += [gtd * gtd / (dgd + lam * dd) for gtd, dgd, dd in stats if gtd < 0 and dgd + lam * dd > 0]
+        gmg = max(bounds)
+        gap = info["residual_norm"] ** 2 / (lam * gmg) if lam > 0 and gmg > 0 else None
+        scores = {name: direction_efficiency(grad, d, products[name], gmg) for name, d in all_dirs.items()}
+        out[lam] = ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs,
+                               scores=scores, cg={ref: _cg_summary(i) for ref, i in infos[lam].items()})
+    return out
 
 
 def _cg_summary(info: dict[str, Any]) -> dict[str, Any]:
@@ -174,21 +215,28 @@ def step_direction(model: nn.Module, optimizer: torch.optim.Optimizer, grad: Par
 
 
 @torch.no_grad()
-def loss_along(model: nn.Module, params0: Params, directions: dict[str, Params], inputs: Tensor, targets: Tensor,
-               etas: Sequence[float], reduce: Reduce | None = None) -> tuple[float, dict[str, list[float]]]:
-    """ℓ(θ₀) and ℓ(θ₀ + η d) − ℓ(θ₀) for every direction and η on one batch (``reduce``: averaged over the ranks);
-    the model's parameters are left at θ₀."""
+def loss_along(model: nn.Module, params0: Params, directions: dict[str, Params], inputs: Tensor | Sequence[Batch],
+               targets: Tensor | None, etas: Sequence[float],
+               reduce: Reduce | None = None) -> tuple[float, dict[str, list[float]]]:
+    """ℓ(θ₀) and ℓ(θ₀ + η d) − ℓ(θ₀) for every direction and η on one batch (or, ``targets`` None, the mean over a
+    list of equal-sized micro-batches ``inputs``; ``reduce``: averaged over the ranks); the model's parameters are
+    left at θ₀."""
     params = dict(model.named_parameters())
-    values = [loss_fn(model(inputs), targets).item()]
+    batches = [(inputs, targets)] if targets is not None else list(inputs)  # type: ignore[arg-type]
+
+    def loss() -> float:
+        return sum(loss_fn(model(x), y).item() for x, y in batches) / len(batches)
+
+    values = [loss()]
     for d in directions.values():
         for eta in etas:
             for n, p in params.items():
                 p.copy_(params0[n] + eta * d[n])
-            values.append(loss_fn(model(inputs), targets).item())
+            values.append(loss())
     for n, p in params.items():
         p.copy_(params0[n])
     if reduce is not None:  # one collective for every loss
-        t = torch.tensor(values, dtype=torch.float64, device=inputs.device)
+        t = torch.tensor(values, dtype=torch.float64, device=batches[0][0].device)
         reduce([t])
         values = t.tolist()
     base, rest = values[0], values[1:]

@@ -18,6 +18,15 @@ Real loss. On a second fresh batch per probe batch, ℓ(θ₀ + η d) − ℓ(θ
 prediction q(η d) from the probe batch. Every direction is taken at the scale it is reported at: an optimizer's
 actual step, d* and the layerwise step at their natural scale (what the GN trainer line-searches), the gradient at α.
 
+The oracle (issue 17). d* is the exact GN step over the whole probe batch (``--batch-tokens``, the tokens of one
+training step), solved in micro-batches of the GN trainer's ``gn.inner_batch_size`` sequences (the mean of their
+GN matrices is the batch's), at every λ of a log grid (:func:`gnlm.oracle.damping_sweep`, CG warm-started from the
+neighbouring λ). λ* is the λ whose d* lowers the real loss on the fresh batches most at its best η (mean curve over
+the probe batches): the damping at which the oracle is a step worth taking. Every headline number is at λ*; ρ(λ)
+of every direction is in ``by_damping`` and the figure; when no λ lowers the real loss at any η, a warning says so.
+``--damping`` fixes λ instead. Beside ρ, each direction's best real decrease as a fraction of the oracle's at λ*
+(``real_loss_fraction``).
+
 Data parallel (torchrun): every rank holds θ₀ and a shard of every batch; gradients, GGN-vector products (CG's
 ``reduce``) and losses are averaged over the ranks, so every rank scores the same directions; only rank 0 writes.
 """
@@ -45,7 +54,7 @@ from gnlm.config import ConfigError, dumps_json, merge, parse_overrides, to_dict
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
 from gnlm.optim import BUILTIN_OPTIMIZERS, OptimConfig, optimizer_step
-from gnlm.oracle import REFERENCES, loss_along, probe_directions, step_direction
+from gnlm.oracle import REFERENCES, damping_sweep, loss_along, step_direction
 from gnlm.results import read_rows
 from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
 from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
@@ -337,10 +346,11 @@ def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: in
             "param_groups": groups}
 
 
-def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int,
-                 probe_batches: int, warmup_steps: int, damping: float, cg_iters: int, cg_tol: float,
+def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int, micro: int,
+                 probe_batches: int, warmup_steps: int, dampings: list[float], cg_iters: int, cg_tol: float,
                  device: torch.device, bar) -> dict[str, Any]:
-    """Every number of one checkpoint: optimizer steps, references, real-loss curves over the probe batches."""
+    """Every number of one checkpoint: optimizer steps, references at every damping, real-loss curves over the
+    probe batches, the calibrated damping λ* and the summaries at λ*."""
     ckpt = load_checkpoint(ckpt_path, map_location=device, verbose=dist.is_main())
     model = build_model(cfg, device)
     load_weights(model, ckpt["model"], f"checkpoint {ckpt_path}")
@@ -356,15 +366,18 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
     blocks = layerwise_blocks(model, cfg.gn.blocks)
     etas = cfg.gn.line_search_etas()
 
-    def to_device(b):
-        return b[0].to(device), b[1].to(device)
+    def to_device(b) -> list[tuple[Tensor, Tensor]]:  # equal micro-batches of at most `micro` sequences
+        x, y = b[0].to(device), b[1].to(device)
+        size = max(d for d in range(1, min(micro, x.size(0)) + 1) if x.size(0) % d == 0)
+        return list(zip(x.split(size), y.split(size)))
 
     warm = [to_device(stream.next(n_seq)) for _ in range(warmup_steps)]
     batches = [(to_device(stream.next(n_seq)), to_device(stream.next(n_seq))) for _ in range(probe_batches)]
 
-    def loss_grad(x: Tensor, y: Tensor) -> Params:
+    def loss_grad(mbs: list[tuple[Tensor, Tensor]]) -> Params:  # the batch's mean loss, over its micro-batches
         model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        for x, y in mbs:
+            (loss_fn(model(x), y) / len(mbs)).backward()
         grads = {n: p.grad.detach() for n, p in params.items()}
         model.zero_grad(set_to_none=True)
         if reduce is not None:
@@ -379,9 +392,9 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
         groups = param_group_settings(opt)  # what it was built with, before any step
         start = po.start_step if po.start_step is not None else step or 0
         clip, per_group = po.cfg.optim.clip, po.cfg.optim.clip_per_group
-        for i, (x, y) in enumerate(warm):
+        for i, mbs in enumerate(warm):
             scheduled_lr(opt, po.cfg, start + i)
-            grads = loss_grad(x, y)
+            grads = loss_grad(mbs)
             for n, p in params.items():
                 p.grad = grads[n]
             optimizer_step(opt, clip, per_group=per_group)
@@ -392,71 +405,147 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
         optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
         settings[name] = _settings(po, groups, start, len(warm), lr, saved is not None)
 
+    lams = sorted(dampings)
     names = [*REFERENCES, *opts]
-    scores: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    real: dict[str, list[list[float]]] = {n: [] for n in names}
-    predicted: dict[str, list[list[float]]] = {n: [] for n in names}
-    per_batch: dict[str, list[Any]] = {k: [] for k in ("loss", "real_loss_base", "gmg", "gmg_rel_gap_bound",
-                                                       "cg_iterations", "cg_rel_residual",
-                                                       "layerwise_cg_iterations", "layerwise_cg_rel_residual")}
-    converged = {"gn": True, "layerwise": True}
-    for k, ((x, y), (xl, yl)) in enumerate(batches):
-        g = loss_grad(x, y)
+    scores: dict[float, dict[str, list[dict[str, float]]]] = {lam: {n: [] for n in names} for lam in lams}
+    real: dict[Any, list[list[float]]] = {n: [] for n in [*opts, *((r, lam) for r in REFERENCES for lam in lams)]}
+    per_batch: dict[str, list[Any]] = {"loss": [], "real_loss_base": []}
+    solves: dict[float, dict[str, list[Any]]] = {lam: {k: [] for k in (
+        "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
+        "layerwise_cg_rel_residual", "layerwise_cg_converged")} for lam in lams}
+    for mbs, fresh in batches:
+        g = loss_grad(mbs)
         steps = {}
         for name, (opt, snapshot) in optimizers.items():  # every probe starts from the same warmed-up state
             opt.load_state_dict(copy.deepcopy(snapshot))
             ocfg = opts[name].cfg.optim
             steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
-        res = probe_directions(model, theta0, x, y, steps, damping=damping, cg_iters=cg_iters, cg_tol=cg_tol,
-                               blocks=blocks, grad=g, reduce=reduce)
-        base, changes = loss_along(model, theta0, {**res.references, **steps}, xl, yl, etas, reduce=reduce)
-        for name in names:
-            sc = res.scores[name]
-            scores[name].append(sc)
-            real[name].append(changes[name])
-            predicted[name].append([eta * sc["gtd"] + 0.5 * eta * eta * sc["dmd"] for eta in etas])
-        per_batch["loss"].append(res.loss)
+        res = damping_sweep(model, theta0, mbs, None, steps, lams, cg_iters=cg_iters, cg_tol=cg_tol, blocks=blocks,
+                            grad=g, reduce=reduce)
+        along: dict[Any, Params] = {**steps}
+        along.update({(r, lam): res[lam].references[r] for r in REFERENCES for lam in lams})
+        base, changes = loss_along(model, theta0, along, fresh, None, etas, reduce=reduce)
+        for key, curve in changes.items():
+            real[key].append(curve)
+        for lam in lams:
+            r = res[lam]
+            for n in names:
+                scores[lam][n].append(r.scores[n])
+            sv = solves[lam]
+            sv["gmg"].append(r.gmg)
+            sv["gmg_rel_gap_bound"].append(r.gmg_rel_gap_bound)
+            for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
+                sv[f"{prefix}cg_iterations"].append(r.cg[ref]["iterations"])
+                sv[f"{prefix}cg_rel_residual"].append(r.cg[ref]["relative_residual"])
+                sv[f"{prefix}cg_converged"].append(r.cg[ref]["converged"])
+        per_batch["loss"].append(res[lams[0]].loss)
         per_batch["real_loss_base"].append(base)
-        per_batch["gmg"].append(res.gmg)
-        per_batch["gmg_rel_gap_bound"].append(res.gmg_rel_gap_bound)
-        for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
-            info = res.cg[ref]
-            per_batch[f"{prefix}cg_iterations"].append(info["iterations"])
-            per_batch[f"{prefix}cg_rel_residual"].append(info["relative_residual"])
-            if not info["converged"]:
-                converged[ref] = False
-                if dist.is_main():
-                    bar.write(f"gnlm probe: warning: CG for the {_LABELS[ref]} stopped after {info['iterations']} "
-                              f"iterations at relative residual {info['relative_residual']:.2e} > {cg_tol:g} "
-                              f"(checkpoint step {step}, probe batch {k + 1}); its ρ and every ρ measured against it "
-                              "are approximate: raise --cg-iters or --damping", file=sys.stderr)
         bar.update(1)
+
+    def mean_curve(curves: list[list[float]]) -> list[float]:
+        return [statistics.fmean(c) for c in zip(*curves)]
+
+    # λ*: the damping whose GN step lowers the real loss on the fresh batches most at its best η (mean curve)
+    oracle = {lam: mean_curve(real[("gn", lam)]) for lam in lams}
+    lam_star = min(lams, key=lambda lam: (min(oracle[lam]), -lam))
+    helps = any(v < 0 for lam in lams for v in oracle[lam])
+    if not helps and dist.is_main():
+        bar.write(f"gnlm probe: warning: {_no_help(step, lams)}", file=sys.stderr)
+    sv = solves[lam_star]
+    for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
+        for k, ok in enumerate(sv[f"{prefix}cg_converged"]):
+            if not ok and dist.is_main():
+                bar.write(f"gnlm probe: warning: CG for the {_LABELS[ref]} at λ* = {lam_star:g} stopped after "
+                          f"{sv[f'{prefix}cg_iterations'][k]} iterations at relative residual "
+                          f"{sv[f'{prefix}cg_rel_residual'][k]:.2e} > {cg_tol:g} (checkpoint step {step}, probe batch "
+                          f"{k + 1}); its ρ and every ρ measured against it are approximate: raise --cg-iters",
+                          file=sys.stderr)
+
+    def summary(name: str, curves: list[list[float]]) -> dict[str, Any]:
+        sc = scores[lam_star][name]
+        predicted = [[eta * s["gtd"] + 0.5 * eta * eta * s["dmd"] for eta in etas] for s in sc]
+        out = _summarize(sc, curves, predicted)
+        best = min(range(len(etas)), key=lambda i: out["real_loss_change"][i])
+        out["best_eta"], out["best_real_loss_change"] = etas[best], out["real_loss_change"][best]
+        out["rho_by_damping"] = [statistics.fmean(s["rho"] for s in scores[lam][name]) for lam in lams]
+        return out
 
     point: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step,
                              "loss": statistics.fmean(per_batch["loss"])}
     point["optimizers"] = {name: {"lr": opts[name].cfg.optim.lr, "lr_source": opts[name].lr_source,
-                                  **_summarize(scores[name], real[name], predicted[name]),
-                                  "settings": settings[name]} for name in opts}
-    point["references"] = {ref: _summarize(scores[ref], real[ref], predicted[ref]) for ref in REFERENCES}
+                                  **summary(name, real[name]), "settings": settings[name]} for name in opts}
+    point["references"] = {ref: summary(ref, real[(ref, lam_star)]) for ref in REFERENCES}
+    oracle_best = point["references"]["gn"]["best_real_loss_change"]
+    for entry in [*point["optimizers"].values(), *point["references"].values()]:
+        # the second measure: the real loss decrease at the best η as a fraction of the oracle's (at λ*)
+        entry["real_loss_fraction"] = entry["best_real_loss_change"] / oracle_best if oracle_best < 0 else None
     for ref in REFERENCES:
         point[f"{ref}_rho"] = point["references"][ref]["rho"]
         point[f"{ref}_rho_std"] = point["references"][ref]["rho_std"]
-    gaps = [v for v in per_batch["gmg_rel_gap_bound"] if v is not None]
+    point["damping"] = lam_star
+    point["oracle_helps"] = helps
+    point["by_damping"] = [{
+        "damping": lam, "oracle_real_loss_change": oracle[lam], "oracle_best_real_loss_change": min(oracle[lam]),
+        "oracle_best_eta": etas[oracle[lam].index(min(oracle[lam]))],
+        "rho": {n: statistics.fmean(s["rho"] for s in scores[lam][n]) for n in names},
+        "real_loss_change": {n: mean_curve(real[n] if n in opts else real[(n, lam)]) for n in names},
+        "cg_iterations": solves[lam]["cg_iterations"], "cg_converged": all(solves[lam]["cg_converged"]),
+        "layerwise_cg_iterations": solves[lam]["layerwise_cg_iterations"],
+        "layerwise_cg_converged": all(solves[lam]["layerwise_cg_converged"]),
+        "gmg": solves[lam]["gmg"]} for lam in lams]
+    gaps = [v for v in sv["gmg_rel_gap_bound"] if v is not None]
     point["gmg_rel_gap_bound"] = max(gaps) if gaps else None
-    point["cg_rel_residual"] = max(per_batch["cg_rel_residual"])
-    point["cg_iterations"] = per_batch["cg_iterations"]
-    point["cg_converged"] = converged["gn"]
-    point["layerwise_cg_rel_residual"] = max(per_batch["layerwise_cg_rel_residual"])
-    point["layerwise_cg_iterations"] = per_batch["layerwise_cg_iterations"]
-    point["layerwise_cg_converged"] = converged["layerwise"]
+    point["cg_rel_residual"] = max(sv["cg_rel_residual"])
+    point["cg_iterations"] = sv["cg_iterations"]
+    point["cg_converged"] = all(sv["cg_converged"])
+    point["layerwise_cg_rel_residual"] = max(sv["layerwise_cg_rel_residual"])
+    point["layerwise_cg_iterations"] = sv["layerwise_cg_iterations"]
+    point["layerwise_cg_converged"] = all(sv["layerwise_cg_converged"])
     point["layerwise_blocks"] = len(blocks)
-    point["per_batch"] = per_batch
+    point["per_batch"] = {**per_batch, **{k: sv[k] for k in ("gmg", "gmg_rel_gap_bound", "cg_iterations",
+                                                             "cg_rel_residual", "layerwise_cg_iterations",
+                                                             "layerwise_cg_rel_residual")}}
     return point
+
+
+def _no_help(step: Any, lams: list[float]) -> str:
+    return (f"the GN oracle does not lower the real loss (raises it or leaves it) on the fresh batches at any η and "
+            f"any λ in "
+            f"{{{', '.join(f'{lam:g}' for lam in lams)}}} (checkpoint step {step}): ρ then measures closeness to a "
+            "step that does not help; widen --damping-grid or probe another checkpoint")
+
+
+DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def _dampings(damping: float | None, grid: str | Sequence[float] | None) -> list[float]:
+    """The dampings to solve at: ``--damping`` alone (fixed), else ``--damping-grid`` (default
+    :data:`DAMPING_GRID`), checked (one-line ConfigError)."""
+    if damping is not None:
+        if grid is not None:
+            raise ConfigError("give --damping (a fixed λ) or --damping-grid (λ calibrated on it), not both")
+        if not (math.isfinite(damping) and damping >= 0):
+            raise ConfigError(f"--damping must be >= 0, got {damping}; e.g. --damping 1e-3")
+        return [float(damping)]
+    if grid is None:
+        return list(DAMPING_GRID)
+    items = _parse_list(grid, "--damping-grid", "1e-4,1e-2,1") if isinstance(grid, str) else [str(v) for v in grid]
+    try:
+        values = [float(v) for v in items]
+    except ValueError:
+        raise ConfigError(f"--damping-grid: {grid!r} is not a list of numbers; e.g. --damping-grid 1e-4,1e-2,1") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"--damping-grid: every λ must be a positive number, got {grid!r}; e.g. "
+                          "--damping-grid 1e-4,1e-2,1")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--damping-grid: {grid!r} gives a λ twice; list each once")
+    return sorted(values)
 
 
 def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] = "adamw,muon,soap",
               lrs: str | Sequence[float] | None = None, batch_tokens: int | None = None, probe_batches: int = 4,
-              warmup_steps: int = 10, damping: float = 1e-3, cg_iters: int = 100, cg_tol: float = 1e-2,
+              warmup_steps: int = 10, damping: float | None = None,
+              damping_grid: str | Sequence[float] | None = None, cg_iters: int = 100, cg_tol: float = 1e-2,
               out: str | Path | None = None, along: str | Path | None = None, device: str | None = None,
               threads: int | None = None, progress: bool = True,
               sets: Sequence[str] | None = None) -> dict[str, Any]:
@@ -500,8 +589,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
                              ("--cg-iters", cg_iters, 1), ("--threads", 1 if threads is None else threads, 1)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ConfigError(f"--damping must be >= 0, got {damping}; e.g. --damping 1e-3")
+    dampings = _dampings(damping, damping_grid)
     if not cg_tol > 0:
         raise ConfigError(f"--cg-tol must be > 0, got {cg_tol}; e.g. --cg-tol 1e-2")
     cfg = _load_config(src.config_path)
@@ -515,6 +603,8 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         raise ConfigError(f"--batch-tokens {batch_tokens} is not a positive multiple of data.seq_len ({seq}); "
                           f"give e.g. --batch-tokens {seq * max(1, batch_tokens // seq)}")
     n_seq = batch_tokens // seq
+    # the oracle's micro-batches (as GN's inner batches; the GN matrix of the whole batch, in bounded memory)
+    micro = int(((study.base if study else {}).get("gn") or {}).get("inner_batch_size") or cfg.gn.inner_batch_size)
 
     dist.init(device or cfg.train.device)
     world = dist.world_size()
@@ -547,7 +637,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
                disable=not (progress and dist.is_main()), file=sys.stderr)
     points = []
     for path in src.checkpoints:
-        points.append(_probe_point(cfg, path, data, opts, n_seq, probe_batches, warmup_steps, damping, cg_iters,
+        points.append(_probe_point(cfg, path, data, opts, n_seq, micro, probe_batches, warmup_steps, dampings, cg_iters,
                                    cg_tol, dev, bar))
     bar.close()
     unique: dict[Any, dict[str, Any]] = {}
@@ -557,7 +647,8 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     result: dict[str, Any] = {
         **points[-1], "source": str(source if source is not None else along), "source_kind": src.kind,
         "config": str(src.config_path), "batch_tokens": batch_tokens, "probe_batches": probe_batches,
-        "warmup_steps": warmup_steps, "damping": damping, "cg_iters": cg_iters, "cg_tol": cg_tol,
+        "warmup_steps": warmup_steps, "damping_grid": dampings, "damping_fixed": damping is not None,
+        "micro_batch_sequences": micro, "cg_iters": cg_iters, "cg_tol": cg_tol,
         "etas": cfg.gn.line_search_etas(), "world_size": world,
         "real_loss_scales": {"optimizers": "the actual step", "gn": "d* (natural scale)",
                              "layerwise": "the layerwise GN step (natural scale)",
@@ -602,21 +693,42 @@ def markdown(result: dict[str, Any]) -> str:
         "## gnlm probe", "",
         (f"Source `{result['source']}` ({result['source_kind']}), checkpoint step {result['step']}, training loss "
          f"{result['loss']:.4f}; batch {result['batch_tokens']:,} tokens, {result['probe_batches']} probe batches, "
-         f"{result['warmup_steps']} warm-up steps, damping λ = {result['damping']:g}."), "",
-        f"GN step by CG: {cg}. Layerwise GN ({result['layerwise_blocks']} blocks): {lw}.", "",
+         f"{result['warmup_steps']} warm-up steps; the oracle over the whole batch in micro-batches of "
+         f"{result['micro_batch_sequences']} sequences."), "",
+        (f"Damping λ = {result['damping']:g}, fixed by --damping." if result["damping_fixed"] else
+         f"Damping λ* = {result['damping']:g}, calibrated over λ ∈ {{{', '.join(f'{v:g}' for v in result['damping_grid'])}}}: "
+         f"the λ whose GN step lowers the real loss most on the fresh batches at its best η. Every ρ and step "
+         f"efficiency below is at λ*; ρ at every λ is in the second table."), "",
+        *([f"**Warning: {_no_help(result['step'], result['damping_grid'])}.**", ""] if not result["oracle_helps"]
+          else []),
+        f"GN step by CG at λ*: {cg}. Layerwise GN ({result['layerwise_blocks']} blocks): {lw}.", "",
         (f"ρ = (gᵀd)²/(dᵀMd·gᵀM⁻¹g) (1 = the GN direction); step efficiency = −q(d)/Δq* at the step as taken; "
          f"best scale = the GN model's best multiple of the step; GN-model Δ = q(d), the change the model predicts "
          f"for the step; real Δloss = the change on fresh batches at η = 1 and at the best "
-         f"η ∈ {{{', '.join(f'{e:.3g}' for e in etas)}}} (η scales the step)."), "",
-        "| direction | lr | ρ | step efficiency | best scale | GN-model Δ | real Δloss (η=1) | best real Δloss (η) |",
-        "|---|---|---|---|---|---|---|---|",
+         f"η ∈ {{{', '.join(f'{e:.3g}' for e in etas)}}} (η scales the step); real / oracle = the best real "
+         f"decrease over the GN oracle's at λ* (the second measure; 1 = as good as the oracle on the real loss)."),
+        "",
+        "| direction | lr | ρ | step efficiency | best scale | GN-model Δ | real Δloss (η=1) | best real Δloss (η) "
+        "| real / oracle |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, lr, e in _rows(result):
         curve = e["real_loss_change"]
-        i = min(range(len(curve)), key=lambda j: curve[j])
+        frac = e["real_loss_fraction"]
         lines.append(f"| {label} | {lr} | {_pm(e['rho'], e['rho_std'])} | "
                      f"{_pm(e['step_efficiency'], e['step_efficiency_std'])} | {e['best_scale']:.3g} | "
-                     f"{e['predicted_loss_change'][0]:+.4f} | {curve[0]:+.4f} | {curve[i]:+.4f} ({etas[i]:.3g}) |")
+                     f"{e['predicted_loss_change'][0]:+.4f} | {curve[0]:+.4f} | {e['best_real_loss_change']:+.4f} "
+                     f"({e['best_eta']:.3g}) | {'—' if frac is None else f'{frac:.3f}'} |")
+    opts = list(result["optimizers"])
+    if len(result["by_damping"]) > 1:
+        lines += ["", "ρ against the damping (mean over probe batches; λ* in bold):", "",
+                  "| λ | oracle's best real Δloss (η) | " + " | ".join([*opts, "layerwise GN", "gradient"]) + " |",
+                  "|---" * (len(opts) + 4) + "|"]
+        for d in result["by_damping"]:
+            lam = f"**{d['damping']:g}**" if d["damping"] == result["damping"] else f"{d['damping']:g}"
+            rhos = [d["rho"][n] for n in [*opts, "layerwise", "gradient"]]
+            lines.append(f"| {lam} | {d['oracle_best_real_loss_change']:+.4f} ({d['oracle_best_eta']:.3g}) | "
+                         + " | ".join(f"{r:.3f}" for r in rhos) + " |")
     lines += ["", "Optimizer settings (as built: each param group's constructor values; probe.json `settings` has "
               "every option):", ""]
     for name, e in result["optimizers"].items():
@@ -630,13 +742,12 @@ def markdown(result: dict[str, Any]) -> str:
                      + (f"optim.kwargs {st['optim']['kwargs']}. " if st["optim"]["kwargs"] else "")
                      + f"Groups: {groups}.")
     if "along" in result:
-        opts = list(result["optimizers"])
-        lines += ["", "ρ along the run:", "",
-                  "| step | " + " | ".join([*opts, "layerwise GN", "gradient", "GN (CG)"]) + " |",
-                  "|---" * (len(opts) + 4) + "|"]
+        lines += ["", "ρ along the run (each checkpoint at its own λ*):", "",
+                  "| step | λ* | " + " | ".join([*opts, "layerwise GN", "gradient", "GN (CG)"]) + " |",
+                  "|---" * (len(opts) + 5) + "|"]
         for p in result["along"]:
             cells = [p["optimizers"][n]["rho"] for n in opts] + [p["layerwise_rho"], p["gradient_rho"], p["gn_rho"]]
-            lines.append(f"| {p['step']} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+            lines.append(f"| {p['step']} | {p['damping']:g} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -646,7 +757,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, (ax, ax_lam) = plt.subplots(1, 2, figsize=(12.4, 4.6))
     opts = list(result["optimizers"])
     points = result.get("along", [result])
     values = [v for p in points for v in [*(p["optimizers"][n]["rho"] for n in opts), p["gradient_rho"]]]
@@ -673,6 +784,22 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     ax.set_ylabel("ρ (mean over probe batches)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    lams = [d["damping"] for d in result["by_damping"]]
+    for i, n in enumerate(opts):
+        ax_lam.plot(lams, [d["rho"][n] for d in result["by_damping"]], "o-", color=f"C{i}", label=n)
+    for ref, style in (("layerwise", "--"), ("gradient", ":")):
+        ax_lam.plot(lams, [d["rho"][ref] for d in result["by_damping"]], style, color="k", marker=".",
+                    label=_LABELS[ref])
+    ax_lam.axvline(result["damping"], color="C3", lw=1, label=f"λ* = {result['damping']:g}")
+    if all(v > 0 for v in lams):
+        ax_lam.set_xscale("log")
+    ax_lam.set_xlabel("damping λ")
+    ax_lam.set_ylabel("ρ at λ (mean over probe batches)")
+    ax_lam.set_ylim(0, 1.02)
+    ax_lam.set_title(f"ρ against the damping at step {result['step']}" + ("" if result["oracle_helps"] else
+                     " (the oracle raises the real loss at every λ)"), fontsize=10)
+    ax_lam.grid(True, which="both", alpha=0.3)
+    ax_lam.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -700,7 +827,11 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-batches", type=int, default=4, help="number of probe batches K (default 4)")
     p.add_argument("--warmup-steps", type=int, default=10,
                    help="optimizer steps from the checkpoint that build its state before probing (default 10)")
-    p.add_argument("--damping", type=float, default=1e-3, help="λ in M = G + λI (default 1e-3)")
+    p.add_argument("--damping", type=float, default=None,
+                   help="a fixed λ in M = G + λI (default: calibrated over --damping-grid)")
+    p.add_argument("--damping-grid", default=None, metavar="L1,L2,...",
+                   help="the λ the oracle is solved at; λ* is the one whose GN step lowers the real loss most on "
+                        "fresh batches at its best line-search η (default 1e-4,1e-3,...,100: 7 points)")
     p.add_argument("--cg-iters", type=int, default=100, help="CG iterations per solve at most (default 100)")
     p.add_argument("--cg-tol", type=float, default=1e-2, help="CG tolerance on ‖r‖/‖g‖ (default 1e-2)")
     p.add_argument("--out", default=None, help="output directory (default: probe/ in the source directory)")
@@ -716,7 +847,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     try:
         result = run_probe(source=args.source, optimizers=args.optimizers, lrs=args.lrs,
                            batch_tokens=args.batch_tokens, probe_batches=args.probe_batches,
-                           warmup_steps=args.warmup_steps, damping=args.damping, cg_iters=args.cg_iters,
+                           warmup_steps=args.warmup_steps, damping=args.damping, damping_grid=args.damping_grid,
+                           cg_iters=args.cg_iters,
                            cg_tol=args.cg_tol, out=args.out, along=args.along, device=args.device,
                            threads=args.threads, progress=not args.no_progress, sets=args.sets)
         if dist.is_main():
