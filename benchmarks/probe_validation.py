@@ -10,7 +10,7 @@ Writes ``validation.json`` and ``validation.md`` into ``--out`` (each batch's pr
 and prints the table; publish it whatever it says.
 
     python benchmarks/probe_validation.py studies/shakespeare-nano --out results/probe-validation
-    python benchmarks/probe_validation.py studies/shakespeare-nano --batches 4096,32768 --probe-batches 2
+    python benchmarks/probe_validation.py studies/shakespeare-nano --damping-grid 1e-2,1e-1,1 --probe-batches 2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from gnlm.results import target_key
 from gnlm.study import upgrade_saved_study
 
 # the probe's scores of a direction (probe.json): higher should mean closer to the oracle, so fewer steps
-MEASURES = ("rho", "step_efficiency")
+MEASURES = ("rho", "step_efficiency", "real_loss_fraction")  # at λ* (or --damping)
 LAYERWISE_METHOD = "gn_layerwise"  # the study method whose measured steps stand beside the layerwise reference
 
 
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--probe-batches", type=int, default=4)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--damping-grid", default=None, help="gnlm probe's λ grid (default: its own), e.g. 1e-2,1e-1,1")
+    ap.add_argument("--damping", type=float, default=None, help="a fixed λ instead of the calibrated one")
     args = ap.parse_args()
     study = upgrade_saved_study(yaml.safe_load((args.study / "study.yaml").read_text()))  # any gnlm version's
     summary = json.loads((args.study / "summary.json").read_text())
@@ -107,7 +109,8 @@ def main() -> None:
     t0, points = time.perf_counter(), []
     for b in batches:
         probe = run_probe(args.study, optimizers=baselines, batch_tokens=b, probe_batches=args.probe_batches,
-                          out=args.out / f"b{b}", threads=args.threads, progress=False)
+                          out=args.out / f"b{b}", threads=args.threads, progress=False,
+                          damping=args.damping, damping_grid=args.damping_grid)
         points += points_of(probe, summary, b, study.primary_target)
     result = {"study": str(args.study), "primary_target": study.primary_target, "seeds": list(study.seeds),
               "batches": batches, "probe_batches": args.probe_batches, "points": points,
