@@ -78,6 +78,7 @@ __all__ = [
     "math_attention",
     "ggn_vector_product",
     "surrogate_grad",
+    "batch_gradient",
     "damped_ggn_product",
     "cg_solve",
     "default_blocks",
@@ -457,16 +458,34 @@ def damped_ggn_product(model: nn.Module, params: Params, batches: Sequence[Batch
     return dict(zip(names, out))
 
 
+def batch_gradient(model: nn.Module, params0: Params, batches: Sequence[Batch],
+                   reduce: Callable[[list[Tensor]], None] | None = None) -> tuple[float, Params]:
+    """The mean loss ℓ(z₀) and gradient g = Jᵀ∇ℓ(z₀) at ``params0`` over equal-sized ``batches`` (the GN surrogate's
+    gradient at φ = θ), ``reduce``d over the ranks (data parallel) like every product of :func:`cg_solve`."""
+    names = list(params0)
+    loss_t = torch.zeros((), dtype=torch.float64, device=params0[names[0]].device)
+    g = [torch.zeros_like(params0[k]) for k in names]
+    for x, y in batches:
+        l_b, g_b = surrogate_grad(model, params0, params0, x, y, kind="gn")
+        loss_t += float(l_b) / len(batches)
+        torch._foreach_add_(g, [g_b[k] for k in names], alpha=1.0 / len(batches))
+    if reduce is not None:
+        reduce([*g, loss_t])
+    return float(loss_t), dict(zip(names, g))
+
+
 def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch], targets: Tensor | None = None,
              damping: float = 1e-4, max_iters: int = 100, tol: float = 1e-6,
              blocks: Sequence[Sequence[str]] | None = None, init: Params | None = None,
-             reduce: Callable[[list[Tensor]], None] | None = None) -> tuple[Params, dict]:
+             reduce: Callable[[list[Tensor]], None] | None = None,
+             gradient: tuple[float, Params] | None = None) -> tuple[Params, dict]:
     r"""Hessian-free GN step (Martens 2010): conjugate gradient on (G + λI) δ = −g for a fixed batch.
 
     G = Jᵀ H J and g = Jᵀ ∇ℓ(z₀) at ``params0``; with ``blocks``, G is block-diagonal (layerwise GN) and each CG
     iteration costs one jvp + transposed jvp per block. ``inputs, targets`` is one batch; alternatively pass a list
     of ``(inputs, targets)`` batches as ``inputs`` (and no targets): G and g are then averaged over the batches.
-    ``init`` warm-starts δ. CG stops when ‖r‖ ≤ tol·‖g‖ or after ``max_iters`` products.
+    ``init`` warm-starts δ. CG stops when ‖r‖ ≤ tol·‖g‖ or after ``max_iters`` products. ``gradient``: the batches'
+    ``(loss, g)`` from :func:`batch_gradient` when the caller has it (several solves on one batch), else computed.
     ``reduce`` (data parallel): called in place on [g..., loss] and on every product G v of this process's batches,
     e.g. an all-reduce mean, so that every process runs the same iterations on the quadratic of all batches.
 
@@ -483,17 +502,8 @@ def cg_solve(model: nn.Module, params0: Params, inputs: Tensor | Sequence[Batch]
     params0 = _detached(params0)
     names = list(params0)
     blocks = _resolve_blocks(params0, blocks) if blocks is not None else None
-    nb = len(batches)
-
-    loss_t = torch.zeros((), dtype=torch.float64, device=params0[names[0]].device)
-    g = [torch.zeros_like(params0[k]) for k in names]
-    for x, y in batches:
-        l_b, g_b = surrogate_grad(model, params0, params0, x, y, kind="gn")
-        loss_t += float(l_b) / nb
-        torch._foreach_add_(g, [g_b[k] for k in names], alpha=1.0 / nb)
-    if reduce is not None:
-        reduce([*g, loss_t])
-    loss = float(loss_t)
+    loss, grad = gradient if gradient is not None else batch_gradient(model, params0, batches, reduce)
+    g = [grad[k] for k in names]
 
     def apply_a(v: list[Tensor]) -> list[Tensor]:
         out = damped_ggn_product(model, params0, batches, dict(zip(names, v)), damping, blocks=blocks, reduce=reduce)

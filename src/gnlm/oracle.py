@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gnlm.curvature import cg_solve, damped_ggn_product, surrogate_grad
+from gnlm.curvature import batch_gradient, cg_solve, damped_ggn_product
 from gnlm.model import loss_fn
 from gnlm.optim import optimizer_step
 
@@ -138,14 +138,8 @@ def damping_sweep(model: nn.Module, params: Params, inputs: Tensor | Sequence[Ba
         raise ValueError(f"probe_directions: direction names {clash} are reserved for the references")
     params = {k: v.detach() for k, v in params.items()}
     batches = [(inputs, targets)] if targets is not None else list(inputs)  # type: ignore[arg-type]
-    if grad is None:
-        grad = {k: torch.zeros_like(v) for k, v in params.items()}
-        for x, y in batches:
-            _, g_b = surrogate_grad(model, params, params, x, y, kind="gn")
-            for k in grad:
-                grad[k] += g_b[k] / len(batches)
-        if reduce is not None:
-            reduce(list(grad.values()))
+    loss, batch_grad = batch_gradient(model, params, batches, reduce)  # once for every solve of the sweep
+    grad = batch_grad if grad is None else grad
 
     def g_product(d: Params) -> Params:  # G d: the damped operator at λ = 0
         return damped_ggn_product(model, params, batches, d, 0.0, reduce=reduce)
@@ -159,7 +153,7 @@ def damping_sweep(model: nn.Module, params: Params, inputs: Tensor | Sequence[Ba
             if ref == "layerwise" and blocks is None:
                 continue
             d, info = cg_solve(model, params, batches, damping=lam, max_iters=cg_iters, tol=cg_tol, blocks=blk,
-                               init=init[ref], reduce=reduce)
+                               init=init[ref], reduce=reduce, gradient=(loss, grad))
             solved[lam][ref], infos[lam][ref], init[ref] = d, info, d
     neg_g = {k: -v for k, v in grad.items()}
     gd = {name: g_product(d) for name, d in directions.items()}
