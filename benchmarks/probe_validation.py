@@ -44,7 +44,7 @@ def measured_steps(summary: dict[str, Any], method: str, batch: int, target: flo
 def points_of(probe: dict[str, Any], summary: dict[str, Any], batch: int, target: float) -> list[dict[str, Any]]:
     """One point per scored direction with measured steps: the baselines, and the layerwise reference."""
     out = []
-    scored = [(n, e) for n, e in probe["optimizers"].items()]
+    scored = list(probe["optimizers"].items())
     scored.append((LAYERWISE_METHOD, probe["references"]["layerwise"]))
     for method, entry in scored:
         steps = measured_steps(summary, method, batch, target)
