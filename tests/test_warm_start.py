@@ -85,6 +85,30 @@ def test_init_optimizer_takes_the_adamw_step_of_the_loaded_moments(tmp_path, ada
     assert max((fresh["model"][n] - v).abs().max().item() for n, v in expected.items()) > 1e-4
 
 
+def test_amsgrad_continues_a_state_saved_without_it(tmp_path, adamw_warm_start):
+    """AdamW with amsgrad from a warm start without it (a study's shared warm start): its running maximum of v starts
+    at the saved v0, so the first update divides by √max(v0, v) (it used to fail with KeyError 'max_exp_avg_sq')."""
+    warm = read_checkpoint(adamw_warm_start)
+    cfg = _run(tmp_path / "ams", "train.dtype=float64", "train.steps=1", "train.batch_size=4", "optim.lr=0.005",
+               "optim.clip=0", "optim.kwargs.amsgrad=true", f"train.init_from={adamw_warm_start}",
+               "train.init_optimizer=true")
+    run_training(cfg)
+    ckpt = read_checkpoint(Path(cfg.out_dir) / "checkpoint.pt")
+    model = GPT(cfg.model).to(torch.float64)
+    model.load_state_dict(warm["model"])
+    x, y = train_stream(cfg, open_data(cfg)).next(cfg.train.batch_size)
+    loss_fn(model(x), y).backward()
+    (b1, b2), eps, lr = cfg.optim.betas, cfg.optim.eps, cfg.optim.lr
+    saved = warm["optimizer"]["state"]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        assert "max_exp_avg_sq" not in saved[i]
+        t = float(saved[i]["step"]) + 1
+        m = b1 * saved[i]["exp_avg"] + (1 - b1) * p.grad
+        vmax = torch.maximum(saved[i]["exp_avg_sq"], b2 * saved[i]["exp_avg_sq"] + (1 - b2) * p.grad ** 2)
+        want = p.detach() - lr / (1 - b1 ** t) * m / ((vmax / (1 - b2 ** t)).sqrt() + eps)
+        torch.testing.assert_close(ckpt["model"][name], want, rtol=1e-9, atol=1e-12)
+
+
 def test_init_optimizer_refuses_another_optimizers_state_before_any_compute(tmp_path, adamw_warm_start):
     cfg = _run(tmp_path / "muon", "optim.name=muon", f"train.init_from={adamw_warm_start}", "train.init_optimizer=true",
                "train.dtype=float64")

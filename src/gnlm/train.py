@@ -160,7 +160,8 @@ def scheduled_lr(optimizer: Optimizer, cfg: RunConfig, step: int) -> float:
 def continued_optimizer_state(ours: dict[str, Any], saved: dict[str, Any], where: str) -> dict[str, Any]:
     """The state that continues ``saved`` (another run's optimizer of the same kind, ``train.init_optimizer``) in
     this run's optimizer, whose ``state_dict()`` is ``ours``: each parameter's state (moments, step count) from
-    ``saved``, every hyperparameter (lr, betas, eps, weight decay) from ``ours``. Parameters are matched by name:
+    ``saved``, every hyperparameter (lr, betas, eps, weight decay) from ``ours`` (AMSGrad over a state saved without
+    it starts its maximum of the second moment at the saved second moment). Parameters are matched by name:
     both optimizers were built from the same model's ``named_parameters()`` (the weights were loaded strictly by
     name), so group by group, in order, the i-th parameter is the same one; a combined optimizer (Muon, SOAP) also
     checks its roles' parameter names. One ConfigError naming ``where`` when the groups differ."""
@@ -180,7 +181,14 @@ def continued_optimizer_state(ours: dict[str, Any], saved: dict[str, Any], where
         raise ConfigError(f"train.init_optimizer: the optimizer state in {where} has parameter groups "
                           f"{layout(saved)}, this run's optimizer {layout(ours)}; use a checkpoint of the same model "
                           f"and optimizer or set train.init_optimizer=false")
-    return {"state": saved["state"], "param_groups": ours["param_groups"]}
+    state = dict(saved["state"])
+    for group in ours["param_groups"]:  # AMSGrad continuing a state saved without it: its running maximum of the
+        if group.get("amsgrad"):        # second moment starts at the second moment (the history's last value)
+            for i in group["params"]:
+                s = state.get(i)
+                if s is not None and "exp_avg_sq" in s and "max_exp_avg_sq" not in s:
+                    state[i] = {**s, "max_exp_avg_sq": s["exp_avg_sq"].clone()}
+    return {"state": state, "param_groups": ours["param_groups"]}
 
 
 class GNTrainer:
