@@ -244,8 +244,9 @@ def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
                 "cg_iterations", "cg_converged", "etas", "references", "per_batch"):
         assert key in result, key
     assert result["cg_converged"] is False and result["damping_fixed"] is False
-    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
-    assert result["damping_grid"] == grid and [d["damping"] for d in result["by_damping"]] == grid
+    assert result["damping_grid"] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0] and result["full_sweep"] is False
+    grid = [d["damping"] for d in result["by_damping"]]  # the λ solved: the largest ones, down to where it stopped
+    assert grid == result["damping_grid"][-len(grid):]
     # λ*: the damping whose GN step lowers the real loss on the fresh batches most at its best η
     best = {d["damping"]: min(d["oracle_real_loss_change"]) for d in result["by_damping"]}
     assert result["damping"] == min(best, key=best.get)
@@ -274,6 +275,32 @@ def test_probe_cli_writes_json_table_and_figure(tiny_run, capsys):
     assert result["optimizers"]["adamw"]["settings"]["param_groups"][0]["weight_decay"] == 0.0
     assert (out / "probe.md").read_text().startswith("## gnlm probe")
     assert (out / "probe.png").stat().st_size > 0
+
+
+def test_the_sweep_stops_at_the_first_damping_that_does_worse(tiny_run):
+    """The default sweep is the full sweep cut where the rule says: the same numbers at every λ it solved (largest
+    first), down to the first λ whose oracle does worse on the real loss than a larger λ that lowers it."""
+    args = ["probe", str(tiny_run), "--optimizers", "adamw", "--lrs", "3e-3", "--damping-grid", "1e-5,1e-3,1e-1,10",
+            "--probe-batches", "1", "--warmup-steps", "1", "--cg-iters", "30", "--no-progress"]
+    full = tiny_run.parent / "probe_full"
+    assert main([*args, "--full-sweep", "--out", str(full)]) == 0
+    assert main([*args, "--out", str(tiny_run.parent / "probe_cut")]) == 0
+    full_r = json.loads((full / "probe.json").read_text())
+    cut_r = json.loads((tiny_run.parent / "probe_cut" / "probe.json").read_text())
+    by_lam = {d["damping"]: d for d in full_r["by_damping"]}
+    assert sorted(by_lam) == [1e-5, 1e-3, 1e-1, 10.0]
+    best = {lam: d["oracle_best_real_loss_change"] for lam, d in by_lam.items()}
+    want = []
+    for lam in sorted(best, reverse=True):
+        want.append(lam)
+        if len(want) > 1 and min(best[v] for v in want[:-1]) < 0 and best[lam] > min(best[v] for v in want[:-1]):
+            break
+    assert [d["damping"] for d in cut_r["by_damping"]] == sorted(want)
+    for d in cut_r["by_damping"]:
+        assert d == by_lam[d["damping"]]
+    assert cut_r["damping"] == min(want, key=lambda lam: (best[lam], -lam))
+    assert len(want) < 4  # on this run λ = 1e-3 does worse than 0.1: 1e-5 is never solved
+    assert "Not solved: λ = 1e-05" in (tiny_run.parent / "probe_cut" / "probe.md").read_text()
 
 
 def test_probe_along_a_run_scores_every_checkpoint(tiny_run):

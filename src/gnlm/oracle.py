@@ -3,14 +3,14 @@ r"""How far is an optimizer's step from the Gauss-Newton step? The probe's measu
 One probe batch at θ₀ (one batch or equal micro-batches whose means make the batch's g and G), in the names of
 this module::
 
-    damping_sweep(θ₀, batch, directions, λ grid):       probe_directions is the sweep at one λ
-        g  ← ∇ℓ(θ₀; batch)
-        for λ in the grid, largest first:
+    sweep_dampings(θ₀, batch, directions, λ grid):      a generator; damping_sweep collects it, probe_directions
+        g  ← ∇ℓ(θ₀; batch)                                 is the sweep at one λ
+        for d in directions:  Gd ← damped_ggn_product(d, λ = 0)    once; dᵀMd = dᵀGd + λ‖d‖² per λ
+        for λ in the grid, largest first (the caller may stop after any λ):
             d*_λ ← cg_solve((G + λI) d = −g, init = d*_λ')   the GN step (and the layerwise one, block-diagonal G),
                                                             warm-started from the previous λ's solution
-        for d in directions ∪ references:  Gd ← damped_ggn_product(d, λ = 0)    once; dᵀMd = dᵀGd + λ‖d‖² per λ
-        per λ: gᵀM⁻¹g ← the largest lower bound (gᵀd)²/dᵀMd, CG's −gᵀd*_λ among them
-               scores[d] ← direction_efficiency(g, d, Md, gᵀM⁻¹g)
+            gᵀM⁻¹g ← the largest lower bound (gᵀd)²/dᵀMd over the directions and the steps so far, CG's −gᵀd*_λ
+            yield λ, scores[d] ← direction_efficiency(g, d, Md, gᵀM⁻¹g)
     d ← step_direction(optimizer, g)                    θ_after − θ₀ of one step; θ put back to θ₀
     loss_along(θ₀, directions, fresh batch, η grid)     the real loss change ℓ(θ₀ + η d) − ℓ(θ₀)
 
@@ -48,7 +48,7 @@ here works on any module mapping ids to logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,8 @@ from gnlm.curvature import batch_gradient, cg_solve, damped_ggn_product
 from gnlm.model import loss_fn
 from gnlm.optim import optimizer_step
 
-__all__ = ["REFERENCES", "ProbeResult", "damping_sweep", "direction_efficiency", "probe_directions", "step_direction",
-           "loss_along"]
+__all__ = ["REFERENCES", "ProbeResult", "damping_sweep", "direction_efficiency", "loss_along", "probe_directions",
+           "step_direction", "sweep_dampings"]
 
 Params = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -121,16 +121,27 @@ def damping_sweep(model: nn.Module, params: Params, inputs: Tensor | Sequence[Ba
                   directions: dict[str, Params] | None = None, dampings: Sequence[float] = (1e-3,),
                   cg_iters: int = 100, cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None,
                   grad: Params | None = None, reduce: Reduce | None = None) -> dict[float, ProbeResult]:
-    r"""Score ``directions`` against the GN step of one batch at every damping λ of ``dampings``.
+    r"""Every damping of :func:`sweep_dampings` at once: λ -> :class:`ProbeResult`."""
+    return dict(sweep_dampings(model, params, inputs, targets, directions, dampings, cg_iters, cg_tol, blocks, grad,
+                               reduce))
+
+
+def sweep_dampings(model: nn.Module, params: Params, inputs: Tensor | Sequence[Batch], targets: Tensor | None = None,
+                   directions: dict[str, Params] | None = None, dampings: Sequence[float] = (1e-3,),
+                   cg_iters: int = 100, cg_tol: float = 1e-2, blocks: Sequence[Sequence[str]] | None = None,
+                   grad: Params | None = None, reduce: Reduce | None = None) -> Iterator[tuple[float, ProbeResult]]:
+    r"""Score ``directions`` against the GN step of one batch at every damping λ of ``dampings``, largest first:
+    yields ``(λ, ProbeResult)`` as each λ is solved, so a caller may stop the sweep early (the small dampings cost
+    the most CG iterations).
 
     The batch is ``inputs, targets``, or a list of equal-sized ``(inputs, targets)`` micro-batches as ``inputs``
     (no targets): g and G are then their means (as GN's N inner batches), which is the GN matrix of their union.
     Per λ, CG solves (G + λI) d* = −g (``cg_iters``, ``cg_tol`` relative to ‖g‖) and, with ``blocks`` (a partition
     of the parameter names, e.g. :func:`gnlm.curvature.layerwise_blocks`), the layerwise system with block-diagonal
-    G; the dampings are solved largest first, each solve warm-started from the previous λ's solution (CG converges
-    fastest at large λ). Every direction's G-product is taken once (λ = 0) and dᵀ(G + λI)d follows for every λ.
-    ``grad`` is g when the caller already has it (else it is computed). ``reduce`` averages gradients and products
-    over the ranks; the batches are then this rank's shard. Returns λ -> :class:`ProbeResult`.
+    G; each solve is warm-started from the previous (larger) λ's solution (CG converges fastest at large λ). Every
+    direction's G-product is taken once (λ = 0) and dᵀ(G + λI)d follows for every λ; the lower bounds on gᵀM⁻¹g
+    come from the directions and the steps solved so far. ``grad`` is g when the caller already has it (else it is
+    computed). ``reduce`` averages gradients and products over the ranks; the batches are then this rank's shard.
     """
     directions = dict(directions or {})
     clash = sorted(set(directions) & set(REFERENCES))
@@ -144,48 +155,44 @@ def damping_sweep(model: nn.Module, params: Params, inputs: Tensor | Sequence[Ba
     def g_product(d: Params) -> Params:  # G d: the damped operator at λ = 0
         return damped_ggn_product(model, params, batches, d, 0.0, reduce=reduce)
 
-    solved: dict[float, dict[str, Params]] = {}
-    infos: dict[float, dict[str, dict[str, Any]]] = {}
+    neg_g = {k: -v for k, v in grad.items()}
+    gd = {name: g_product(d) for name, d in directions.items()}
+    g_neg_g = g_product(neg_g)
+    # every direction gives a lower bound (gᵀd)²/dᵀMd on gᵀM⁻¹g: the sweep's steps at other λ too
+    stats = [(_dot(grad, d), _dot(d, gd[name]), _dot(d, d)) for name, d in directions.items()]
     init: dict[str, Params | None] = {"gn": None, "layerwise": None}
     for lam in sorted(set(dampings), reverse=True):
-        solved[lam], infos[lam] = {}, {}
+        solved: dict[str, Params] = {}
+        gd_refs: dict[str, Params] = {}
+        infos: dict[str, dict[str, Any]] = {}
         for ref, blk in (("gn", None), ("layerwise", blocks)):
             if ref == "layerwise" and blocks is None:
                 continue
             d, info = cg_solve(model, params, batches, damping=lam, max_iters=cg_iters, tol=cg_tol, blocks=blk,
                                init=init[ref], reduce=reduce, gradient=(loss, grad))
-            solved[lam][ref], infos[lam][ref], init[ref] = d, info, d
-    neg_g = {k: -v for k, v in grad.items()}
-    gd = {name: g_product(d) for name, d in directions.items()}
-    g_neg_g = g_product(neg_g)
-    gd_refs = {(lam, ref): g_product(d) for lam, refs in solved.items() for ref, d in refs.items()}
-    # every direction gives a lower bound (gᵀd)²/dᵀMd on gᵀM⁻¹g: the sweep's steps at other λ too
-    candidates = [(d, gd[name]) for name, d in directions.items()]
-    candidates += [(solved[lam][ref], gd_refs[(lam, ref)]) for lam, ref in gd_refs]
-    stats = [(_dot(grad, d), _dot(d, gdd), _dot(d, d)) for d, gdd in candidates]
+            solved[ref], infos[ref], init[ref] = d, info, d
+            gd_refs[ref] = g_product(d)
+            stats.append((_dot(grad, d), _dot(d, gd_refs[ref]), _dot(d, d)))
 
-    out = {}
-    for lam in solved:
         def damped(d: Params, gdd: Params) -> Params:
             return {k: gdd[k] + lam * d[k] for k in d}
 
-        refs: dict[str, Params] = dict(solved[lam])
-        products = {ref: damped(d, gd_refs[(lam, ref)]) for ref, d in refs.items()}
+        refs: dict[str, Params] = dict(solved)
+        products = {ref: damped(d, gd_refs[ref]) for ref, d in refs.items()}
         products.update({name: damped(d, gd[name]) for name, d in directions.items()})
         mg = damped(neg_g, g_neg_g)
         alpha = _dot(grad, grad) / max(_dot(neg_g, mg), 1e-300)
         refs["gradient"] = {k: alpha * v for k, v in neg_g.items()}
         products["gradient"] = {k: alpha * v for k, v in mg.items()}
         all_dirs = {**refs, **directions}
-        info = infos[lam]["gn"]
+        info = infos["gn"]
         bounds = [-_dot(grad, refs["gn"]), _dot(grad, grad) * alpha]  # CG's −gᵀd*; the gradient's (gᵀg)²/gᵀMg
         bounds += [gtd * gtd / (dgd + lam * dd) for gtd, dgd, dd in stats if gtd < 0 and dgd + lam * dd > 0]
         gmg = max(bounds)
         gap = info["residual_norm"] ** 2 / (lam * gmg) if lam > 0 and gmg > 0 else None
         scores = {name: direction_efficiency(grad, d, products[name], gmg) for name, d in all_dirs.items()}
-        out[lam] = ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs,
-                               scores=scores, cg={ref: _cg_summary(i) for ref, i in infos[lam].items()})
-    return out
+        yield lam, ProbeResult(loss=info["loss"], grad=grad, gmg=gmg, gmg_rel_gap_bound=gap, references=refs,
+                               scores=scores, cg={ref: _cg_summary(i) for ref, i in infos.items()})
 
 
 def _cg_summary(info: dict[str, Any]) -> dict[str, Any]:

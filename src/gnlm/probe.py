@@ -20,9 +20,11 @@ actual step, d* and the layerwise step at their natural scale (what the GN train
 
 The oracle (issue 17). d* is the exact GN step over the whole probe batch (``--batch-tokens``, the tokens of one
 training step), solved in micro-batches of the GN trainer's ``gn.inner_batch_size`` sequences (the mean of their
-GN matrices is the batch's), at every λ of a log grid (:func:`gnlm.oracle.damping_sweep`, CG warm-started from the
-neighbouring λ). λ* is the λ whose d* lowers the real loss on the fresh batches most at its best η (mean curve over
-the probe batches): the damping at which the oracle is a step worth taking. Every headline number is at λ*; ρ(λ)
+GN matrices is the batch's), over a log grid of λ from the largest down (:func:`gnlm.oracle.sweep_dampings`, CG
+warm-started from the previous λ). λ* is the λ whose d* lowers the real loss on the fresh batches most at its best η
+(mean curve over the probe batches): the damping at which the oracle is a step worth taking. The sweep stops at the
+first λ whose d* does worse there than a larger λ's that lowers the real loss (smaller λ cost the most CG iterations
+and, the real decrease being unimodal in λ in every probe we ran, would not win); ``--full-sweep`` solves them all. Every headline number is at λ*; ρ(λ)
 of every direction is in ``by_damping`` and the figure; when no λ lowers the real loss at any η, a warning says so.
 ``--damping`` fixes λ instead. Beside ρ, each direction's best real decrease as a fraction of the oracle's at λ*
 (``real_loss_fraction``).
@@ -54,7 +56,7 @@ from gnlm.config import ConfigError, dumps_json, merge, parse_overrides, to_dict
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
 from gnlm.optim import BUILTIN_OPTIMIZERS, OptimConfig, optimizer_step
-from gnlm.oracle import REFERENCES, damping_sweep, loss_along, step_direction
+from gnlm.oracle import REFERENCES, loss_along, step_direction, sweep_dampings
 from gnlm.probe_report import LABELS, markdown, no_help, plot
 from gnlm.results import read_rows
 from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
@@ -348,7 +350,7 @@ def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: in
 
 def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int, micro: int,
                  probe_batches: int, warmup_steps: int, dampings: list[float], cg_iters: int, cg_tol: float,
-                 device: torch.device, bar) -> dict[str, Any]:
+                 device: torch.device, bar, full_sweep: bool = False) -> dict[str, Any]:
     """Every number of one checkpoint: optimizer steps, references at every damping, real-loss curves over the
     probe batches, the calibrated damping λ* and the summaries at λ*."""
     ckpt = load_checkpoint(ckpt_path, map_location=device, verbose=dist.is_main())
@@ -405,14 +407,13 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
         optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
         settings[name] = _settings(po, groups, start, len(warm), lr, saved is not None)
 
-    lams = sorted(dampings)
     names = [*REFERENCES, *opts]
-    scores: dict[float, dict[str, list[dict[str, float]]]] = {lam: {n: [] for n in names} for lam in lams}
-    real: dict[Any, list[list[float]]] = {n: [] for n in [*opts, *((r, lam) for r in REFERENCES for lam in lams)]}
+    lams: list[float] = []  # the dampings solved, largest first
+    scores: dict[float, dict[str, list[dict[str, float]]]] = {}
+    real: dict[Any, list[list[float]]] = {n: [] for n in opts}
     per_batch: dict[str, list[Any]] = {"loss": [], "real_loss_base": []}
-    solves: dict[float, dict[str, list[Any]]] = {lam: {k: [] for k in (
-        "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
-        "layerwise_cg_rel_residual", "layerwise_cg_converged")} for lam in lams}
+    solves: dict[float, dict[str, list[Any]]] = {}
+    sweeps = []
     for mbs, fresh in batches:
         g = loss_grad(mbs)
         steps = {}
@@ -420,33 +421,55 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
             opt.load_state_dict(copy.deepcopy(snapshot))
             ocfg = opts[name].cfg.optim
             steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
-        res = damping_sweep(model, theta0, mbs, None, steps, lams, cg_iters=cg_iters, cg_tol=cg_tol, blocks=blocks,
-                            grad=g, reduce=reduce)
-        along: dict[Any, Params] = {**steps}
-        along.update({(r, lam): res[lam].references[r] for r in REFERENCES for lam in lams})
-        base, changes = loss_along(model, theta0, along, fresh, None, etas, reduce=reduce)
+        base, changes = loss_along(model, theta0, steps, fresh, None, etas, reduce=reduce)
         for key, curve in changes.items():
             real[key].append(curve)
-        for lam in lams:
-            r = res[lam]
+        per_batch["real_loss_base"].append(base)
+        sweeps.append(sweep_dampings(model, theta0, mbs, None, steps, dampings, cg_iters=cg_iters, cg_tol=cg_tol,
+                                     blocks=blocks, grad=g, reduce=reduce))
+
+    def mean_curve(curves: list[list[float]]) -> list[float]:
+        return [statistics.fmean(c) for c in zip(*curves)]
+
+    # λ-major: every probe batch's solve at λ, then the oracle's real-loss curve at λ (mean over the batches); the
+    # sweep goes from the largest λ down and (unless full_sweep) stops at the first λ whose oracle does worse at
+    # its best η than the best larger λ, once that one lowers the real loss: smaller λ are the costly solves
+    oracle: dict[float, list[float]] = {}
+    for lam in sorted(dampings, reverse=True):
+        lams.append(lam)
+        scores[lam] = {n: [] for n in names}
+        real.update({(r, lam): [] for r in REFERENCES})
+        sv = solves[lam] = {k: [] for k in (
+            "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
+            "layerwise_cg_rel_residual", "layerwise_cg_converged")}
+        for k, ((mbs, fresh), sweep) in enumerate(zip(batches, sweeps)):
+            solved, r = next(sweep)
+            assert solved == lam
+            _, changes = loss_along(model, theta0, {(ref, lam): r.references[ref] for ref in REFERENCES}, fresh,
+                                    None, etas, reduce=reduce)
+            for key, curve in changes.items():
+                real[key].append(curve)
             for n in names:
                 scores[lam][n].append(r.scores[n])
-            sv = solves[lam]
             sv["gmg"].append(r.gmg)
             sv["gmg_rel_gap_bound"].append(r.gmg_rel_gap_bound)
             for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
                 sv[f"{prefix}cg_iterations"].append(r.cg[ref]["iterations"])
                 sv[f"{prefix}cg_rel_residual"].append(r.cg[ref]["relative_residual"])
                 sv[f"{prefix}cg_converged"].append(r.cg[ref]["converged"])
-        per_batch["loss"].append(res[lams[0]].loss)
-        per_batch["real_loss_base"].append(base)
-        bar.update(1)
-
-    def mean_curve(curves: list[list[float]]) -> list[float]:
-        return [statistics.fmean(c) for c in zip(*curves)]
+            if len(lams) == 1:
+                per_batch["loss"].append(r.loss)
+            bar.update(1)
+        oracle[lam] = mean_curve(real[("gn", lam)])
+        best = min(min(oracle[prev]) for prev in lams[:-1]) if len(lams) > 1 else None
+        if not full_sweep and best is not None and best < 0 and min(oracle[lam]) > best:
+            break
+    for sweep in sweeps:
+        sweep.close()
+    bar.update(probe_batches * (len(dampings) - len(lams)))  # the dampings left unsolved
+    lams.sort()
 
     # λ*: the damping whose GN step lowers the real loss on the fresh batches most at its best η (mean curve)
-    oracle = {lam: mean_curve(real[("gn", lam)]) for lam in lams}
     lam_star = min(lams, key=lambda lam: (min(oracle[lam]), -lam))
     helps = any(v < 0 for lam in lams for v in oracle[lam])
     if not helps and dist.is_main():
@@ -542,7 +565,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
               damping_grid: str | Sequence[float] | None = None, cg_iters: int = 100, cg_tol: float = 1e-2,
               out: str | Path | None = None, along: str | Path | None = None, device: str | None = None,
               threads: int | None = None, progress: bool = True,
-              sets: Sequence[str] | None = None) -> dict[str, Any]:
+              sets: Sequence[str] | None = None, full_sweep: bool = False) -> dict[str, Any]:
     """Probe every optimizer at a checkpoint (or at every checkpoint of ``along``); write ``probe.json``,
     ``probe.md`` and ``probe.png`` into ``out`` (default: ``probe/`` in the source directory) and return the dict.
 
@@ -627,12 +650,12 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(src.checkpoints) * probe_batches, unit="batch", desc="gnlm probe", dynamic_ncols=True,
+    bar = tqdm(total=len(src.checkpoints) * probe_batches * len(dampings), unit="solve", desc="gnlm probe", dynamic_ncols=True,
                disable=not (progress and dist.is_main()), file=sys.stderr)
     points = []
     for path in src.checkpoints:
         points.append(_probe_point(cfg, path, data, opts, n_seq, micro, probe_batches, warmup_steps, dampings, cg_iters,
-                                   cg_tol, dev, bar))
+                                   cg_tol, dev, bar, full_sweep))
     bar.close()
     unique: dict[Any, dict[str, Any]] = {}
     for p in points:  # a corrupt checkpoint.pt falls back to checkpoint.prev.pt: the same step twice
@@ -642,6 +665,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
         **points[-1], "source": str(source if source is not None else along), "source_kind": src.kind,
         "config": str(src.config_path), "batch_tokens": batch_tokens, "probe_batches": probe_batches,
         "warmup_steps": warmup_steps, "damping_grid": dampings, "damping_fixed": damping is not None,
+        "full_sweep": full_sweep,
         "micro_batch_sequences": micro, "cg_iters": cg_iters, "cg_tol": cg_tol,
         "etas": cfg.gn.line_search_etas(), "world_size": world,
         "real_loss_scales": {"optimizers": "the actual step", "gn": "d* (natural scale)",
@@ -686,6 +710,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damping-grid", default=None, metavar="L1,L2,...",
                    help="the λ the oracle is solved at; λ* is the one whose GN step lowers the real loss most on "
                         "fresh batches at its best line-search η (default 1e-4,1e-3,...,100: 7 points)")
+    p.add_argument("--full-sweep", action="store_true",
+                   help="solve every λ of the grid (default: the sweep goes from the largest λ down and stops at the "
+                        "first λ whose GN step lowers the real loss less than a larger λ's)")
     p.add_argument("--cg-iters", type=int, default=100, help="CG iterations per solve at most (default 100)")
     p.add_argument("--cg-tol", type=float, default=1e-2, help="CG tolerance on ‖r‖/‖g‖ (default 1e-2)")
     p.add_argument("--out", default=None, help="output directory (default: probe/ in the source directory)")
@@ -702,7 +729,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         result = run_probe(source=args.source, optimizers=args.optimizers, lrs=args.lrs,
                            batch_tokens=args.batch_tokens, probe_batches=args.probe_batches,
                            warmup_steps=args.warmup_steps, damping=args.damping, damping_grid=args.damping_grid,
-                           cg_iters=args.cg_iters,
+                           cg_iters=args.cg_iters, full_sweep=args.full_sweep,
                            cg_tol=args.cg_tol, out=args.out, along=args.along, device=args.device,
                            threads=args.threads, progress=not args.no_progress, sets=args.sets)
         if dist.is_main():

@@ -78,6 +78,10 @@ def markdown(result: dict[str, Any]) -> str:
             rhos = [d["rho"][n] for n in [*opts, "layerwise", "gradient"]]
             lines.append(f"| {lam} | {d['oracle_best_real_loss_change']:+.4f} ({d['oracle_best_eta']:.3g}) | "
                          + " | ".join(f"{r:.3f}" for r in rhos) + " |")
+    skipped = sorted(set(result.get("damping_grid", [])) - {d["damping"] for d in result["by_damping"]})
+    if skipped:
+        lines += ["", f"Not solved: λ = {', '.join(f'{v:g}' for v in skipped)} (the sweep stopped at the first λ "
+                  "whose GN step did worse on the real loss than a larger one; --full-sweep solves every λ)."]
     lines += ["", "Optimizer settings (as built: each param group's constructor values; probe.json `settings` has "
               "every option):", ""]
     for name, e in result["optimizers"].items():
