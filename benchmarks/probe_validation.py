@@ -11,13 +11,16 @@ and prints the table; publish it whatever it says.
 
     python benchmarks/probe_validation.py studies/shakespeare-nano --out results/probe-validation
     python benchmarks/probe_validation.py studies/shakespeare-nano --damping-grid 1e-2,1e-1,1 --probe-batches 2
+    # two processes, then the table from both
+    python benchmarks/probe_validation.py studies/shakespeare-nano --batches 2048,32768 --out results/pv &
+    python benchmarks/probe_validation.py studies/shakespeare-nano --batches 4096,8192,16384 --out results/pv
+    python benchmarks/probe_validation.py studies/shakespeare-nano --reuse --out results/pv
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,9 @@ from gnlm.probe import run_probe
 from gnlm.results import target_key
 from gnlm.study import upgrade_saved_study
 
-# the probe's scores of a direction (probe.json): higher should mean closer to the oracle, so fewer steps
-MEASURES = ("rho", "step_efficiency", "real_loss_fraction")  # at λ* (or --damping)
+# the probe's scores of a direction (probe.json): higher should mean closer to the oracle, so fewer steps; the first
+# three at λ* (or --damping), rho_fixed at --fixed-damping (where the sweep solved it)
+MEASURES = ("rho", "step_efficiency", "real_loss_fraction", "rho_fixed")
 LAYERWISE_METHOD = "gn_layerwise"  # the study method whose measured steps stand beside the layerwise reference
 
 
@@ -41,17 +45,23 @@ def measured_steps(summary: dict[str, Any], method: str, batch: int, target: flo
     return entry.get("steps_interp") if entry.get("reached") else None
 
 
-def points_of(probe: dict[str, Any], summary: dict[str, Any], batch: int, target: float) -> list[dict[str, Any]]:
-    """One point per scored direction with measured steps: the baselines, and the layerwise reference."""
+def points_of(probe: dict[str, Any], summary: dict[str, Any], batch: int, target: float,
+              fixed_damping: float | None = None) -> list[dict[str, Any]]:
+    """One point per scored direction with measured steps: the baselines, and the layerwise reference; ρ at
+    ``fixed_damping`` too where the probe solved that λ."""
+    fixed = next((d["rho"] for d in probe["by_damping"] if d["damping"] == fixed_damping), None)
     out = []
-    scored = list(probe["optimizers"].items())
-    scored.append((LAYERWISE_METHOD, probe["references"]["layerwise"]))
-    for method, entry in scored:
+    scored = [(name, name, entry) for name, entry in probe["optimizers"].items()]
+    scored.append((LAYERWISE_METHOD, "layerwise", probe["references"]["layerwise"]))
+    for method, key, entry in scored:
         steps = measured_steps(summary, method, batch, target)
         if steps is None:
             continue
-        out.append({"batch": batch, "method": method, "steps": steps,
-                    **{m: entry[m] for m in MEASURES if entry.get(m) is not None}})
+        point = {"batch": batch, "method": method, "steps": steps, "damping": probe["damping"],
+                 **{m: entry[m] for m in MEASURES if entry.get(m) is not None}}
+        if fixed is not None:
+            point["rho_fixed"] = fixed[key]
+        out.append(point)
     return out
 
 
@@ -80,13 +90,15 @@ def markdown(result: dict[str, Any]) -> str:
           f"Spearman rank correlation between each probe measure at the warm start and the steps to the primary "
           f"target {result['primary_target']:g} (median over seeds {result['seeds']}), 90% bootstrap interval over "
           f"points; negative = a higher score goes with fewer steps. {result['probe_batches']} probe batches per "
-          f"batch size; {result['wall_time']:.0f} s in all.", "",
+          f"batch size; damping {result['damping']}; rho_fixed = ρ at λ = {result['fixed_damping']:g}; "
+          f"{result['wall_time']:.0f} s of probing in all.", "",
           "| measure | " + " | ".join(f"{b:,}" for b in batches) + " | pooled |", "|---|" + "---|" * (len(batches) + 1)]
     for m, c in result["correlations"].items():
         md.append(f"| {m} | " + " | ".join(fmt(c["per_batch"][str(b)]) for b in batches) + f" | {fmt(c['pooled'])} |")
-    md += ["", "| batch | method | steps | " + " | ".join(MEASURES) + " |", "|---|---|---|" + "---|" * len(MEASURES)]
+    md += ["", "| batch | λ* | method | steps | " + " | ".join(MEASURES) + " |",
+           "|---|---|---|---|" + "---|" * len(MEASURES)]
     for p in result["points"]:
-        md.append(f"| {p['batch']:,} | {p['method']} | {p['steps']:.1f} | "
+        md.append(f"| {p['batch']:,} | {p['damping']:g} | {p['method']} | {p['steps']:.1f} | "
                   + " | ".join(f"{p[m]:.3f}" if m in p else "—" for m in MEASURES) + " |")
     return "\n".join(md) + "\n"
 
@@ -101,20 +113,38 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--damping-grid", default=None, help="gnlm probe's λ grid (default: its own), e.g. 1e-2,1e-1,1")
     ap.add_argument("--damping", type=float, default=None, help="a fixed λ instead of the calibrated one")
+    ap.add_argument("--full-sweep", action="store_true", help="gnlm probe --full-sweep: solve every λ of the grid")
+    ap.add_argument("--fixed-damping", type=float, default=1e-3,
+                    help="also correlate ρ at this λ (rho_fixed; default 1e-3, the probe's former fixed default), "
+                         "where the sweep solved it")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read a batch's probe from --out/b<batch>/probe.json when it is there (a resumed or "
+                         "split validation: run batches in parallel with --batches, then once with --reuse)")
     args = ap.parse_args()
     study = upgrade_saved_study(yaml.safe_load((args.study / "study.yaml").read_text()))  # any gnlm version's
     summary = json.loads((args.study / "summary.json").read_text())
     batches = [int(b) for b in args.batches.split(",")] if args.batches else list(study.batch_tokens)
     baselines = [m.name for m in study.methods if m.family != "gn" and m.control_of is None]
-    t0, points = time.perf_counter(), []
+    points, wall = [], 0.0
     for b in batches:
-        probe = run_probe(args.study, optimizers=baselines, batch_tokens=b, probe_batches=args.probe_batches,
-                          out=args.out / f"b{b}", threads=args.threads, progress=False,
-                          damping=args.damping, damping_grid=args.damping_grid)
-        points += points_of(probe, summary, b, study.primary_target)
+        saved = args.out / f"b{b}" / "probe.json"
+        if args.reuse and saved.exists():
+            probe = json.loads(saved.read_text())
+            asked = {"probe_batches": args.probe_batches, "full_sweep": args.full_sweep,
+                     "damping_fixed": args.damping is not None}
+            differs = {k: probe.get(k) for k, v in asked.items() if probe.get(k) != v}
+            if differs:
+                raise SystemExit(f"{saved} was probed with {differs}, not {asked}; drop --reuse or the file")
+        else:
+            probe = run_probe(args.study, optimizers=baselines, batch_tokens=b, probe_batches=args.probe_batches,
+                              out=args.out / f"b{b}", threads=args.threads, progress=False, damping=args.damping,
+                              damping_grid=args.damping_grid, full_sweep=args.full_sweep)
+        wall += probe["wall_time"]
+        points += points_of(probe, summary, b, study.primary_target, args.fixed_damping)
     result = {"study": str(args.study), "primary_target": study.primary_target, "seeds": list(study.seeds),
-              "batches": batches, "probe_batches": args.probe_batches, "points": points,
-              "correlations": correlations(points, batches, args.bootstrap), "wall_time": time.perf_counter() - t0}
+              "batches": batches, "probe_batches": args.probe_batches, "full_sweep": args.full_sweep,
+              "damping": "fixed" if args.damping is not None else "calibrated", "fixed_damping": args.fixed_damping,
+              "points": points, "correlations": correlations(points, batches, args.bootstrap), "wall_time": wall}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation.json").write_text(dumps_json(result, indent=2) + "\n")
     text = markdown(result)
