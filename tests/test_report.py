@@ -176,8 +176,15 @@ def test_report_of_a_study_without_baselines_has_no_comparison_sections(tmp_path
     text = write_report(root, bootstrap=10).read_text()
     assert "### Fitted critical batch" in text and "| gn | 1,024 | unbounded |" in text
     assert "becomes cheaper" not in text and "Steps per segment" not in text
+    assert "vs the best baseline" not in text and "by target depth" not in text
     summary = json.loads((root / "summary.json").read_text())
     assert summary["crossover"] == {} and summary["segments"] == {} and summary["restart_level"] is None
+    one = tmp_path / "one"  # an ablation study at one batch size: no fit either, the reference table instead
+    rows = _write_results(one, methods=["gn", "gn_layerwise"], batch_tokens=[4096], reference="gn")
+    (one / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows if r.batch_tokens == 4096))
+    text = write_report(one, bootstrap=10).read_text()
+    assert "### Fitted critical batch" not in text and "One batch size (4K): no fit" in text
+    assert not (one / "steps_vs_batch_fit.png").exists() and "### Against the reference `gn`" in text
 
 
 def test_budget_report_has_the_final_loss_plot_and_table(tmp_path):

@@ -779,8 +779,11 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                f"{', '.join(binding)}: its range binds there (the step wanted to be shorter still). A larger "
                f"`gn.line_search_range` extends it downwards."]
     md += _selected_settings(study, summary)
-    md += _fit_lines(summary, methods)
-    _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
+    if len(batches) > 1:
+        md += _fit_lines(summary, methods)
+        _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
+    else:
+        md += ["", f"One batch size ({_fmt_batch(batches[0])}): no fit of steps against batch size."]
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
            "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
@@ -819,6 +822,8 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                           + " | ".join(steps[:len(targets)] + rises[:1] + steps[len(targets):] + rises[1:]) + " |")
     md += _reference_lines(study, summary)
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
+    if not any(f != "gn" for f in families.values()):
+        gn = None  # no baseline to set GN against (an ablation study): the reference table above says it all
     if gn is not None:
         md += _headline_lines(summary, families, gn)
     if gn is not None and len(targets) > 1:
