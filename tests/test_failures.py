@@ -432,7 +432,7 @@ def test_one_batch_study_renders_valid_tables_and_fits_nothing(tmp_path):
                         crossings={"3": {"step": 2, "step_interp": 1.8333}}))
     (res / "runs.jsonl").write_text("".join(r.to_json() + "\n" for r in rows))
     text = write_report(res).read_text()
-    assert "a fit needs >= 4" in text and "| adamw | 1.8 (2) |" in text
+    assert "no fit of steps against batch size" in text and "| adamw | 1.8 (2) |" in text
     table: list[str] = []
     for line in text.splitlines() + [""]:
         if line.startswith("|"):
@@ -440,7 +440,7 @@ def test_one_batch_study_renders_valid_tables_and_fits_nothing(tmp_path):
         elif table:  # every row of a Markdown table has as many cells as its header
             assert len({t.count("|") for t in table}) == 1, table
             table = []
-    assert "saving per doubling (one batch size: none)" in text
+    assert "Fitted critical batch" not in text and "saving per doubling" not in text
 
 
 def test_a_line_of_runs_jsonl_that_is_not_a_row_is_named_and_left_out(tmp_path, capsys):

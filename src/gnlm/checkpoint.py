@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gnlm.config import ConfigError
+
 MAGIC = b"GNLMCKPT-SHA256:"
 
 
@@ -62,6 +64,19 @@ def _sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a directory to write results into, created if missing; a one-line ConfigError naming ``flag``
+    when it is a file or cannot be created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory; give {flag} DIR")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output directory {path} ({e.strerror}); give another {flag} DIR") from None
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

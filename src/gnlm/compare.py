@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gnlm.analysis import ratio_interval
-from gnlm.checkpoint import atomic_write_bytes
+from gnlm.checkpoint import atomic_write_bytes, output_dir
 from gnlm.config import ConfigError, dumps_json
 from gnlm.report import _fmt_batch, _pyplot, _save_with_legend_below, _steps_vs_batch_axes, load_results
 from gnlm.results import Row
@@ -148,13 +148,7 @@ def run_compare(dirs: list[str | Path], out: str | Path, bootstrap: int = 1000) 
     """Compare the studies in ``dirs`` and write ``compare.md``, ``compare.json``, ``compare.png`` and ``tables/``
     into ``out``; returns the path of compare.md."""
     result = compare_studies(dirs, bootstrap=bootstrap)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory; choose another output directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the output directory {out} ({e.strerror}); choose another with --out") from None
+    out = output_dir(out)
     text = markdown(result)
     atomic_write_bytes(out / "compare.json", (dumps_json(result, indent=2) + "\n").encode())
     atomic_write_bytes(out / "compare.md", (text + "\n").encode())

@@ -51,7 +51,7 @@ import yaml
 from torch import Tensor
 
 from gnlm import distributed as dist
-from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, prev_path
+from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, output_dir, prev_path
 from gnlm.config import ConfigError, dumps_json, merge, parse_overrides, to_dict
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
@@ -635,12 +635,7 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     _check_checkpoints(src.checkpoints)
     out_dir = Path(out) if out is not None else src.default_out
     if dist.is_main():
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ConfigError(f"--out {out_dir} is a file, not a directory; give --out DIR")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the output directory {out_dir} ({e.strerror}); give --out DIR") from None
+        output_dir(out_dir)
         if lr_list is None:  # said once every input is accepted
             for n, o in opts.items():
                 print(f"gnlm probe: {n}: lr {o.cfg.optim.lr:g} ({o.lr_source}); pass --lrs to choose", file=sys.stderr)
