@@ -317,7 +317,7 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
     assert summary["cells"]["adamw_no_warmup/256"]["control_of"] == "adamw"
     report = (res / "report.md").read_text()
     assert "### target 7.3 (primary)" in report and "### Controls" in report
-    assert "saving per doubling" in report and "per_doubling" not in summary["fit"]["adamw"]  # one batch: no doubling
+    assert "no fit of steps against batch size" in report and "per_doubling" not in summary["fit"]["adamw"]  # one batch
 
 
 def test_lr_search_stop_waits_for_an_incumbent_of_its_own_cell(tmp_path):
