@@ -19,7 +19,8 @@ from typing import Any
 from gnlm.analysis import ratio_interval
 from gnlm.checkpoint import atomic_write_bytes, output_dir
 from gnlm.config import ConfigError, dumps_json
-from gnlm.report import _fmt_batch, _pyplot, _save_with_legend_below, _steps_vs_batch_axes, load_results
+from gnlm.figures import fmt_batch, pyplot, save_with_legend_below, steps_vs_batch_axes
+from gnlm.report import load_results
 from gnlm.results import Row
 from gnlm.selection import selected_cell, steps_to
 from gnlm.study import StudyConfig
@@ -118,7 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
                       + (f" [{s['ratio_lo']:.2f}, {s['ratio_hi']:.2f}]" if s["ratio_lo"] is not None else "")
                       for s in st[1:]]
             cost = [f"{_fmt(s['flops'], '.3g')} | {_fmt(s['time_s'], '.1f')}" for s in st]
-            md.append(f"| {e['method']} | {_fmt_batch(e['batch_tokens'])} | " + " | ".join(steps) + " | "
+            md.append(f"| {e['method']} | {fmt_batch(e['batch_tokens'])} | " + " | ".join(steps) + " | "
                       + " | ".join(ratios) + " | " + " | ".join(cost) + " |")
         md.append("")
     md += ["![steps against batch, studies overlaid](compare.png)", ""]
@@ -126,7 +127,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _plot(path: Path, result: dict[str, Any]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     target = f"{min(result['shared_targets']):g}"
     ys = []
@@ -138,10 +139,10 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
                 ys += [s for _, s in pts]
                 ax.plot([b for b, _ in pts], [s for _, s in pts], _STYLES[k % len(_STYLES)], marker="o",
                         color=f"C{i % 10}", label=f"{m} — {study['name']}")
-    _steps_vs_batch_axes(ax, result["batch_tokens"], ys)
+    steps_vs_batch_axes(ax, result["batch_tokens"], ys)
     ax.set_ylabel(f"steps to {target} (interpolated; median over seeds)")
     ax.set_title("Studies side by side (line style: study)")
-    _save_with_legend_below(fig, ax, path)
+    save_with_legend_below(fig, ax, path)
 
 
 def run_compare(dirs: list[str | Path], out: str | Path, bootstrap: int = 1000) -> Path:

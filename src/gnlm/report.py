@@ -2,7 +2,8 @@
 Every table of the report is also written as a CSV file in ``tables/`` (``tables.py``).
 
 Reads ``study.yaml``, ``runs.jsonl`` and the warm start's ``summary.json``; writes ``report.md``, ``summary.json``
-(every number of the report, machine-readable: ``analysis.summarize_study``) and the figures beside them:
+(every number of the report, machine-readable: ``analysis.summarize_study``) and the figures beside them
+(``figures.py``):
 
 * ``curves_largest_batch.png``: validation loss vs step at the largest batch, selected lr per method,
 * ``steps_vs_batch_fit.png``: interpolated steps to the primary target with the fitted S(B) = S_min(1 + B_crit/B)
@@ -26,6 +27,7 @@ import yaml
 from gnlm.analysis import EARLY_STEPS, best_baseline, summarize_study
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, dumps_json
+from gnlm.figures import fmt_batch, plot_curves, plot_final_loss, plot_fit, plot_ratio_vs_target
 from gnlm.results import Row, read_jsonl, read_rows, target_key
 from gnlm.study import StudyConfig, upgrade_saved_study
 from gnlm.tables import write_tables
@@ -56,13 +58,6 @@ def _fmt_steps(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.1f}"
 
 
-def _fmt_batch(b: float) -> str:
-    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
-        if b >= scale and b % scale == 0:
-            return f"{b // scale:g}{unit}"
-    return f"{b:,.0f}"
-
-
 def load_results(results_dir: str | Path) -> tuple[StudyConfig, list[Row]]:
     """The study and its rows; one-line ConfigErrors for a directory that is not a readable results directory.
     Lines of runs.jsonl that are not complete rows are named on stderr and left out."""
@@ -87,63 +82,6 @@ def load_results(results_dir: str | Path) -> tuple[StudyConfig, list[Row]]:
     except ConfigError as e:
         raise ConfigError(f"{study_path}: {e}") from None
     return study, read_rows(results_dir, warn=True)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plain_log_axis(axis, lo: float, hi: float) -> None:
-    """Ticks of a log axis labelled as plain numbers ("2", "50", not "2×10⁰"): 1-2-5 per decade (1-2-3-5 on a
-    short range, every decade on a long one)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    decades = math.log10(max(hi, 1e-300) / max(lo, 1e-300))
-    subs = (tuple(float(k) for k in range(1, 10)) if decades <= 1 else (1.0, 2.0, 3.0, 5.0) if decades <= 2
-            else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,))
-    axis.set_major_locator(LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _batch_axis(ax, batches: list[int]) -> None:
-    """A log2 batch-size axis with a tick at every measured batch, labelled 2K, 16K, 1M."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(batches))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_batch(v)))
-    ax.xaxis.set_minor_locator(NullLocator())
-    if len(batches) == 1:
-        ax.set_xlim(batches[0] / 2, batches[0] * 2)
-
-
-def _steps_vs_batch_axes(ax, batches: list[int], ys: list[float]) -> None:
-    """The axes of a steps-vs-batch figure: the batch axis, a log steps axis around ``ys`` with plain labels, a grid."""
-    _batch_axis(ax, batches)
-    ax.set_yscale("log")
-    if ys:
-        lo, hi = min(ys) / 1.4, max(ys) * 1.4
-        ax.set_ylim(lo, hi)
-        _plain_log_axis(ax.yaxis, lo, hi)
-    ax.set_xlabel("batch size (tokens)")
-    ax.grid(True, which="major", alpha=0.3)
-
-
-def _save_with_legend_below(fig, ax, path: Path) -> None:
-    """Put the legend under the axes (where it hides no curve and no marker), write the figure and free it."""
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
-                  frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
 
 
 def _row_curve(results_dir: Path, row: Row) -> list[tuple[int, float]]:
@@ -177,85 +115,9 @@ def _selected_lr_curves(results_dir: Path, study: StudyConfig, rows: list[Row], 
     return [c for c in curves if c is not None]
 
 
-def _plot_curves(path: Path, curves: list[tuple], batch: int, target: float | None, which: str) -> None:
-    """Validation loss vs step of ``curves`` ((label, color, points, diverged) each). A curve that blows up (1e13)
-    would squash every other curve into a line, so values far above where the curves start (more than twice the
-    curves' range above the highest start) are clipped: drawn at the top edge with ▲ and the curve's largest value
-    written beside it. The target line and every other value stay in view."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    values = [v for _, _, pts, _ in curves for _, v in pts]
-    clip = None
-    if values:
-        starts = [pts[0][1] for _, _, pts, _ in curves] + ([target] if target is not None else [])
-        lo, ref = min(values + starts), max(starts)
-        span = max(ref - lo, 0.05 * abs(ref), 1e-3)
-        wild = ref + 2 * span
-        if max(values) > wild:  # a blow-up: clip just above the highest value that is not one
-            clip = max([v for v in values if v <= wild] + [ref]) + 0.15 * span
-            ax.set_ylim(lo - 0.05 * span, clip + 0.1 * span)
-    peaks = []  # (step, value, color) of each clipped curve's largest value, written once the axes are final
-    for label, color, pts, diverged in curves:
-        xs = [s for s, _ in pts]
-        ys = [min(v, clip) if clip is not None else v for _, v in pts]
-        ax.plot(xs, ys, "-", marker=".", color=color, label=label)
-        over = [(s, v) for s, v in pts if clip is not None and v > clip]
-        if over:
-            ax.plot([s for s, _ in over], [clip] * len(over), "^", color=color, ms=7)
-            peaks.append((over[0][0], max(v for _, v in over), color))
-        if diverged:
-            ax.plot([xs[-1]], [ys[-1]], "x", color=color, ms=9, mew=2)
-    if clip is not None:
-        ax.axhline(clip, color="0.6", lw=0.8, label=f"▲ values above {clip:.3g} clipped")
-    if target is not None:
-        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
-    last = max((pts[-1][0] for _, _, pts, _ in curves), default=1)
-    if last <= 100:  # short runs: a linear axis with integer ticks
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=4))
-    else:
-        ax.set_xscale("symlog", linthresh=1)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlim(left=0)
-    for step, peak, color in peaks:  # beside the ▲, on the side with room
-        right = ax.transAxes.inverted().transform(ax.transData.transform((step, clip)))[0] > 0.6
-        ax.annotate(f"max {peak:.3g}", (step, clip), textcoords="offset points", xytext=(-6 if right else 6, -12),
-                    ha="right" if right else "left", fontsize=7, color=color)
-    ax.set_xlabel("step (outer steps for GN)")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"Validation loss at batch {_fmt_batch(batch)} tokens\n({which})")
-    ax.grid(True, alpha=0.3)
-    _save_with_legend_below(fig, ax, path)
-
-
-def _plot_final_loss(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    names = [m.name for m in study.methods if m.control_of is None]
-    for i, m in enumerate(names):
-        shift = 1.04 ** (i - (len(names) - 1) / 2)  # side by side at each batch, so the seeds' ranges do not overlap
-        cells = [(b, summary["cells"].get(f"{m}/{b}", {})) for b in study.batch_tokens]
-        pts = [(b * shift, c["final_eval_loss"], c.get("final_eval_loss_range")) for b, c in cells
-               if c.get("final_eval_loss") is not None]
-        if pts:
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=m)
-            spans = [(b, y, r) for b, y, r in pts if r]
-            if spans:  # the seeds' range around each median
-                ax.errorbar([s[0] for s in spans], [s[1] for s in spans], fmt="none", ecolor=f"C{i % 10}", capsize=3,
-                            yerr=[[y - r[0] for _, y, r in spans], [r[1] - y for _, y, r in spans]])
-    _batch_axis(ax, study.batch_tokens)
-    ax.set_xlabel("batch size (tokens)")
-    ax.set_ylabel("final validation loss (median, range over seeds)")
-    ax.set_title("Final validation loss at a fixed token budget (selected lr per point)")
-    ax.grid(True, which="both", alpha=0.3)
-    _save_with_legend_below(fig, ax, path)
-
-
 def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, Any]) -> list[str]:
     """A budget study: final and best validation loss per method and batch at the selected lr."""
-    _plot_final_loss(results_dir / "final_loss_vs_batch.png", study, summary)
+    plot_final_loss(results_dir / "final_loss_vs_batch.png", study, summary)
     batches = study.batch_tokens
     md = ["## Final validation loss vs batch size", "", "![final loss vs batch](final_loss_vs_batch.png)", "",
           f"Every run trains on the same {study.token_budget:,} tokens (GN line-search tokens "
@@ -263,7 +125,7 @@ def _budget_sections(results_dir: Path, study: StudyConfig, summary: dict[str, A
           f"{study.selection_seed} (the lowest final eval loss); medians over the reported seeds {list(study.seeds)}: "
           f"final eval loss, the seeds' range [min, max] and, in parentheses, the best eval loss on the way "
           f"(⚠ = selected lr on an edge of what was tried).",
-          "", "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+          "", "| method | " + " | ".join(fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for m in [m.name for m in study.methods]:
         cells = []
         for b in batches:
@@ -306,7 +168,7 @@ def _selected_settings(study: StudyConfig, summary: dict[str, Any]) -> list[str]
             c = summary["cells"].get(f"{m.name}/{b}")
             if c is not None:
                 values = [shown(c, k) if k in m.search else "—" for k in keys]
-                md.append(f"| {m.name} | {_fmt_batch(b)} | {c['trials']} | " + " | ".join(values) + " |")
+                md.append(f"| {m.name} | {fmt_batch(b)} | {c['trials']} | " + " | ".join(values) + " |")
     return md
 
 
@@ -392,7 +254,7 @@ def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
         md += _budget_sections(results_dir, study, summary)
     else:
         largest = batches[-1]
-        _plot_curves(results_dir / "curves_largest_batch.png",
+        plot_curves(results_dir / "curves_largest_batch.png",
                      _selected_lr_curves(results_dir, study, rows, summary["cells"], largest), largest, target,
                      "selected lr per method, lowest reported seed")
         md += [f"## Loss curves at the largest batch ({largest:,} tokens)", "",
@@ -484,7 +346,7 @@ def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) 
         cells += [times(base.get("flops_to_target"), g.get("flops_to_target")),
                   times(base.get("time_to_target_s"), g.get("time_to_target_s"))]
         cells += [times(point(m, b).get("steps_interp"), gs) for m in others]
-        md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
+        md.append(f"| {fmt_batch(b)} | " + " | ".join(cells) + " |")
     return md
 
 
@@ -515,7 +377,7 @@ def _fit_lines(summary: dict[str, Any], methods: list[str]) -> list[str]:
           "(1 − S(2B)/S(B)).", "",
           "![steps vs batch with fits](steps_vs_batch_fit.png)", "",
           "| method | S_min | B_crit (tokens) | over seeds | over batch sizes | one batch size left out | note | "
-          + (f"saving per doubling from {', '.join(_fmt_batch(b) for b in batches[:-1])}" if len(batches) > 1
+          + (f"saving per doubling from {', '.join(fmt_batch(b) for b in batches[:-1])}" if len(batches) > 1
              else "saving per doubling (one batch size: none)") + " |", "|---|---|---|---|---|---|---|---|"]
     cbs = ["", "| method | B_ref (tokens) | CBS (tokens) | over seeds | over batch sizes | one batch size left out | "
            "note |", "|---|---|---|---|---|---|---|"]
@@ -564,7 +426,7 @@ def _crossover_lines(summary: dict[str, Any]) -> list[str]:
           "over seeds. ≤ B: already cheaper at the smallest batch compared; > B: dearer at every batch measured, so "
           "the crossover, if any, lies above B. Last columns: baseline / GN at each batch (above 1: GN cheaper), with "
           "the best baseline.", "",
-          "| method | measure | crossover (tokens) | 90% interval | " + " | ".join(_fmt_batch(b) for b in batches) + " |",
+          "| method | measure | crossover (tokens) | 90% interval | " + " | ".join(fmt_batch(b) for b in batches) + " |",
           "|---|---|---|---|" + "---|" * len(batches)]
     for gn, measures in crossover.items():
         for name, label in (("flops", "FLOPs"), ("time", "time")):
@@ -618,7 +480,7 @@ def _reference_lines(study: StudyConfig, summary: dict[str, Any]) -> list[str]:
                 primary = per_target[target_key(study.primary_target)]
                 cells += [f"{spec.claim} (expects {spec.expect.replace('_', ' ')})", primary["verdict"]]\
                     if spec and spec.claim else ["—", "—"]
-            md.append(f"| {m} | {changes} | {_fmt_batch(int(b))} | " + " | ".join(cells) + " |")
+            md.append(f"| {m} | {changes} | {fmt_batch(int(b))} | " + " | ".join(cells) + " |")
     return md
 
 
@@ -639,82 +501,8 @@ def _segment_lines(summary: dict[str, Any], gn: str) -> list[str]:
     for b, row in per_batch.items():
         cells = [f"{_fmt_steps(s['baseline_steps'])} / {_fmt_steps(s['steps'])}"
                  + (f" = {s['ratio']:.2f}×" if s["ratio"] else "") for s in row["segments"]]
-        md.append(f"| {_fmt_batch(int(b))} | {row['baseline'] or 'none reached'} | " + " | ".join(cells) + " |")
+        md.append(f"| {fmt_batch(int(b))} | {row['baseline'] or 'none reached'} | " + " | ".join(cells) + " |")
     return md
-
-
-def _plot_fit(path: Path, study: StudyConfig, summary: dict[str, Any]) -> None:
-    """Steps to the primary target against batch, each method's fit over the batches it was fitted to with its
-    CBS (Zhang et al.) as a hollow diamond on the curve where it lies in that range, and a hollow triangle at the
-    method's own step budget where its reported seeds ran but the median did not reach the target (not reached is
-    not the same as not run)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    primary, batches = summary["primary_target"], summary["batch_tokens"]
-    ys = []
-    methods = [m for m in study.methods if m.control_of is None]  # controls have a table of their own
-    for i, m in enumerate(methods):
-        fit = summary["fit"].get(m.name, {})
-        cells = [summary["cells"].get(f"{m.name}/{b}") for b in batches]
-        pts = [(b, c["per_target"][target_key(primary)]["steps_interp"]) for b, c in zip(batches, cells) if c]
-        missed = [b for b, c in zip(batches, cells)
-                  if c and c["seeds"] and c["per_target"][target_key(primary)]["steps_interp"] is None]
-        pts = [(b, s) for b, s in pts if s is not None]
-        budgets = {b: study.step_budget(m, b) for b in batches}
-        if missed:  # side by side, not on top of each other: shifted a little along the (log2) batch axis
-            shift = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
-            ax.plot([b * shift for b in missed], [budgets[b] for b in missed], "^", mfc="none", mew=1.5, ms=8,
-                    color=f"C{i % 10}", label=f"{m.name}: not reached in its step budget")
-            ys += [budgets[b] for b in missed]
-        if not pts:
-            continue
-        ys += [s for _, s in pts]
-        ax.plot([b for b, _ in pts], [s for _, s in pts], "o", color=f"C{i % 10}", label=m.name)
-        if "s_min" in fit:
-            lo, hi = pts[0][0], pts[-1][0]  # drawn over the batches it was fitted to
-            grid = [lo * (hi / lo) ** (k / 60) for k in range(61)]
-            if fit.get("b_crit_unbounded"):
-                curve, label = [fit["steps_times_batch"] / b for b in grid], f"{m.name}: fit, S ∝ 1/B (B_crit unbounded)"
-            else:
-                curve = [fit["s_min"] * (1 + fit["b_crit"] / b) for b in grid]
-                label = f"{m.name}: fit, B_crit {fit['b_crit']:,.0f}, CBS {fit['cbs']:,.0f}"
-            ax.plot(grid, curve, "-", color=f"C{i % 10}", lw=1, alpha=0.8, label=label)
-            if fit.get("cbs") is not None and lo <= fit["cbs"] <= hi:
-                ax.plot([fit["cbs"]], [fit["s_min"] * (1 + fit["b_crit"] / fit["cbs"])], "D", mfc="none", mew=1.5,
-                        ms=7, color=f"C{i % 10}")
-    _steps_vs_batch_axes(ax, batches, ys)
-    ax.set_ylabel(f"steps to {primary:g} (interpolated; median over seeds)")
-    ax.set_title("Steps vs batch with S(B) = S_min(1 + B_crit/B)\n(◇ = CBS, Zhang et al.; △ = not reached)")
-    _save_with_legend_below(fig, ax, path)
-
-
-def _plot_ratio_vs_target(path: Path, summary: dict[str, Any], families: dict[str, str], gn: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    targets = summary["targets"]
-    for i, b in enumerate(summary["batch_tokens"]):
-        pts = []
-        for t in targets:
-            g = summary["cells"].get(f"{gn}/{b}", {}).get("per_target", {}).get(target_key(t), {}).get("steps_interp")
-            _, base = _best_baseline(summary, families, b, t)
-            if g and math.isfinite(base):
-                pts.append((t, base / g))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=f"batch {_fmt_batch(b)}")
-        ran = summary["cells"].get(f"{gn}/{b}", {}).get("seeds")
-        missed = [t for t in targets if ran and summary["cells"][f"{gn}/{b}"]["per_target"][target_key(t)]
-                  ["steps_interp"] is None]
-        if missed:  # GN did not reach these targets at this batch: no ratio, a cross on the parity line
-            ax.plot(missed, [1.0] * len(missed), "x", color=f"C{i % 10}", ms=8, mew=2,
-                    label=f"batch {_fmt_batch(b)}: {gn} did not reach")
-    ax.axhline(1.0, color="k", lw=0.8, label="parity (no saving)")
-    ax.axvline(summary["primary_target"], color="0.5", ls=":", lw=1, label="primary target")
-    ax.invert_xaxis()
-    ax.set_xlabel("target validation loss (deeper →)")
-    ax.set_ylabel(f"best baseline steps / {gn} steps (interpolated)")
-    ax.set_title("How many times fewer steps GN needs, by target depth")
-    ax.grid(True, alpha=0.3)
-    _save_with_legend_below(fig, ax, path)
 
 
 def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: dict[str, Any],
@@ -740,7 +528,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
           + f"); the reported seeds {summary['seeds']} then run at the selected lr only.", ""]
     for t in targets:
         md += [f"### target {t:g}" + (" (primary)" if t == primary else ""), "",
-               "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+               "| method | " + " | ".join(fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
         for m in methods:
             cells = []
             for b in batches:
@@ -760,7 +548,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
     md += ["### Selected learning rates", "", "lr (trials used; ⚠ = still on an edge of what was tried; N = GN inner "
            "steps per outer step; skipped = median skipped outer steps; η floor = share of outer steps whose line "
            "search chose its smallest step size)", "",
-           "| method | " + " | ".join(_fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
+           "| method | " + " | ".join(fmt_batch(b) for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for m in methods:
         cells = []
         for b in batches:
@@ -781,9 +569,9 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
     md += _selected_settings(study, summary)
     if len(batches) > 1:
         md += _fit_lines(summary, methods)
-        _plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
+        plot_fit(results_dir / "steps_vs_batch_fit.png", study, summary)
     else:
-        md += ["", f"One batch size ({_fmt_batch(batches[0])}): no fit of steps against batch size."]
+        md += ["", f"One batch size ({fmt_batch(batches[0])}): no fit of steps against batch size."]
     md += ["", f"### Compute and time to the primary target ({primary:g})", "",
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
            "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
@@ -796,7 +584,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
             pt = c["per_target"][target_key(primary)] if c else None
             if pt is None or pt["steps_interp"] is None:
                 continue
-            md.append(f"| {m} | {_fmt_batch(b)} | {pt['steps_interp']:.1f} | "
+            md.append(f"| {m} | {fmt_batch(b)} | {pt['steps_interp']:.1f} | "
                       f"{_fmt_int(pt.get('inner_steps_to_target'))} | {_fmt_int(pt['tokens_to_target'])} | "
                       f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])} |")
     md += _crossover_lines(summary)
@@ -818,7 +606,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                 changes = ", ".join(f"{k}={v}" for k, v in c.overrides.items())
                 steps = ["—" if v is None else f"{v:.1f}" for v in own + base]
                 rises = ["—" if x.get("early_rise") is None else f"{x['early_rise']:+.3f}" for x in (cell, ref)]
-                md.append(f"| {c.name} | {c.control_of} | {changes} | {_fmt_batch(b)} | "
+                md.append(f"| {c.name} | {c.control_of} | {changes} | {fmt_batch(b)} | "
                           + " | ".join(steps[:len(targets)] + rises[:1] + steps[len(targets):] + rises[1:]) + " |")
     md += _reference_lines(study, summary)
     gn = "gn" if "gn" in families else next((m for m, f in families.items() if f == "gn"), None)
@@ -827,7 +615,8 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
     if gn is not None:
         md += _headline_lines(summary, families, gn)
     if gn is not None and len(targets) > 1:
-        _plot_ratio_vs_target(results_dir / "ratio_vs_target.png", summary, families, gn)
+        plot_ratio_vs_target(results_dir / "ratio_vs_target.png", summary,
+                             [m for m, f in families.items() if f == BASELINE_FAMILY], gn)
         md += ["", "### GN vs the best baseline by target depth", "", "![ratio vs target](ratio_vs_target.png)", "",
                "| batch | " + " | ".join(f"{t:g}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
         for b in batches:
@@ -837,7 +626,7 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                     "steps_interp")
                 name, base = _best_baseline(summary, families, b, t)
                 cells.append(f"{base / g:.2f}× ({name})" if g and math.isfinite(base) else "—")
-            md.append(f"| {_fmt_batch(b)} | " + " | ".join(cells) + " |")
+            md.append(f"| {fmt_batch(b)} | " + " | ".join(cells) + " |")
     if gn is not None:
         md += _segment_lines(summary, gn)
     return md + [""]
