@@ -42,7 +42,10 @@ def headline(study_dir: Path) -> dict[str, Any]:
         name, base = best_baseline(cells, baselines, b, primary)
         gn = ((cells.get(f"{GN}/{b}") or {}).get("per_target", {}).get(target_key(primary)) or {}).get("steps_interp")
         rows[b] = {"baseline": name, "baseline_steps": base if math.isfinite(base) else None, "gn_steps": gn,
-                   "ratio": base / gn if gn and math.isfinite(base) else None}
+                   "ratio": base / gn if gn and math.isfinite(base) else None,
+                   # whether any reported seed ran: not reached is not the same as not run yet
+                   "baselines_ran": any((cells.get(f"{m}/{b}") or {}).get("seeds", 0) for m in baselines),
+                   "gn_ran": bool((cells.get(f"{GN}/{b}") or {}).get("seeds", 0))}
     return {"study": summary.get("name", study_dir.name), "primary_target": primary, "batches": rows}
 
 
@@ -58,8 +61,8 @@ def markdown(heads: list[dict[str, Any]]) -> str:
     for b in batches:
         cells = [h["batches"].get(b) or {} for h in heads]
         base = [f"{c['baseline']} {steps(c['baseline_steps'])}" if c.get("baseline") else
-                ("not run" if not c else "none reached") for c in cells]
-        gn = [steps(c.get("gn_steps")) if c else "not run" for c in cells]
+                "not run" if not c else "none reached" if c["baselines_ran"] else "seeds not run yet" for c in cells]
+        gn = ["not run" if not c else steps(c["gn_steps"]) if c["gn_ran"] else "seeds not run yet" for c in cells]
         ratio = ["—" if c.get("ratio") is None else f"{c['ratio']:.2f}×" for c in cells]
         lines.append(f"| {b:,} | " + " | ".join(base + gn + ratio) + " |")
     return "\n".join(lines) + "\n"
