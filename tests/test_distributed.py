@@ -165,3 +165,34 @@ def test_bench_under_torchrun_records_the_same_study(tmp_path):
     assert [r["run_id"] for r in two] == [r.run_id for r in one]  # each run recorded once, by rank 0
     for a, b in zip(one, two):
         assert rel(b["final_eval_loss"], a.final_eval_loss) < 1e-5 and a.steps == b["steps"]
+
+
+@pytest.mark.slow
+def test_two_process_probe_equals_one_process_probe(tmp_path):
+    """gnlm probe under torchrun: every rank holds θ₀ and a shard of every batch, gradients, GGN products and losses
+    are averaged, so the scores, the calibrated λ* and the real-loss curves equal a 1-process probe's (to 1e-5: the
+    reduction order's float64 rounding, amplified by CG at small λ; a missing or doubled reduction is off by O(1))."""
+    from gnlm.cli import main
+
+    run = tmp_path / "run"
+    run_training(load_run_config(None, [f"out_dir={run}", *COMMON, *BASELINE[:1], "train.steps=3", "train.batch_size=4",
+                                        "train.eval_every=3", "data.eval_sequences=4", "optim.lr=3e-3"]))
+    probe = ["--optimizers", "adamw,muon", "--lrs", "3e-3,2e-2", "--damping-grid", "1e-3,1e-1,10", "--probe-batches",
+             "2", "--warmup-steps", "1", "--batch-tokens", "512", "--cg-iters", "20", "--no-progress"]
+    assert main(["probe", str(run), *probe, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+           "gnlm", "probe", str(run), *probe, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "probe.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["damping"] == one["damping"] and len(two["by_damping"]) == len(one["by_damping"])
+    for a, b in zip(one["by_damping"], two["by_damping"]):
+        for name in a["rho"]:
+            assert rel(b["rho"][name], a["rho"][name]) < 1e-5, (a["damping"], name, a["rho"][name], b["rho"][name])
+        for x, y in zip(a["oracle_real_loss_change"], b["oracle_real_loss_change"]):
+            assert abs(x - y) < 1e-9 + 1e-5 * abs(x)
+    for name in ("adamw", "muon"):
+        assert rel(two["optimizers"][name]["rho"], one["optimizers"][name]["rho"]) < 1e-5
+        assert rel(two["optimizers"][name]["real_loss_fraction"], one["optimizers"][name]["real_loss_fraction"]) < 1e-5

@@ -174,3 +174,18 @@ def test_gn_stage_tangent_maps_match_torch_func_jvp():
             _, want = jvp(f, (h, at), (h_t, some))
             torch.testing.assert_close(stage_jvp(h_t, some), want, rtol=1e-10, atol=1e-12)
         h = h_out
+
+def test_loss_is_computed_in_the_logits_precision_and_never_below_float32():
+    """float64 logits give a float64 loss (a float64 run's loss and every real-loss difference are not rounded to
+    float32); half-precision logits are upcast to float32 first."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 5), generator=g)
+    want = -(logits.log_softmax(-1).gather(-1, targets[..., None])).mean()
+    got = loss_fn(logits, targets)
+    assert got.dtype == torch.float64 and abs(float(got - want)) < 1e-14
+    half = loss_fn(logits.to(torch.bfloat16), targets)
+    assert half.dtype == torch.float32
+    assert float(half) == float(F.cross_entropy(logits.to(torch.bfloat16).float().reshape(-1, 7), targets.reshape(-1)))

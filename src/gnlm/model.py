@@ -429,8 +429,10 @@ def model_shapes(cfg: ModelConfig) -> nn.Module:
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all B·T tokens."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+    """Mean next-token cross-entropy over all B·T tokens, in float32 at least (half-precision logits are upcast;
+    float64 logits stay float64)."""
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def count_parameters(model: nn.Module) -> int:
