@@ -67,3 +67,14 @@ def randomize_parameters(model, seed: int = 0, norm_spread: float = 0.5, bias_sc
             else:
                 p.mul_(torch.exp(row_spread * randn(p.shape[0], *[1] * (p.ndim - 1))).to(p.dtype))
     return model
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, for testing its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

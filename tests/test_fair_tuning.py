@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fair_tuning.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ft():
-    spec = importlib.util.spec_from_file_location("fair_tuning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fair_tuning")
 
 
 def _study(root: Path, name: str, target: float, steps: dict[str, dict[int, float | None]], kind="steps_to_target"):

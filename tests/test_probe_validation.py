@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_validation.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def pv():
-    spec = importlib.util.spec_from_file_location("probe_validation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("probe_validation")
 
 
 def _summary(steps: dict[str, float | None], batch: int) -> dict:
