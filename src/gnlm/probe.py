@@ -24,7 +24,8 @@ GN matrices is the batch's), over a log grid of λ from the largest down (:func:
 warm-started from the previous λ). λ* is the λ whose d* lowers the real loss on the fresh batches most at its best η
 (mean curve over the probe batches): the damping at which the oracle is a step worth taking. The sweep stops at the
 first λ whose d* does worse there than a larger λ's that lowers the real loss (smaller λ cost the most CG iterations
-and, the real decrease being unimodal in λ in every probe we ran, would not win); ``--full-sweep`` solves them all. Every headline number is at λ*; ρ(λ)
+and, the real decrease being unimodal in λ in every probe we ran, would not win); ``--full-sweep`` solves them all.
+Every headline number is at λ*; ρ(λ)
 of every direction is in ``by_damping`` and the figure; when no λ lowers the real loss at any η, a warning says so.
 ``--damping`` fixes λ instead. Beside ρ, each direction's best real decrease as a fraction of the oracle's at λ*
 (``real_loss_fraction``).
@@ -442,7 +443,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
         sv = solves[lam] = {k: [] for k in (
             "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
             "layerwise_cg_rel_residual", "layerwise_cg_converged")}
-        for k, ((mbs, fresh), sweep) in enumerate(zip(batches, sweeps)):
+        for (_, fresh), sweep in zip(batches, sweeps):
             solved, r = next(sweep)
             assert solved == lam
             _, changes = loss_along(model, theta0, {(ref, lam): r.references[ref] for ref in REFERENCES}, fresh,
@@ -645,7 +646,8 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(src.checkpoints) * probe_batches * len(dampings), unit="solve", desc="gnlm probe", dynamic_ncols=True,
+    bar = tqdm(total=len(src.checkpoints) * probe_batches * len(dampings), unit="solve", desc="gnlm probe",
+               dynamic_ncols=True,
                disable=not (progress and dist.is_main()), file=sys.stderr)
     points = []
     for path in src.checkpoints:
