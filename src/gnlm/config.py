@@ -33,6 +33,12 @@ class ConfigError(ValueError):
     """A user-facing configuration problem. The message is one line naming the problem and the fix."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for a one-line error that quotes it."""
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
 def import_module_from_cwd(name: str) -> Any:
     """``importlib.import_module(name)`` with the working directory on ``sys.path`` first, as under ``python -m``:
     a user's ``myopt.py`` or ``mymodel.py`` beside the command is importable from ``gnlm`` too (the console script

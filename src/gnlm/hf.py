@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gnlm.config import ConfigError, import_module_from_cwd
+from gnlm.config import ConfigError, first_line, import_module_from_cwd
 
 __all__ = ["CausalLM", "build_hf_model", "build_module", "embedding_and_head", "hf_config", "hf_lengths"]
 
@@ -61,7 +61,7 @@ def _hf_config(spec_json: str) -> Any:
         try:
             config = auto.for_model(model_type, **fields)
         except ValueError as e:
-            raise ConfigError(f"model.hf_config: {_first_line(e)}; give a model_type transformers knows") from None
+            raise ConfigError(f"model.hf_config: {first_line(e)}; give a model_type transformers knows") from None
     else:
         path = Path(os.path.expanduser(spec))
         if path.is_file():
@@ -118,7 +118,7 @@ def module_factory(path: str) -> Any:
     try:
         module = import_module_from_cwd(module_name)
     except ImportError as e:
-        raise ConfigError(f"model.module: cannot import {module_name!r} ({_first_line(e)}; looked in the working "
+        raise ConfigError(f"model.module: cannot import {module_name!r} ({first_line(e)}; looked in the working "
                           f"directory and the installed packages); fix the path") from None
     factory = module
     for part in attr.split("."):
@@ -158,7 +158,3 @@ def embedding_and_head(model: nn.Module) -> list[str]:
     ids = {id(p) for m in wanted for p in m.parameters(recurse=False)}
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
