@@ -42,7 +42,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,7 +279,8 @@ def _optimizers(src: _Source, cfg: RunConfig, spec: StudyConfig | None, labels: 
                 raw = merge({k: v for k, v in raw.items() if k != "optim"}, {"method": "baseline", "optim": {
                     "name": name, "lr": OptimConfig().lr}})
                 lr_source = "OptimConfig default"
-                where = f"the run's config ({src.config_path}) with optim: {{name: {name}}} (other optim fields default)"
+                where = (f"the run's config ({src.config_path}) with optim: {{name: {name}}} (other optim fields "
+                         "default)")
             if lr is not None:
                 raw, lr_source = merge(raw, {"optim": {"lr": lr}}), "--lrs"
             rc = build_run_config(raw)
@@ -339,7 +340,8 @@ def param_group_settings(optimizer: Any) -> list[dict[str, Any]]:
             for g in optimizer.param_groups]
 
 
-def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: int, lr: float, continued: bool) -> dict[str, Any]:
+def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: int, lr: float,
+              continued: bool) -> dict[str, Any]:
     """Every setting an optimizer of the probe was built and stepped with (probe.json ``settings``)."""
     return {"source": po.settings_source, "optim": to_dict(po.cfg.optim), "schedule": to_dict(po.cfg.schedule),
             "train_steps": po.cfg.train.steps, "first_warmup_update": start, "probe_update": start + warm,
@@ -349,11 +351,179 @@ def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: in
             "param_groups": groups}
 
 
+Micro = list[tuple[Tensor, Tensor]]  # one batch as equal micro-batches
+
+
+def _warm_optimizers(params: Params, theta0: Params, opts: dict[str, _Optimizer], warm: list[Micro],
+                     saved_optimizer: dict[str, Any] | None, ckpt_path: Path, step: int | None,
+                     loss_grad: Callable[[Micro], Params]) -> tuple[dict[str, tuple[Any, dict]], dict[str, Any]]:
+    """Each optimizer built as ``gnlm train`` builds it (continuing the checkpoint's state when asked), stepped along
+    the ``warm`` batches of the training stream, the parameters put back at θ₀ after each; returns per optimizer
+    (the optimizer, a snapshot of its state for the probe step) and its settings (probe.json ``settings``)."""
+    optimizers: dict[str, tuple[Any, dict]] = {}
+    settings: dict[str, Any] = {}
+    for name, po in opts.items():
+        saved = saved_optimizer if po.continue_state else None
+        opt = baseline_optimizer(params, po.cfg, saved, ckpt_path)
+        groups = param_group_settings(opt)  # what it was built with, before any step
+        start = po.start_step if po.start_step is not None else step or 0
+        for i, mbs in enumerate(warm):
+            scheduled_lr(opt, po.cfg, start + i)
+            grads = loss_grad(mbs)
+            for n, p in params.items():
+                p.grad = grads[n]
+            optimizer_step(opt, po.cfg.optim.clip, per_group=po.cfg.optim.clip_per_group)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta0[n])
+        lr = scheduled_lr(opt, po.cfg, start + len(warm))  # the probe step: update number start + warm-up steps
+        optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
+        settings[name] = _settings(po, groups, start, len(warm), lr, saved is not None)
+    return optimizers, settings
+
+
+@dataclass
+class _Sweep:
+    """What the damping sweep of one checkpoint measured. ``lams``: the dampings solved (ascending); ``scores[λ][n]``:
+    per probe batch, the scores of direction ``n`` against the references at λ; ``real[key]``: per probe batch, the
+    real loss change along the line-search η grid of an optimizer (key: its name) or a reference at λ (key:
+    (reference, λ)); ``oracle[λ]``: GN's mean real-loss curve at λ; ``solves[λ]``: per probe batch, the solves'
+    diagnostics; ``loss``, ``real_loss_base``: per probe batch, the loss at θ₀ and on the fresh batch."""
+
+    lams: list[float]
+    scores: dict[float, dict[str, list[dict[str, float]]]]
+    real: dict[Any, list[list[float]]]
+    oracle: dict[float, list[float]]
+    solves: dict[float, dict[str, list[Any]]]
+    loss: list[float]
+    real_loss_base: list[float]
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    return [statistics.fmean(c) for c in zip(*curves)]
+
+
+def _sweep(model: torch.nn.Module, theta0: Params, batches: list[tuple[Micro, Micro]],
+           optimizers: dict[str, tuple[Any, dict]], opts: dict[str, _Optimizer], dampings: list[float],
+           etas: list[float], blocks: list[list[str]], cg_iters: int, cg_tol: float,
+           loss_grad: Callable[[Micro], Params], reduce, bar, full_sweep: bool) -> _Sweep:
+    """Every optimizer's probe step on each probe batch (from the same warmed-up state) and its real-loss curve on
+    the batch's fresh twin; then the references, λ-major: every probe batch's solve at λ, then the oracle's mean
+    real-loss curve at λ. The sweep goes from the largest λ down and (unless ``full_sweep``) stops at the first λ
+    whose oracle does worse at its best η than the best larger λ, once that one lowers the real loss: smaller λ are
+    the costly solves."""
+    names = [*REFERENCES, *opts]
+    out = _Sweep(lams=[], scores={}, real={n: [] for n in opts}, oracle={}, solves={}, loss=[], real_loss_base=[])
+    sweeps = []
+    for mbs, fresh in batches:
+        g = loss_grad(mbs)
+        steps = {}
+        for name, (opt, snapshot) in optimizers.items():
+            opt.load_state_dict(copy.deepcopy(snapshot))
+            ocfg = opts[name].cfg.optim
+            steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
+        base, changes = loss_along(model, theta0, steps, fresh, None, etas, reduce=reduce)
+        for key, curve in changes.items():
+            out.real[key].append(curve)
+        out.real_loss_base.append(base)
+        sweeps.append(sweep_dampings(model, theta0, mbs, None, steps, dampings, cg_iters=cg_iters, cg_tol=cg_tol,
+                                     blocks=blocks, grad=g, reduce=reduce))
+    for lam in sorted(dampings, reverse=True):
+        out.lams.append(lam)
+        out.scores[lam] = {n: [] for n in names}
+        out.real.update({(r, lam): [] for r in REFERENCES})
+        sv = out.solves[lam] = {k: [] for k in (
+            "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
+            "layerwise_cg_rel_residual", "layerwise_cg_converged")}
+        for (_, fresh), sweep in zip(batches, sweeps):
+            solved, r = next(sweep)
+            assert solved == lam
+            _, changes = loss_along(model, theta0, {(ref, lam): r.references[ref] for ref in REFERENCES}, fresh,
+                                    None, etas, reduce=reduce)
+            for key, curve in changes.items():
+                out.real[key].append(curve)
+            for n in names:
+                out.scores[lam][n].append(r.scores[n])
+            sv["gmg"].append(r.gmg)
+            sv["gmg_rel_gap_bound"].append(r.gmg_rel_gap_bound)
+            for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
+                sv[f"{prefix}cg_iterations"].append(r.cg[ref]["iterations"])
+                sv[f"{prefix}cg_rel_residual"].append(r.cg[ref]["relative_residual"])
+                sv[f"{prefix}cg_converged"].append(r.cg[ref]["converged"])
+            if len(out.lams) == 1:
+                out.loss.append(r.loss)
+            bar.update(1)
+        out.oracle[lam] = _mean_curve(out.real[("gn", lam)])
+        best = min(min(out.oracle[prev]) for prev in out.lams[:-1]) if len(out.lams) > 1 else None
+        if not full_sweep and best is not None and best < 0 and min(out.oracle[lam]) > best:
+            break
+    for sweep in sweeps:
+        sweep.close()
+    bar.update(len(batches) * (len(dampings) - len(out.lams)))  # the dampings left unsolved
+    out.lams.sort()
+    return out
+
+
+def _point_record(sw: _Sweep, lam_star: float, opts: dict[str, _Optimizer], settings: dict[str, Any],
+                  etas: list[float], ckpt_path: Path, step: int | None, n_blocks: int) -> dict[str, Any]:
+    """The probe.json entry of one checkpoint: every optimizer's and reference's summary at λ*, and the sweep."""
+    names = [*REFERENCES, *opts]
+
+    def summary(name: str, curves: list[list[float]]) -> dict[str, Any]:
+        sc = sw.scores[lam_star][name]
+        predicted = [[eta * s["gtd"] + 0.5 * eta * eta * s["dmd"] for eta in etas] for s in sc]
+        out = _summarize(sc, curves, predicted)
+        best = min(range(len(etas)), key=lambda i: out["real_loss_change"][i])
+        out["best_eta"], out["best_real_loss_change"] = etas[best], out["real_loss_change"][best]
+        out["rho_by_damping"] = [statistics.fmean(s["rho"] for s in sw.scores[lam][name]) for lam in sw.lams]
+        return out
+
+    point: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step, "loss": statistics.fmean(sw.loss)}
+    point["optimizers"] = {name: {"lr": opts[name].cfg.optim.lr, "lr_source": opts[name].lr_source,
+                                  **summary(name, sw.real[name]), "settings": settings[name]} for name in opts}
+    point["references"] = {ref: summary(ref, sw.real[(ref, lam_star)]) for ref in REFERENCES}
+    oracle_best = point["references"]["gn"]["best_real_loss_change"]
+    for entry in [*point["optimizers"].values(), *point["references"].values()]:
+        # the second measure: the real loss decrease at the best η as a fraction of the oracle's (at λ*)
+        entry["real_loss_fraction"] = entry["best_real_loss_change"] / oracle_best if oracle_best < 0 else None
+    for ref in REFERENCES:
+        point[f"{ref}_rho"] = point["references"][ref]["rho"]
+        point[f"{ref}_rho_std"] = point["references"][ref]["rho_std"]
+    point["damping"] = lam_star
+    point["oracle_helps"] = any(v < 0 for lam in sw.lams for v in sw.oracle[lam])
+    point["by_damping"] = [{
+        "damping": lam, "oracle_real_loss_change": sw.oracle[lam],
+        "oracle_best_real_loss_change": min(sw.oracle[lam]),
+        "oracle_best_eta": etas[sw.oracle[lam].index(min(sw.oracle[lam]))],
+        "rho": {n: statistics.fmean(s["rho"] for s in sw.scores[lam][n]) for n in names},
+        "real_loss_change": {n: _mean_curve(sw.real[n] if n in opts else sw.real[(n, lam)]) for n in names},
+        "cg_iterations": sw.solves[lam]["cg_iterations"], "cg_converged": all(sw.solves[lam]["cg_converged"]),
+        "layerwise_cg_iterations": sw.solves[lam]["layerwise_cg_iterations"],
+        "layerwise_cg_converged": all(sw.solves[lam]["layerwise_cg_converged"]),
+        "gmg": sw.solves[lam]["gmg"]} for lam in sw.lams]
+    sv = sw.solves[lam_star]
+    gaps = [v for v in sv["gmg_rel_gap_bound"] if v is not None]
+    point["gmg_rel_gap_bound"] = max(gaps) if gaps else None
+    point["cg_rel_residual"] = max(sv["cg_rel_residual"])
+    point["cg_iterations"] = sv["cg_iterations"]
+    point["cg_converged"] = all(sv["cg_converged"])
+    point["layerwise_cg_rel_residual"] = max(sv["layerwise_cg_rel_residual"])
+    point["layerwise_cg_iterations"] = sv["layerwise_cg_iterations"]
+    point["layerwise_cg_converged"] = all(sv["layerwise_cg_converged"])
+    point["layerwise_blocks"] = n_blocks
+    point["per_batch"] = {"loss": sw.loss, "real_loss_base": sw.real_loss_base,
+                          **{k: sv[k] for k in ("gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual",
+                                                "layerwise_cg_iterations", "layerwise_cg_rel_residual")}}
+    return point
+
+
 def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int, micro: int,
                  probe_batches: int, warmup_steps: int, dampings: list[float], cg_iters: int, cg_tol: float,
                  device: torch.device, bar, full_sweep: bool = False) -> dict[str, Any]:
-    """Every number of one checkpoint: optimizer steps, references at every damping, real-loss curves over the
-    probe batches, the calibrated damping λ* and the summaries at λ*."""
+    """Every number of one checkpoint: the model and the batches from the checkpoint's training stream (warm-up,
+    then pairs of probe batch and fresh batch), the optimizers warmed up (:func:`_warm_optimizers`), the sweep
+    (:func:`_sweep`), the calibrated damping λ* (the damping whose GN step lowers the real loss on the fresh
+    batches most at its best η, mean curve) and the record at λ* (:func:`_point_record`)."""
     ckpt = load_checkpoint(ckpt_path, map_location=device, verbose=dist.is_main())
     model = build_model(cfg, device)
     load_weights(model, ckpt["model"], f"checkpoint {ckpt_path}")
@@ -369,15 +539,12 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
     blocks = layerwise_blocks(model, cfg.gn.blocks)
     etas = cfg.gn.line_search_etas()
 
-    def to_device(b) -> list[tuple[Tensor, Tensor]]:  # equal micro-batches of at most `micro` sequences
+    def to_device(b) -> Micro:  # equal micro-batches of at most `micro` sequences
         x, y = b[0].to(device), b[1].to(device)
         size = max(d for d in range(1, min(micro, x.size(0)) + 1) if x.size(0) % d == 0)
         return list(zip(x.split(size), y.split(size)))
 
-    warm = [to_device(stream.next(n_seq)) for _ in range(warmup_steps)]
-    batches = [(to_device(stream.next(n_seq)), to_device(stream.next(n_seq))) for _ in range(probe_batches)]
-
-    def loss_grad(mbs: list[tuple[Tensor, Tensor]]) -> Params:  # the batch's mean loss, over its micro-batches
+    def loss_grad(mbs: Micro) -> Params:  # the batch's mean loss, over its micro-batches
         model.zero_grad(set_to_none=True)
         for x, y in mbs:
             (loss_fn(model(x), y) / len(mbs)).backward()
@@ -387,150 +554,26 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimiz
             reduce(list(grads.values()))
         return grads
 
-    optimizers: dict[str, tuple[Any, dict[str, Any]]] = {}
-    settings: dict[str, dict[str, Any]] = {}
-    for name, po in opts.items():  # build each optimizer's state along the training stream, then back to θ₀
-        saved = saved_optimizer if po.continue_state else None
-        opt = baseline_optimizer(params, po.cfg, saved, ckpt_path)  # as gnlm train builds it
-        groups = param_group_settings(opt)  # what it was built with, before any step
-        start = po.start_step if po.start_step is not None else step or 0
-        clip, per_group = po.cfg.optim.clip, po.cfg.optim.clip_per_group
-        for i, mbs in enumerate(warm):
-            scheduled_lr(opt, po.cfg, start + i)
-            grads = loss_grad(mbs)
-            for n, p in params.items():
-                p.grad = grads[n]
-            optimizer_step(opt, clip, per_group=per_group)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(theta0[n])
-        lr = scheduled_lr(opt, po.cfg, start + len(warm))  # the probe step: update number start + warm-up steps
-        optimizers[name] = (opt, copy.deepcopy(opt.state_dict()))
-        settings[name] = _settings(po, groups, start, len(warm), lr, saved is not None)
+    warm = [to_device(stream.next(n_seq)) for _ in range(warmup_steps)]
+    batches = [(to_device(stream.next(n_seq)), to_device(stream.next(n_seq))) for _ in range(probe_batches)]
+    optimizers, settings = _warm_optimizers(params, theta0, opts, warm, saved_optimizer, ckpt_path, step, loss_grad)
+    sw = _sweep(model, theta0, batches, optimizers, opts, dampings, etas, blocks, cg_iters, cg_tol, loss_grad, reduce,
+                bar, full_sweep)
 
-    names = [*REFERENCES, *opts]
-    lams: list[float] = []  # the dampings solved, largest first
-    scores: dict[float, dict[str, list[dict[str, float]]]] = {}
-    real: dict[Any, list[list[float]]] = {n: [] for n in opts}
-    per_batch: dict[str, list[Any]] = {"loss": [], "real_loss_base": []}
-    solves: dict[float, dict[str, list[Any]]] = {}
-    sweeps = []
-    for mbs, fresh in batches:
-        g = loss_grad(mbs)
-        steps = {}
-        for name, (opt, snapshot) in optimizers.items():  # every probe starts from the same warmed-up state
-            opt.load_state_dict(copy.deepcopy(snapshot))
-            ocfg = opts[name].cfg.optim
-            steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
-        base, changes = loss_along(model, theta0, steps, fresh, None, etas, reduce=reduce)
-        for key, curve in changes.items():
-            real[key].append(curve)
-        per_batch["real_loss_base"].append(base)
-        sweeps.append(sweep_dampings(model, theta0, mbs, None, steps, dampings, cg_iters=cg_iters, cg_tol=cg_tol,
-                                     blocks=blocks, grad=g, reduce=reduce))
-
-    def mean_curve(curves: list[list[float]]) -> list[float]:
-        return [statistics.fmean(c) for c in zip(*curves)]
-
-    # λ-major: every probe batch's solve at λ, then the oracle's real-loss curve at λ (mean over the batches); the
-    # sweep goes from the largest λ down and (unless full_sweep) stops at the first λ whose oracle does worse at
-    # its best η than the best larger λ, once that one lowers the real loss: smaller λ are the costly solves
-    oracle: dict[float, list[float]] = {}
-    for lam in sorted(dampings, reverse=True):
-        lams.append(lam)
-        scores[lam] = {n: [] for n in names}
-        real.update({(r, lam): [] for r in REFERENCES})
-        sv = solves[lam] = {k: [] for k in (
-            "gmg", "gmg_rel_gap_bound", "cg_iterations", "cg_rel_residual", "cg_converged", "layerwise_cg_iterations",
-            "layerwise_cg_rel_residual", "layerwise_cg_converged")}
-        for (_, fresh), sweep in zip(batches, sweeps):
-            solved, r = next(sweep)
-            assert solved == lam
-            _, changes = loss_along(model, theta0, {(ref, lam): r.references[ref] for ref in REFERENCES}, fresh,
-                                    None, etas, reduce=reduce)
-            for key, curve in changes.items():
-                real[key].append(curve)
-            for n in names:
-                scores[lam][n].append(r.scores[n])
-            sv["gmg"].append(r.gmg)
-            sv["gmg_rel_gap_bound"].append(r.gmg_rel_gap_bound)
-            for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
-                sv[f"{prefix}cg_iterations"].append(r.cg[ref]["iterations"])
-                sv[f"{prefix}cg_rel_residual"].append(r.cg[ref]["relative_residual"])
-                sv[f"{prefix}cg_converged"].append(r.cg[ref]["converged"])
-            if len(lams) == 1:
-                per_batch["loss"].append(r.loss)
-            bar.update(1)
-        oracle[lam] = mean_curve(real[("gn", lam)])
-        best = min(min(oracle[prev]) for prev in lams[:-1]) if len(lams) > 1 else None
-        if not full_sweep and best is not None and best < 0 and min(oracle[lam]) > best:
-            break
-    for sweep in sweeps:
-        sweep.close()
-    bar.update(probe_batches * (len(dampings) - len(lams)))  # the dampings left unsolved
-    lams.sort()
-
-    # λ*: the damping whose GN step lowers the real loss on the fresh batches most at its best η (mean curve)
-    lam_star = min(lams, key=lambda lam: (min(oracle[lam]), -lam))
-    helps = any(v < 0 for lam in lams for v in oracle[lam])
-    if not helps and dist.is_main():
-        bar.write(f"gnlm probe: warning: {no_help(step, lams)}", file=sys.stderr)
-    sv = solves[lam_star]
-    for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
-        for k, ok in enumerate(sv[f"{prefix}cg_converged"]):
-            if not ok and dist.is_main():
-                bar.write(f"gnlm probe: warning: CG for the {LABELS[ref]} at λ* = {lam_star:g} stopped after "
-                          f"{sv[f'{prefix}cg_iterations'][k]} iterations at relative residual "
-                          f"{sv[f'{prefix}cg_rel_residual'][k]:.2e} > {cg_tol:g} (checkpoint step {step}, probe batch "
-                          f"{k + 1}); its ρ and every ρ measured against it are approximate: raise --cg-iters",
-                          file=sys.stderr)
-
-    def summary(name: str, curves: list[list[float]]) -> dict[str, Any]:
-        sc = scores[lam_star][name]
-        predicted = [[eta * s["gtd"] + 0.5 * eta * eta * s["dmd"] for eta in etas] for s in sc]
-        out = _summarize(sc, curves, predicted)
-        best = min(range(len(etas)), key=lambda i: out["real_loss_change"][i])
-        out["best_eta"], out["best_real_loss_change"] = etas[best], out["real_loss_change"][best]
-        out["rho_by_damping"] = [statistics.fmean(s["rho"] for s in scores[lam][name]) for lam in lams]
-        return out
-
-    point: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step,
-                             "loss": statistics.fmean(per_batch["loss"])}
-    point["optimizers"] = {name: {"lr": opts[name].cfg.optim.lr, "lr_source": opts[name].lr_source,
-                                  **summary(name, real[name]), "settings": settings[name]} for name in opts}
-    point["references"] = {ref: summary(ref, real[(ref, lam_star)]) for ref in REFERENCES}
-    oracle_best = point["references"]["gn"]["best_real_loss_change"]
-    for entry in [*point["optimizers"].values(), *point["references"].values()]:
-        # the second measure: the real loss decrease at the best η as a fraction of the oracle's (at λ*)
-        entry["real_loss_fraction"] = entry["best_real_loss_change"] / oracle_best if oracle_best < 0 else None
-    for ref in REFERENCES:
-        point[f"{ref}_rho"] = point["references"][ref]["rho"]
-        point[f"{ref}_rho_std"] = point["references"][ref]["rho_std"]
-    point["damping"] = lam_star
-    point["oracle_helps"] = helps
-    point["by_damping"] = [{
-        "damping": lam, "oracle_real_loss_change": oracle[lam], "oracle_best_real_loss_change": min(oracle[lam]),
-        "oracle_best_eta": etas[oracle[lam].index(min(oracle[lam]))],
-        "rho": {n: statistics.fmean(s["rho"] for s in scores[lam][n]) for n in names},
-        "real_loss_change": {n: mean_curve(real[n] if n in opts else real[(n, lam)]) for n in names},
-        "cg_iterations": solves[lam]["cg_iterations"], "cg_converged": all(solves[lam]["cg_converged"]),
-        "layerwise_cg_iterations": solves[lam]["layerwise_cg_iterations"],
-        "layerwise_cg_converged": all(solves[lam]["layerwise_cg_converged"]),
-        "gmg": solves[lam]["gmg"]} for lam in lams]
-    gaps = [v for v in sv["gmg_rel_gap_bound"] if v is not None]
-    point["gmg_rel_gap_bound"] = max(gaps) if gaps else None
-    point["cg_rel_residual"] = max(sv["cg_rel_residual"])
-    point["cg_iterations"] = sv["cg_iterations"]
-    point["cg_converged"] = all(sv["cg_converged"])
-    point["layerwise_cg_rel_residual"] = max(sv["layerwise_cg_rel_residual"])
-    point["layerwise_cg_iterations"] = sv["layerwise_cg_iterations"]
-    point["layerwise_cg_converged"] = all(sv["layerwise_cg_converged"])
-    point["layerwise_blocks"] = len(blocks)
-    point["per_batch"] = {**per_batch, **{k: sv[k] for k in ("gmg", "gmg_rel_gap_bound", "cg_iterations",
-                                                             "cg_rel_residual", "layerwise_cg_iterations",
-                                                             "layerwise_cg_rel_residual")}}
-    return point
-
+    lam_star = min(sw.lams, key=lambda lam: (min(sw.oracle[lam]), -lam))
+    if dist.is_main():
+        if not any(v < 0 for lam in sw.lams for v in sw.oracle[lam]):
+            bar.write(f"gnlm probe: warning: {no_help(step, sw.lams)}", file=sys.stderr)
+        sv = sw.solves[lam_star]
+        for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
+            for k, ok in enumerate(sv[f"{prefix}cg_converged"]):
+                if not ok:
+                    bar.write(f"gnlm probe: warning: CG for the {LABELS[ref]} at λ* = {lam_star:g} stopped after "
+                              f"{sv[f'{prefix}cg_iterations'][k]} iterations at relative residual "
+                              f"{sv[f'{prefix}cg_rel_residual'][k]:.2e} > {cg_tol:g} (checkpoint step {step}, probe "
+                              f"batch {k + 1}); its ρ and every ρ measured against it are approximate: raise "
+                              f"--cg-iters", file=sys.stderr)
+    return _point_record(sw, lam_star, opts, settings, etas, ckpt_path, step, len(blocks))
 
 
 DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -551,7 +594,8 @@ def _dampings(damping: float | None, grid: str | Sequence[float] | None) -> list
     try:
         values = [float(v) for v in items]
     except ValueError:
-        raise ConfigError(f"--damping-grid: {grid!r} is not a list of numbers; e.g. --damping-grid 1e-4,1e-2,1") from None
+        raise ConfigError(f"--damping-grid: {grid!r} is not a list of numbers; e.g. --damping-grid "
+                          "1e-4,1e-2,1") from None
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise ConfigError(f"--damping-grid: every λ must be a positive number, got {grid!r}; e.g. "
                           "--damping-grid 1e-4,1e-2,1")
