@@ -444,7 +444,7 @@ def test_a_runs_file_cut_off_in_its_first_row_is_still_read_as_no_rows(tmp_path,
 
 def test_the_memory_check_refuses_only_beyond_its_floor(monkeypatch):
     """The floor: parameters, gradients and buffers, plus two logit tensors of the batch; exactly that fits."""
-    import gnlm.run as run_mod
+    import gnlm.resources as resources
     from gnlm.config import ConfigError
     from gnlm.model import GPT
 
@@ -452,15 +452,15 @@ def test_the_memory_check_refuses_only_beyond_its_floor(monkeypatch):
     model = GPT(cfg.model)
     weights = 2 * sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     floor = weights + 2 * 8 * 32 * cfg.model.vocab_size * 4
-    monkeypatch.setattr(run_mod, "available_memory", lambda device: floor)
-    run_mod.check_memory(cfg, 8, torch.device("cpu"), "the run", "train.batch_size")
-    monkeypatch.setattr(run_mod, "available_memory", lambda device: floor - 1)
+    monkeypatch.setattr(resources, "available_memory", lambda device: floor)
+    resources.check_memory(cfg, 8, torch.device("cpu"), "the run", "train.batch_size")
+    monkeypatch.setattr(resources, "available_memory", lambda device: floor - 1)
     with pytest.raises(ConfigError, match="needs at least .* lower train.batch_size"):
-        run_mod.check_memory(cfg, 8, torch.device("cpu"), "the run", "train.batch_size")
+        resources.check_memory(cfg, 8, torch.device("cpu"), "the run", "train.batch_size")
 
 
 def test_the_default_runs_fit_in_this_machines_memory():
-    from gnlm.run import available_memory, check_run_memory
+    from gnlm.resources import available_memory, check_run_memory
 
     assert available_memory(torch.device("cpu")) > 0
     for preset in ("nano", "micro"):

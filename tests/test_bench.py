@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 
 from gnlm import bench, results
-from gnlm.selection import selection_key, steps_to
 from gnlm.bench import run_study
 from gnlm.config import ConfigError
 from gnlm.plan import LrSearchStop, plan_runs
 from gnlm.results import Row
+from gnlm.selection import selection_key, steps_to
 from gnlm.study import load_study, preset_names, study_from_dict
 
 

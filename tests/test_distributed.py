@@ -19,7 +19,7 @@ import torch
 
 from gnlm import distributed as dist
 from gnlm.config import ConfigError
-from gnlm.run import check_parallel
+from gnlm.resources import check_parallel
 from gnlm.runconfig import load_run_config
 from gnlm.train import run_training
 

@@ -15,13 +15,13 @@ import yaml
 
 import gnlm.run as run_mod
 from gnlm import bench
-from gnlm.selection import select_lr
 from gnlm.cli import main
 from gnlm.config import ConfigError, dumps_json
 from gnlm.results import Row
 from gnlm.run import divergence
 from gnlm.runconfig import load_run_config
 from gnlm.rundir import LOCK_NAME, RunDirLock
+from gnlm.selection import select_lr
 from gnlm.study import study_from_dict
 from gnlm.train import BaselineTrainer, run_training
 

@@ -393,9 +393,9 @@ def test_probe_builds_each_optimizer_as_train_and_bench_did(tmp_path, monkeypatc
     import sys
 
     from gnlm.optim import build_optimizer
+    from gnlm.probe import param_group_settings
     from gnlm.runconfig import build_run_config
     from gnlm.schedules import lr_multiplier
-    from gnlm.probe import param_group_settings
 
     (tmp_path / "recopt.py").write_text(RECORDER)
     monkeypatch.chdir(tmp_path)

@@ -34,8 +34,8 @@ from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, merge, to_dict
 from gnlm.plan import LrSearchStop, RunSpec, plan_runs
 from gnlm.report import write_report
+from gnlm.resources import check_run_memory, resolve_device
 from gnlm.results import Row
-from gnlm.run import check_run_memory, resolve_device
 from gnlm.runconfig import run_config_to_dict, run_differences
 from gnlm.rundir import has_checkpoint, read_saved_config
 from gnlm.study import StudyConfig, study_differences, warm_start_path

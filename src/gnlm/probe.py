@@ -59,8 +59,9 @@ from gnlm.model import loss_fn
 from gnlm.optim import BUILTIN_OPTIMIZERS, OptimConfig, optimizer_step
 from gnlm.oracle import REFERENCES, loss_along, step_direction, sweep_dampings
 from gnlm.probe_report import LABELS, markdown, no_help, plot
+from gnlm.resources import check_memory, resolve_device
 from gnlm.results import read_rows
-from gnlm.run import build_model, check_memory, load_weights, open_data, resolve_device, train_stream
+from gnlm.run import build_model, load_weights, open_data, train_stream
 from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
 from gnlm.search import LR
 from gnlm.selection import selected_cell
