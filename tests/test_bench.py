@@ -10,7 +10,7 @@ import pytest
 from gnlm import bench, results
 from gnlm.bench import run_study
 from gnlm.config import ConfigError
-from gnlm.plan import LrSearchStop, plan_runs
+from gnlm.plan import LrSearchStop, plan_runs, run_spec
 from gnlm.results import Row
 from gnlm.selection import selection_key, steps_to
 from gnlm.study import load_study, preset_names, study_from_dict
@@ -62,6 +62,23 @@ def test_runs_map_batch_tokens_to_batch_size_and_inner_steps(tmp_path):
     ab = by["gn_adamw_inner/b256/lr0.001/s0"].config["gn"]
     assert ab["inner_optim"]["name"] == "adamw" and ab["warm_start"] is False
     assert by["adamw/b256/lr0.01/s0"].run_dir.endswith("runs/adamw/b256/lr0.01/s0")
+
+
+@pytest.mark.parametrize("model, blocks", [
+    ({"preset": "nano", "n_layers": 3}, 5),
+    ({"source": "hf", "hf_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "vocab_size": 512, "max_position_embeddings": 64}}, 5)], ids=["gpt", "hf-llama"])
+def test_scheduling_cost_weights_layerwise_gn_by_the_models_own_blocks(tmp_path, model, blocks):
+    """A local pool starts the costliest runs first: layerwise GN costs its block count (embeddings, each layer,
+    the rest) times full GN's, read from the model itself: a Hugging Face model's layers, not GPT's default 4."""
+    if "hf_config" in model:
+        pytest.importorskip("transformers")
+    study = _study(tmp_path, methods=[{"name": "gn_layerwise", "lrs": [1e-2]}, {"name": "gn", "lrs": [1e-2]}],
+                   base={"model": model, "data": {"vocab_size": 512, "seq_len": 64, "eval_sequences": 4},
+                         "train": {"threads": 1}, "gn": {"inner_batch_size": 2}})
+    lw, gn = (run_spec(study, m, 256, {"lr": 1e-2}, 0, tmp_path / "res") for m in study.methods)
+    assert lw.cost() == blocks * gn.cost() > 0
 
 
 def test_budget_study_sets_steps_from_the_token_budget_counting_line_search(tmp_path):

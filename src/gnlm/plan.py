@@ -14,6 +14,8 @@ same runs.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from gnlm.config import ConfigError, to_dict
+from gnlm.curvature import layerwise_blocks
+from gnlm.model import ModelConfig, model_shapes
 from gnlm.results import Row, read_rows
 from gnlm.runconfig import RunConfig, build_run_config
 from gnlm.search import LR, search_seed, trial_points
@@ -72,8 +76,15 @@ class RunSpec:
         if self.family != "gn":
             return float(tokens)
         gn = cfg["gn"]
-        blocks = (len(gn["blocks"]) if gn.get("blocks") else cfg["model"]["n_layers"] + 2) if gn.get("layerwise") else 1
+        blocks = _block_count(json.dumps(cfg["model"], sort_keys=True), json.dumps(gn.get("blocks"))) \
+            if gn.get("layerwise") else 1
         return 2.0 * tokens * blocks
+
+
+@functools.lru_cache(maxsize=64)
+def _block_count(model_json: str, blocks_json: str) -> int:
+    """How many layerwise blocks the model of a run has (its shapes only, on the meta device)."""
+    return len(layerwise_blocks(model_shapes(ModelConfig(**json.loads(model_json))), json.loads(blocks_json)))
 
 
 def run_spec(study: StudyConfig, m: MethodConfig, batch: int, point: dict[str, Any], seed: int,
