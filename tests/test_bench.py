@@ -10,7 +10,7 @@ import pytest
 from gnlm import bench, results
 from gnlm.bench import run_study
 from gnlm.config import ConfigError
-from gnlm.plan import LrSearchStop, plan_runs, run_spec
+from gnlm.plan import LrSearchStop, most_runs, plan_runs, run_spec
 from gnlm.results import Row
 from gnlm.selection import selection_key, steps_to
 from gnlm.study import load_study, preset_names, study_from_dict
@@ -326,6 +326,7 @@ def test_lr_search_study_end_to_end_with_a_control_and_summary_json(tmp_path):
     assert len([i for i in ids if i.endswith("/s0")]) == 3  # the budget: one more lr beyond the better edge
     best = next(r for r in rows if r.method == "adamw" and r.seed == 1).lr
     assert f"adamw_no_warmup/b256/lr{best:g}/s1" in ids and len(ids) == 5
+    assert most_runs(study) == 5  # lr_budget 3 + a reported seed + the control's: this search used all of it
     assert all(set(r.crossings) == {"7.6", "7.3", "7"} and r.curve["eval_loss"] for r in rows)
     summary = json.loads((res / "summary.json").read_text())
     cell = summary["cells"]["adamw/256"]

@@ -11,7 +11,7 @@ import yaml
 
 from gnlm.bench import run_study
 from gnlm.config import ConfigError
-from gnlm.plan import plan_runs
+from gnlm.plan import most_runs, plan_runs
 from gnlm.results import Row
 from gnlm.search import Dim, refined_lrs, rounded, search_seed
 from gnlm.selection import selected_cell
@@ -267,3 +267,4 @@ def test_a_searched_study_runs_selects_and_reports_the_selected_settings(tmp_pat
     assert "### Selected settings" in report and "| `lr` | `optim.weight_decay` |" in report
     assert f"| adamw | 256 | 4 | {cell['best_point']['lr']:.4g}" in report
     assert run_study(study, res) == rows  # a restart plans the same runs: nothing new to train
+    assert len(rows) == most_runs(study) == 5  # search_budget 4 + one reported seed

@@ -32,7 +32,7 @@ from gnlm import distributed as dist
 from gnlm import launch, results
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, merge, to_dict
-from gnlm.plan import LrSearchStop, RunSpec, plan_runs
+from gnlm.plan import LrSearchStop, RunSpec, most_runs, plan_runs
 from gnlm.report import write_report
 from gnlm.resources import check_run_memory, resolve_device
 from gnlm.results import Row
@@ -293,7 +293,8 @@ def _run(study: StudyConfig, results_dir: Path, launcher: Any, max_runs: int | N
             bar.total, bar.n = len(specs), finished
             bar.refresh()
             if first_wave and main:
-                more = "" if final else " so far (the learning-rate search adds runs as results come in)"
+                more = "" if final else (f" so far (the search adds runs as results come in; at most "
+                                         f"{most_runs(study)})")
                 print(f"gnlm bench: study {study.name!r}: {len(specs)} runs{more}, {finished} already finished; "
                       f"results in {results_dir}", file=sys.stderr)
                 if launcher.slots > 1 and todo and (max_runs is None or max_runs > started):

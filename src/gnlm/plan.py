@@ -172,6 +172,20 @@ def plan_runs(study: StudyConfig, results_dir: str | Path, rows: list[Row]) -> t
     return specs, final
 
 
+def most_runs(study: StudyConfig) -> int:
+    """The most runs :func:`plan_runs` can ever hold for ``study``: per method and batch size, its selection runs at
+    most (a search's ``runs_per_search``; an lr grid's lrs, or ``lr_budget`` when it may extend) and the reported
+    seeds; a control, the reported seeds. How long a study can still take follows from this, not from the runs
+    planned so far (a search plans its next runs from the rows of the last)."""
+    total = 0
+    for b in study.batch_tokens:
+        for m in study.methods_at(b):
+            if m.control_of is None:
+                total += study.runs_per_search if m.search else max(len(m.grid(b)), study.lr_budget or 0)
+            total += len(study.seeds)
+    return total
+
+
 @dataclass
 class LrSearchStop:
     """Stops a selection-seed run (of an lr grid or a search) as soon as it can no longer be selected: once another
