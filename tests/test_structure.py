@@ -81,7 +81,7 @@ LAYERS: list[tuple[str, set[str]]] = [
      {"gauss_newton", "oracle", "rundir", "resources", "study"}),
     ("one run and the results file", {"run", "results"}),
     ("trainers, selection from rows, launchers", {"train", "selection", "launch"}),
-    ("the probe's table and figure", {"probe_report"}),
+    ("what the probe measures (its inputs), the probe's table and figure", {"probe_inputs", "probe_report"}),
     ("planning a study, analysis of rows, the probe", {"plan", "analysis", "probe"}),
     ("the figures of a report and a comparison", {"figures"}),
     ("the report", {"report"}),

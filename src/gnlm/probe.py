@@ -48,258 +48,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from gnlm import distributed as dist
-from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, looks_complete, output_dir, prev_path
-from gnlm.config import ConfigError, dumps_json, merge, parse_overrides, to_dict
+from gnlm.checkpoint import atomic_write_bytes, load_checkpoint, output_dir
+from gnlm.config import ConfigError, dumps_json, to_dict
 from gnlm.curvature import layerwise_blocks
 from gnlm.model import loss_fn
-from gnlm.optim import BUILTIN_OPTIMIZERS, OptimConfig, optimizer_step
+from gnlm.optim import optimizer_step
 from gnlm.oracle import REFERENCES, loss_along, step_direction, sweep_dampings
+from gnlm.probe_inputs import (
+    ProbeOptimizer,
+    check_checkpoints,
+    check_optimizer,
+    load_config,
+    load_study,
+    parse_list,
+    parse_sets,
+    probe_optimizers,
+    resolve_source,
+)
 from gnlm.probe_report import LABELS, markdown, no_help, plot
 from gnlm.resources import check_memory, resolve_device
-from gnlm.results import read_rows
 from gnlm.run import build_model, load_weights, open_data, train_stream
-from gnlm.runconfig import RunConfig, build_run_config, upgrade_run_config
-from gnlm.search import LR
-from gnlm.selection import selected_cell
-from gnlm.study import MethodConfig, StudyConfig, upgrade_saved_study
+from gnlm.runconfig import RunConfig
 from gnlm.train import baseline_optimizer, scheduled_lr
 
 __all__ = ["run_probe", "markdown", "add_probe_arguments", "cmd_probe"]
 
 Params = dict[str, Tensor]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# sources: run directory, checkpoint, study results directory
-
-
-@dataclass
-class _Source:
-    kind: str  # "run" | "checkpoint" | "study" | "along"
-    config_path: Path
-    checkpoints: list[Path]
-    default_out: Path
-    study_dir: Path | None = None
-
-
-def _resolve_source(source: str | Path | None, along: str | Path | None) -> _Source:
-    what = "a run directory (config.yaml + checkpoint.pt), a checkpoint file or a study results directory"
-    study_dir = None
-    if source is not None:
-        src = Path(source)
-        if not src.exists():
-            raise ConfigError(f"SOURCE {src} does not exist; give {what}")
-        if src.is_dir() and (src / "study.yaml").exists():
-            study_dir = src
-    if along is not None:
-        run = Path(along)
-        if source is not None and study_dir is None:
-            raise ConfigError(f"with --along {run}, SOURCE must be a study results directory (it only supplies "
-                              f"learning rates), got {source}; drop SOURCE or give the study")
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--along {run}: not a run directory (no config.yaml); give a directory written by "
-                              "gnlm train")
-        ckpts = sorted(p for p in run.glob("*.pt") if p.is_file())
-        if not ckpts:
-            raise ConfigError(f"--along {run}: the run has no checkpoints (*.pt); train it with "
-                              "train.checkpoint_every=N to keep some")
-        return _Source("along", run / "config.yaml", ckpts, run / "probe", study_dir)
-    if source is None:
-        raise ConfigError(f"no SOURCE given; give {what}, or --along RUN_DIR")
-    src = Path(source)
-    if study_dir is not None:
-        ws = src / "warm_start"
-        if not (ws / "checkpoint.pt").is_file() or not (ws / "config.yaml").is_file():
-            raise ConfigError(f"study {src} has no shared warm start (warm_start/checkpoint.pt and config.yaml); "
-                              "finish its warm start with gnlm bench or probe one of its run directories")
-        return _Source("study", ws / "config.yaml", [ws / "checkpoint.pt"], src / "probe", study_dir)
-    if src.is_dir():
-        if not (src / "config.yaml").is_file():
-            raise ConfigError(f"SOURCE {src} is neither a run directory (no config.yaml) nor a study results "
-                              "directory (no study.yaml); give " + what)
-        if not (src / "checkpoint.pt").is_file() and not (src / "checkpoint.prev.pt").is_file():
-            raise ConfigError(f"run directory {src} has no checkpoint.pt; let the run finish (gnlm train) or give "
-                              "a checkpoint file")
-        return _Source("run", src / "config.yaml", [src / "checkpoint.pt"], src / "probe")
-    if not (src.parent / "config.yaml").is_file():
-        raise ConfigError(f"checkpoint {src}: no config.yaml beside it in {src.parent}, so the model and data are "
-                          "unknown; copy the run's config.yaml there")
-    return _Source("checkpoint", src.parent / "config.yaml", [src], src.parent / "probe")
-
-
-def _read_mapping(path: Path, what: str, fix: str) -> dict[str, Any]:
-    """The YAML mapping in ``path``; a one-line ConfigError (naming ``what`` it should hold and ``fix``) otherwise."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror}); {fix}") from None
-    except (UnicodeDecodeError, yaml.YAMLError):
-        raise ConfigError(f"{path} is not valid YAML; {fix}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} does not hold {what} (a YAML mapping); {fix}")
-    return raw
-
-
-def _load_config(path: Path) -> RunConfig:
-    raw = _read_mapping(path, "a run config", "restore the run's config.yaml")
-    try:
-        return build_run_config(upgrade_run_config(raw))  # a run of an earlier gnlm is probed too
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _load_study(study_dir: Path) -> StudyConfig:
-    path = study_dir / "study.yaml"
-    raw = _read_mapping(path, "a study", "restore it (gnlm bench writes it) or probe one of its run directories")
-    try:
-        return upgrade_saved_study(raw)  # a study of an earlier gnlm is read too
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _check_checkpoints(paths: list[Path]) -> None:
-    """Refuse, before the data is prepared, a checkpoint that cannot load: neither it nor its fallback (the
-    previous checkpoint) ends in a checkpoint trailer."""
-    for path in paths:
-        if not (looks_complete(path) or looks_complete(prev_path(path))):
-            raise ConfigError(f"checkpoint {path} is empty, truncated or not a gnlm checkpoint; give another "
-                              "checkpoint or run directory")
-
-
-def _parse_list(text: str | Sequence[str], flag: str, example: str) -> list[str]:
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    if not items or any(not s for s in items):
-        raise ConfigError(f"{flag}: empty entry in {text!r}; give a comma-separated list such as {example}")
-    return items
-
-
-def _check_optimizer(name: str, flag: str = "--optimizers") -> str:
-    cfg = OptimConfig(name=name)
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{flag}: {str(e).removeprefix('optim.name: ')}") from None
-    if cfg.needs_closure():  # the probe steps from one gradient per batch
-        raise ConfigError(f"{flag}: {name}.step needs a closure, which the probe does not give; probe an "
-                          f"optimizer that steps from p.grad")
-    return cfg.name
-
-
-# the RunConfig keys an optimizer of the probe reads: its options, its schedule and the run length it spans
-_SET_KEYS = ("optim.", "schedule.", "train.steps")
-_SET_EXAMPLE = "--set adamw:optim.betas=[0.9,0.99]"
-
-
-def _parse_sets(items: Sequence[str] | None, labels: list[str]) -> dict[str, list[str]]:
-    """``--set LABEL:KEY=VALUE`` (repeatable) -> label -> ["KEY=VALUE", ...]. The label is one of ``--optimizers``
-    (an import path has dots, so the label ends at the colon); KEY is a dotted RunConfig key under optim., schedule.
-    or train.steps."""
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        label, colon, setting = str(item).partition(":")
-        key, eq, _ = setting.partition("=")
-        if not colon or not eq or not key.strip():
-            raise ConfigError(f"--set {item!r} is not LABEL:KEY=VALUE; write e.g. {_SET_EXAMPLE}")
-        label, key = label.strip(), key.strip()
-        if label not in labels:
-            raise ConfigError(f"--set {item!r}: {label!r} is not one of --optimizers ({','.join(labels)}); "
-                              f"write e.g. {_SET_EXAMPLE}")
-        if not any(key == k or key.startswith(k) for k in _SET_KEYS):
-            raise ConfigError(f"--set {item!r}: {key!r} is not an optimizer setting; give a key under optim., "
-                              f"schedule. or train.steps (e.g. {_SET_EXAMPLE})")
-        out.setdefault(label, []).append(f"{key}={setting.partition('=')[2]}")
-    return out
-
-
-@dataclass
-class _Optimizer:
-    """One optimizer of the probe: the complete RunConfig it is built from, as ``gnlm train`` (a run source) or
-    ``gnlm bench`` (a study method) built it, with ``--lrs`` and ``--set`` applied."""
-
-    label: str
-    cfg: RunConfig
-    lr_source: str
-    settings_source: str
-    continue_state: bool  # continue the checkpoint's optimizer state (a resumed run; train.init_optimizer)
-    start_step: int | None  # schedule position of the first warm-up step; None: the checkpoint's step
-
-
-def _study_method(spec: StudyConfig, label: str, name: str | None) -> MethodConfig:
-    """The study's method of ``label``: a method of that name, else the first method whose optimizer is the import
-    path ``label``, else a method of its own (``name``: the optimizer it names) on the study's base."""
-    for m in spec.methods:
-        if m.name == label:
-            return m
-    for m in spec.methods:
-        if m.optimizer is not None and m.optimizer == label and m.control_of is None:
-            return m
-    assert name is not None
-    return MethodConfig(name=name) if name in BUILTIN_OPTIMIZERS else MethodConfig(name=label, optimizer=name)
-
-
-def _optimizers(src: _Source, cfg: RunConfig, spec: StudyConfig | None, labels: list[str], names: dict[str, str | None],
-                lrs: list[float] | None, sets: dict[str, list[str]], batch_tokens: int) -> dict[str, _Optimizer]:
-    """Every optimizer's RunConfig, checked before any compute. A study (SOURCE, or with --along): the method's run
-    config at ``batch_tokens`` exactly as ``gnlm bench`` builds it (:meth:`StudyConfig.run_config`: base, the method's
-    optimizer, kwargs and overrides, the selected point with every searched setting, its step budget), at the
-    selected point when the study selected one there. A run or checkpoint: the run's own config for the optimizer it
-    trained with; another optimizer gets the run's config with a default ``optim`` section of that name."""
-    rows = read_rows(src.study_dir) if spec is not None and src.study_dir is not None else []
-    out = {}
-    for i, label in enumerate(labels):
-        lr = lrs[i] if lrs is not None else None
-        if spec is not None:
-            m = _study_method(spec, label, names[label])
-            if m.family != "baseline":
-                raise ConfigError(f"--optimizers: {label} is a {m.family} method of the study; the probe scores "
-                                  "baseline optimizers against the GN steps it computes itself (its references)")
-            selected = m.control_of or m.name
-            cell = selected_cell(spec, rows, selected, batch_tokens) if m in spec.methods else None
-            point = dict(cell["best_point"]) if cell else {LR: OptimConfig().lr}
-            lr_source = f"study best lr of {selected} at batch {batch_tokens}" if cell else "OptimConfig default"
-            if lr is not None:
-                point[LR], lr_source = lr, "--lrs"
-            rc = spec.run_config(m, batch_tokens, point, spec.selection_seed, src.study_dir or ".")
-            where = (f"study method {m.name} at batch {batch_tokens}" if m in spec.methods else
-                     f"the study's base with optimizer {label} at batch {batch_tokens} (not a method of the study)")
-            if cell:
-                where += f", selected point {cell['best_point']}"
-            own = src.kind == "study" and rc.train.init_optimizer
-            start = 0 if src.kind == "study" else None  # a study's run starts from its warm start at step 0
-        else:
-            name = names[label]
-            own = cfg.method == "baseline" and name == cfg.optim.name
-            raw = to_dict(cfg)
-            if own:
-                lr_source, where = "the run's optim.lr", f"the run's config ({src.config_path})"
-            else:
-                raw = merge({k: v for k, v in raw.items() if k != "optim"}, {"method": "baseline", "optim": {
-                    "name": name, "lr": OptimConfig().lr}})
-                lr_source = "OptimConfig default"
-                where = (f"the run's config ({src.config_path}) with optim: {{name: {name}}} (other optim fields "
-                         "default)")
-            if lr is not None:
-                raw, lr_source = merge(raw, {"optim": {"lr": lr}}), "--lrs"
-            rc = build_run_config(raw)
-            start = None
-        if label in sets:
-            if any(s.startswith("optim.lr=") for s in sets[label]):
-                lr_source = "--set"
-            where += "; --set " + ", ".join(sets[label])
-            try:
-                rc = build_run_config(merge(to_dict(rc), parse_overrides(sets[label])))
-            except ConfigError as e:
-                raise ConfigError(f"--set {label}: {e}") from None
-        if rc.optim.needs_closure():
-            _check_optimizer(rc.optim.name, f"--optimizers {label}")
-        if src.kind != "study":  # the checkpoint's own optimizer state, for the optimizer that wrote it
-            own = cfg.method == "baseline" and rc.optim.name == cfg.optim.name
-        out[label] = _Optimizer(label, rc, lr_source, where, own, start)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,7 +118,7 @@ def param_group_settings(optimizer: Any) -> list[dict[str, Any]]:
             for g in optimizer.param_groups]
 
 
-def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: int, lr: float,
+def _settings(po: ProbeOptimizer, groups: list[dict[str, Any]], start: int, warm: int, lr: float,
               continued: bool) -> dict[str, Any]:
     """Every setting an optimizer of the probe was built and stepped with (probe.json ``settings``)."""
     return {"source": po.settings_source, "optim": to_dict(po.cfg.optim), "schedule": to_dict(po.cfg.schedule),
@@ -355,7 +132,7 @@ def _settings(po: _Optimizer, groups: list[dict[str, Any]], start: int, warm: in
 Micro = list[tuple[Tensor, Tensor]]  # one batch as equal micro-batches
 
 
-def _warm_optimizers(params: Params, theta0: Params, opts: dict[str, _Optimizer], warm: list[Micro],
+def _warm_optimizers(params: Params, theta0: Params, opts: dict[str, ProbeOptimizer], warm: list[Micro],
                      saved_optimizer: dict[str, Any] | None, ckpt_path: Path, step: int | None,
                      loss_grad: Callable[[Micro], Params]) -> tuple[dict[str, tuple[Any, dict]], dict[str, Any]]:
     """Each optimizer built as ``gnlm train`` builds it (continuing the checkpoint's state when asked), stepped along
@@ -405,7 +182,7 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 
 
 def _sweep(model: torch.nn.Module, theta0: Params, batches: list[tuple[Micro, Micro]],
-           optimizers: dict[str, tuple[Any, dict]], opts: dict[str, _Optimizer], dampings: list[float],
+           optimizers: dict[str, tuple[Any, dict]], opts: dict[str, ProbeOptimizer], dampings: list[float],
            etas: list[float], blocks: list[list[str]], cg_iters: int, cg_tol: float,
            loss_grad: Callable[[Micro], Params], reduce, bar, full_sweep: bool) -> _Sweep:
     """Every optimizer's probe step on each probe batch (from the same warmed-up state) and its real-loss curve on
@@ -465,7 +242,7 @@ def _sweep(model: torch.nn.Module, theta0: Params, batches: list[tuple[Micro, Mi
     return out
 
 
-def _point_record(sw: _Sweep, lam_star: float, opts: dict[str, _Optimizer], settings: dict[str, Any],
+def _point_record(sw: _Sweep, lam_star: float, opts: dict[str, ProbeOptimizer], settings: dict[str, Any],
                   etas: list[float], ckpt_path: Path, step: int | None, n_blocks: int) -> dict[str, Any]:
     """The probe.json entry of one checkpoint: every optimizer's and reference's summary at λ*, and the sweep."""
     names = [*REFERENCES, *opts]
@@ -518,7 +295,7 @@ def _point_record(sw: _Sweep, lam_star: float, opts: dict[str, _Optimizer], sett
     return point
 
 
-def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, _Optimizer], n_seq: int, micro: int,
+def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, ProbeOptimizer], n_seq: int, micro: int,
                  probe_batches: int, warmup_steps: int, dampings: list[float], cg_iters: int, cg_tol: float,
                  device: torch.device, bar, full_sweep: bool = False) -> dict[str, Any]:
     """Every number of one checkpoint: the model and the batches from the checkpoint's training stream (warm-up,
@@ -591,7 +368,7 @@ def _dampings(damping: float | None, grid: str | Sequence[float] | None) -> list
         return [float(damping)]
     if grid is None:
         return list(DAMPING_GRID)
-    items = _parse_list(grid, "--damping-grid", "1e-4,1e-2,1") if isinstance(grid, str) else [str(v) for v in grid]
+    items = parse_list(grid, "--damping-grid", "1e-4,1e-2,1") if isinstance(grid, str) else [str(v) for v in grid]
     try:
         values = [float(v) for v in items]
     except ValueError:
@@ -618,26 +395,27 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     ``source``: a run directory, a checkpoint file (its directory's config.yaml gives model and data) or a study
     results directory (its warm start is probed; its best-lr table at ``batch_tokens`` gives learning rates).
     ``optimizers``: built-in names, import paths or (a study) the study's method labels. Each is built exactly as
-    ``gnlm train`` / ``gnlm bench`` built it for the source (:func:`_optimizers`; every optim field, kwargs, a study
-    method's optimizer, kwargs, overrides and selected point), warmed up and stepped at its schedule's learning
-    rate (a study's run from step 0, a run from the checkpoint's step), continuing the checkpoint's optimizer state
-    where the trainer would. ``sets``: ``LABEL:KEY=VALUE`` settings of one optimizer (KEY under optim., schedule.
-    or train.steps). Learning rates: ``lrs`` (one per optimizer), else the study's selected point, else the run's
-    own ``optim.lr`` for the optimizer it was trained with, else :class:`gnlm.optim.OptimConfig`'s default (each
-    choice is reported; every setting is in probe.json ``settings``).
+    ``gnlm train`` / ``gnlm bench`` built it for the source (:func:`~gnlm.probe_inputs.probe_optimizers`; every optim
+    field, kwargs, a study method's optimizer, kwargs, overrides and selected point), warmed up and stepped at its
+    schedule's learning rate (a study's run from step 0, a run from the checkpoint's step), continuing the
+    checkpoint's optimizer state where the trainer would. ``sets``: ``LABEL:KEY=VALUE`` settings of one optimizer
+    (KEY under optim., schedule. or train.steps). Learning rates: ``lrs`` (one per optimizer), else the study's
+    selected point, else the run's own ``optim.lr`` for the optimizer it was trained with, else
+    :class:`gnlm.optim.OptimConfig`'s default (each choice is reported; every setting is in probe.json
+    ``settings``).
     ``batch_tokens`` (default: the study's smallest batch, or the run's batch) is the size of every warm-up step,
     probe batch and real-loss batch. ``device`` and ``threads`` default to the run's ``train.device`` and
     ``train.threads``. Every input is checked (one-line :class:`ConfigError`) before compute.
     """
     t_start = time.perf_counter()
-    src = _resolve_source(source, along)
-    labels = _parse_list(optimizers, "--optimizers", "adamw,muon,soap")
+    src = resolve_source(source, along)
+    labels = parse_list(optimizers, "--optimizers", "adamw,muon,soap")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--optimizers: {','.join(labels)} names an optimizer twice; list each once")
-    sets_by_label = _parse_sets(sets, labels)
+    sets_by_label = parse_sets(sets, labels)
     lr_list = None
     if lrs is not None:
-        lr_items = _parse_list(lrs, "--lrs", "3e-3,2e-2,3e-3") if isinstance(lrs, str) else [str(v) for v in lrs]
+        lr_items = parse_list(lrs, "--lrs", "3e-3,2e-2,3e-3") if isinstance(lrs, str) else [str(v) for v in lrs]
         try:
             lr_list = [float(v) for v in lr_items]
         except ValueError:
@@ -655,11 +433,11 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     dampings = _dampings(damping, damping_grid)
     if not cg_tol > 0:
         raise ConfigError(f"--cg-tol must be > 0, got {cg_tol}; e.g. --cg-tol 1e-2")
-    cfg = _load_config(src.config_path)
+    cfg = load_config(src.config_path)
     seq = cfg.data.seq_len
-    study = _load_study(src.study_dir) if src.study_dir else None
+    study = load_study(src.study_dir) if src.study_dir else None
     methods = {m.name for m in study.methods} if study else set()
-    names = {n: None if n in methods else _check_optimizer(n) for n in labels}  # a method label: its optimizer
+    names = {n: None if n in methods else check_optimizer(n) for n in labels}  # a method label: its optimizer
     if batch_tokens is None:
         batch_tokens = min(study.batch_tokens) if study else cfg.train.batch_size * seq
     if batch_tokens < 1 or batch_tokens % seq:
@@ -674,11 +452,11 @@ def run_probe(source: str | Path | None = None, optimizers: str | Sequence[str] 
     if n_seq % world:
         raise ConfigError(f"--batch-tokens {batch_tokens} = {n_seq} sequences do not split evenly over {world} "
                           "processes; choose a batch whose sequence count the process count divides")
-    opts = _optimizers(src, cfg, study, labels, names, lr_list, sets_by_label, batch_tokens)
+    opts = probe_optimizers(src, cfg, study, labels, names, lr_list, sets_by_label, batch_tokens)
     dev = resolve_device(device or cfg.train.device, what="--device" if device else
                          f"train.device of {src.config_path}", fix="--device cpu")
     check_memory(cfg, n_seq // world, dev, f"a probe batch of {batch_tokens:,} tokens", "--batch-tokens")
-    _check_checkpoints(src.checkpoints)
+    check_checkpoints(src.checkpoints)
     out_dir = Path(out) if out is not None else src.default_out
     if dist.is_main():
         output_dir(out_dir)
