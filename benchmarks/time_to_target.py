@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gnlm.analysis import crossover_batch
 from gnlm.report import load_results
 from gnlm.results import target_key
@@ -73,14 +71,11 @@ def time_cells(study: Any, results_dir: Path, cells: list[dict[str, Any]], round
                threads: int) -> None:
     """Adds ``cpu_s`` and ``wall_s`` (median seconds per step over ``rounds``) to every cell, in place."""
     with tempfile.TemporaryDirectory(prefix="gnlm-time-") as tmp:
-        trainers = []
-        for cell in cells:
-            run, trainer = build_trainer(study, results_dir, cell, Path(tmp), threads)
-            trainers.append((run, trainer))
-            cell["cpu"], cell["wall"] = [], []
-        torch.set_num_threads(threads)
+        trainers = [build_trainer(study, results_dir, cell, Path(tmp), threads) for cell in cells]
+        cpu_s: list[list[float]] = [[] for _ in cells]
+        wall_s: list[list[float]] = [[] for _ in cells]
         for r in range(warmup + rounds):
-            for cell, (run, trainer) in zip(cells, trainers):
+            for i, (cell, (run, trainer)) in enumerate(zip(cells, trainers)):
                 c0, w0 = time.process_time(), time.perf_counter()
                 out = trainer.step()
                 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
@@ -88,16 +83,16 @@ def time_cells(study: Any, results_dir: Path, cells: list[dict[str, Any]], round
                     raise SystemExit(f"{cell['method']} at {cell['batch_tokens']}: the step diverged ({out.diverged})")
                 run.state["step"] += 1  # as run_loop does: schedules see the next step
                 if r >= warmup:
-                    cell["cpu"].append(cpu)
-                    cell["wall"].append(wall)
+                    cpu_s[i].append(cpu)
+                    wall_s[i].append(wall)
             print(f"round {r + 1 - warmup if r >= warmup else 'warm-up'} done", file=sys.stderr, flush=True)
         for run, _ in trainers:
             if run.logger is not None:
                 run.logger.close()
             if run.lock is not None:
                 run.lock.release()
-    for cell in cells:
-        cell["cpu_s"], cell["wall_s"] = statistics.median(cell.pop("cpu")), statistics.median(cell.pop("wall"))
+    for cell, cpu, wall in zip(cells, cpu_s, wall_s):
+        cell["cpu_s"], cell["wall_s"] = statistics.median(cpu), statistics.median(wall)
         cell["time_s"] = cell["steps"] * cell["cpu_s"]
 
 

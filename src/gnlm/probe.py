@@ -25,8 +25,8 @@ warm-started from the previous λ). λ* is the λ whose d* lowers the real loss 
 (mean curve over the probe batches): the damping at which the oracle is a step worth taking. The sweep stops at the
 first λ whose d* does worse there than a larger λ's that lowers the real loss (smaller λ cost the most CG iterations
 and, the real decrease being unimodal in λ in every probe we ran, would not win); ``--full-sweep`` solves them all.
-Every headline number is at λ*; ρ(λ)
-of every direction is in ``by_damping`` and the figure; when no λ lowers the real loss at any η, a warning says so.
+Every headline number is at λ*; ρ(λ) of every direction is in ``by_damping`` and the figure; when no λ lowers the
+real loss at any η, a warning says so.
 ``--damping`` fixes λ instead. Beside ρ, each direction's best real decrease as a fraction of the oracle's at λ*
 (``real_loss_fraction``).
 
@@ -196,7 +196,7 @@ def _sweep(model: torch.nn.Module, theta0: Params, batches: list[tuple[Micro, Mi
     for mbs, fresh in batches:
         g = loss_grad(mbs)
         steps = {}
-        for name, (opt, snapshot) in optimizers.items():
+        for name, (opt, snapshot) in optimizers.items():  # every probe starts from the same warmed-up state
             opt.load_state_dict(copy.deepcopy(snapshot))
             ocfg = opts[name].cfg.optim
             steps[name] = step_direction(model, opt, g, ocfg.clip, ocfg.clip_per_group)
@@ -339,8 +339,9 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, ProbeOpt
                 bar, full_sweep)
 
     lam_star = min(sw.lams, key=lambda lam: (min(sw.oracle[lam]), -lam))
+    point = _point_record(sw, lam_star, opts, settings, etas, ckpt_path, step, len(blocks))
     if dist.is_main():
-        if not any(v < 0 for lam in sw.lams for v in sw.oracle[lam]):
+        if not point["oracle_helps"]:
             bar.write(f"gnlm probe: warning: {no_help(step, sw.lams)}", file=sys.stderr)
         sv = sw.solves[lam_star]
         for ref, prefix in (("gn", ""), ("layerwise", "layerwise_")):
@@ -351,7 +352,7 @@ def _probe_point(cfg: RunConfig, ckpt_path: Path, data, opts: dict[str, ProbeOpt
                               f"{sv[f'{prefix}cg_rel_residual'][k]:.2e} > {cg_tol:g} (checkpoint step {step}, probe "
                               f"batch {k + 1}); its ρ and every ρ measured against it are approximate: raise "
                               f"--cg-iters", file=sys.stderr)
-    return _point_record(sw, lam_star, opts, settings, etas, ckpt_path, step, len(blocks))
+    return point
 
 
 DAMPING_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
