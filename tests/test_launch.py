@@ -1,6 +1,7 @@
-"""Parallel studies (launch.py): the local process pool (``gnlm bench --jobs N``) and Slurm through submitit's
-local executor (``--launcher slurm --slurm.cluster=local``). A kill -9 of the whole study with runs in flight,
-then a restart, must give the rows of an uninterrupted study; a dead worker is a failed run, not a stopped study."""
+"""Parallel studies (launch.py, tasks.py, slurm.py): the local process pool (``gnlm bench --jobs N``) and Slurm
+through submitit's local executor (``--launcher slurm --slurm.cluster=local``). A kill -9 of the whole study with
+runs in flight, then a restart, must give the rows of an uninterrupted study; a dead worker is a failed run, not a
+stopped study."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from gnlm import launch
+from gnlm import launch, slurm, tasks
 from gnlm.bench import run_study
 from gnlm.cli import main
 from gnlm.config import ConfigError
@@ -154,7 +155,7 @@ def test_a_killed_worker_leaves_no_leaked_semaphore_warning(tmp_path):
     assert "WorkerDied" in err and "leaked semaphore" not in err, err[-2000:]
 
 
-def _task(key: str, out_dir: str, die: bool = False, placement: launch.Placement | None = None):
+def _task(key: str, out_dir: str, die: bool = False, placement: tasks.Placement | None = None):
     """A pool task for the tests below: records that it ran, or kills its own worker process."""
     if die:
         time.sleep(0.2)
@@ -167,22 +168,22 @@ def _task(key: str, out_dir: str, die: bool = False, placement: launch.Placement
 
 def test_a_dead_worker_is_a_failed_run_and_the_other_runs_finish_once(tmp_path):
     pool = launch.LocalPool(2)
-    tasks = [launch.Task(k, _task, (k, str(tmp_path), k == "b"), str(tmp_path / "locks" / f"{k}.lock"))
-             for k in "abcd"]
-    outcomes = {o.task.key: o for o in pool.run(tasks) if o.task is not None}
+    todo = [tasks.Task(k, _task, (k, str(tmp_path), k == "b"), str(tmp_path / "locks" / f"{k}.lock"))
+            for k in "abcd"]
+    outcomes = {o.task.key: o for o in pool.run(todo) if o.task is not None}
     assert isinstance(outcomes["b"].error, launch.WorkerDied)
     for k in "acd":
         key, placement = outcomes[k].result
         assert key == k and outcomes[k].error is None
-        assert placement == launch.Placement(threads=max(1, launch.cpu_count() // 2), gpu=None)
+        assert placement == tasks.Placement(threads=max(1, launch.cpu_count() // 2), gpu=None)
     assert sorted((tmp_path / "done.txt").read_text().split()) == ["a", "c", "d"]  # each finished exactly once
 
 
 def test_a_run_claimed_by_another_process_is_skipped_then_run_later(tmp_path):
     res = tmp_path / "res"
     study = study_from_dict({**STUDY, "warm_start": None, "methods": [{"name": "adamw", "lrs": [1e-2, 3e-2]}]})
-    held = FileLock(str(launch.lock_path(res, "adamw/b128/lr0.03/s0")))
-    launch.lock_path(res, "x").parent.mkdir(parents=True)
+    held = FileLock(str(tasks.lock_path(res, "adamw/b128/lr0.03/s0")))
+    tasks.lock_path(res, "x").parent.mkdir(parents=True)
     held.acquire()  # another gnlm bench process is running this run
     try:
         rows = run_study(study, res, report=False)
@@ -226,7 +227,7 @@ def test_bad_launch_options_are_one_line_config_errors(tmp_path, study_file, cap
 
 def test_slurm_launcher_without_submitit_or_without_slurm_says_what_to_do(tmp_path, monkeypatch):
     cfg = launch.LaunchConfig(launcher="slurm")
-    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="sbatch is not on PATH"):
         launch.make_launcher(cfg, tmp_path, "s")
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
@@ -235,10 +236,10 @@ def test_slurm_launcher_without_submitit_or_without_slurm_says_what_to_do(tmp_pa
 
 
 def test_slurm_time_formats():
-    assert [launch.slurm_minutes(t) for t in ("90", "4:00:00", "1-00:00:00", "1-2", "30:30")] == [90, 240, 1440,
+    assert [slurm.slurm_minutes(t) for t in ("90", "4:00:00", "1-00:00:00", "1-2", "30:30")] == [90, 240, 1440,
                                                                                                    1560, 31]
     with pytest.raises(ConfigError, match="under a minute"):
-        launch.slurm_minutes("0:30")
+        slurm.slurm_minutes("0:30")
 
 
 # --------------------------------------------------------------------------------------- submitit (local executor)
@@ -290,14 +291,14 @@ def test_a_submitit_job_with_two_tasks_is_one_data_parallel_run(tmp_path, refere
 
 def test_a_refused_slurm_submission_is_a_one_line_config_error(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    launcher = launch.make_launcher(launch.LaunchConfig(launcher="slurm", slurm=launch.SlurmOptions(cluster="local")),
+    launcher = launch.make_launcher(launch.LaunchConfig(launcher="slurm", slurm=slurm.SlurmOptions(cluster="local")),
                                     tmp_path, "s")
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Could not submit the job:\nsbatch: error: invalid partition specified: gpux")
 
     monkeypatch.setattr(launcher.executor, "submit", refuse)
-    task = launch.Task("r", print, (), str(launch.lock_path(tmp_path, "r")))
+    task = tasks.Task("r", print, (), str(tasks.lock_path(tmp_path, "r")))
     with pytest.raises(ConfigError) as err:
         list(launcher.run([task]))
     assert "invalid partition specified: gpux" in str(err.value) and "\n" not in str(err.value)

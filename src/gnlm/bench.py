@@ -6,7 +6,7 @@ The declaration is ``study.py``, the planning ``plan.py``, the results file ``re
 
     study.yaml        the resolved study (a different study in the same directory is refused)
     runs.jsonl        one row per finished run (results.Row), appended atomically under runs.jsonl.lock
-    locks/            one claim file per run, held while it runs (launch.py): no run runs twice, even from two processes
+    locks/            one claim file per run, held while it runs (tasks.py): no run runs twice, even from two processes
     slurm/            --launcher slurm: submitit's job folders and logs, jobs.jsonl (run -> Slurm job id)
     warm_start/       the shared AdamW warm start (a normal run directory; every run starts from its checkpoint)
     runs/<method>/b<batch tokens>/lr<lr>/s<seed>/   one run directory each (config, metrics.jsonl, summary.json)
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from gnlm import distributed as dist
 from gnlm import launch, results
+from gnlm.tasks import Placement, Task, lock_path
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, merge, to_dict
 from gnlm.plan import LrSearchStop, RunSpec, most_runs, plan_runs
@@ -99,7 +100,7 @@ def execute_run(spec: RunSpec, results_dir: Path) -> Row:
         return results.error_row(spec, e, results_dir)
 
 
-def record_run(spec: RunSpec, results_dir: str | Path, placement: launch.Placement | None = None) -> Row:
+def record_run(spec: RunSpec, results_dir: str | Path, placement: Placement | None = None) -> Row:
     """One run as a launcher's task (``launch.py``), in whichever process it lands, holding the run's claim: its
     row when runs.jsonl has one already, else train it (:func:`execute_run`) and append its row. ``placement`` (a
     worker of the local pool): the run's CPU threads and GPU."""
@@ -201,7 +202,7 @@ def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[R
               total: int, main: bool) -> bool:
     """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here."""
     by_id = {s.run_id: s for s in todo}
-    tasks = [launch.Task(s.run_id, record_run, (s, results_dir), str(launch.lock_path(results_dir, s.run_id)),
+    tasks = [Task(s.run_id, record_run, (s, results_dir), str(lock_path(results_dir, s.run_id)),
                          cost=s.cost()) for s in todo]
     progress, left, recorded = launch.Progress(launcher.slots), len(tasks), 0
     for out in launcher.run(tasks):  # each task appends its row itself; here: failures of its process, display
@@ -273,8 +274,8 @@ def _run(study: StudyConfig, results_dir: Path, launcher: Any, max_runs: int | N
          main: bool) -> list[Row]:
     if study.warm_start is not None and max_runs != 0:  # trained once, before any run (on Slurm as a job of its own)
         done = dist.main_first(lambda: _warm_start_done(study, results_dir))[0]
-        ws = done or launcher.call(launch.Task("warm_start", run_warm_start, (study, results_dir),
-                                               str(launch.lock_path(results_dir, "warm_start")), wait=True))
+        ws = done or launcher.call(Task("warm_start", run_warm_start, (study, results_dir),
+                                        str(lock_path(results_dir, "warm_start")), wait=True))
         loss = ws.get("final_eval_loss")
         if study.kind == "steps_to_target" and loss is not None and loss <= max(study.targets):
             raise ConfigError(f"target {max(study.targets)} is already met by the warm start (eval loss {loss:.4f}); "

@@ -42,7 +42,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any]] = {
     "gn_layerwise_prox_linear": {"method": "gn", "gn": {"surrogate": "prox_linear", "layerwise": True}},
 }
 WARM_START_SEED = 10_000  # the warm start reads other batches than the runs (stream seed = data.seed + train.seed)
-PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (launch.Placement), not what it computes
+PLACEMENT_KEYS = {"train.threads", "train.device"}  # where a run runs (tasks.Placement), not what it computes
 # The base.train keys the warm start shares with the runs (numerics, placement, evaluation batch); the rest of
 # base.train describes the runs.
 WARM_START_TRAIN_KEYS = ("dtype", "device", "threads", "parallel", "micro_batch_size", "eval_batch_size")
