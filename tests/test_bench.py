@@ -107,6 +107,61 @@ def test_bad_study_input_is_one_line_config_error(tmp_path, changes, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+LRS = [1e-2, 3e-2]
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"methods": []}, "methods is empty"),
+    ({"methods": [{"name": "adamw", "lrs": LRS}, {"name": "adamw", "lrs": LRS}]}, "the name 'adamw' appears twice"),
+    ({"methods": [{"name": "x", "type": "adamw", "optimizer": "torch.optim.SGD", "lrs": LRS}]},
+     "methods.x: give either type or optimizer, not both"),
+    ({"methods": [{"name": "adamw", "lrs": LRS, "kwargs": {"eps": 1e-6}}]},
+     "methods.adamw.kwargs: only for an optimizer given by import path"),
+    ({"batch_tokens": []}, "batch_tokens must be a non-empty list of positive token counts"),
+    ({"batch_tokens": [256, 256]}, "batch_tokens has duplicates: [256, 256]"),
+    ({"seeds": [1, 1]}, "seeds must be a non-empty list of distinct integers, got [1, 1]"),
+    ({"kind": "budget", "target_loss": None}, "a budget study needs token_budget"),
+    ({"kind": "budget", "target_loss": None, "token_budget": 512}, "token_budget (512) is smaller than the largest"),
+    ({"gn_inner_steps": 0}, "gn_inner_steps must be >= 1 (or unset), got 0"),
+    ({"target_loss": None, "targets": [7.0, -1.0, 6.0], "primary_target": 6.0}, "targets must be positive losses"),
+    ({"target_loss": None, "targets": [7.0, 7.0, 6.0], "primary_target": 6.0}, "targets has duplicates"),
+    ({"restart_level": 6.5}, "restart_level (6.5) must lie above every target (7.0)"),
+    ({"lr_budget": 1}, "lr_budget must be >= 2"),
+    ({"lr_budget": 2, "methods": [{"name": "adamw", "lrs": [1e-3, 1e-2, 1e-1]}]},
+     "the declared grid at batch 256 has 3 lrs, more than lr_budget 2"),
+    ({"lr_budget": 4, "methods": [{"name": "adamw", "lrs": [1e-2]}]},
+     "an lr search needs a declared grid of at least two log-spaced lrs"),
+    ({"reference": "sgd"}, "reference: 'sgd' is not a (non-control) method of the study"),
+    ({"kind": "budget", "target_loss": None, "token_budget": 4096, "reference": "adamw"},
+     "only a steps-to-target study compares its methods with a reference"),
+    ({"methods": [{"name": "adamw", "lrs": LRS, "batches": [512]}]}, "methods.adamw.batches [512] must be among"),
+    ({"methods": [{"name": "adamw", "lrs": LRS}, {"name": "c", "type": "adamw", "control_of": "muon"}]},
+     "methods.c.control_of: 'muon' is not a (non-control) method"),
+    ({"methods": [{"name": "adamw", "lrs": LRS}, {"name": "c", "type": "adamw", "control_of": "adamw", "lrs": LRS}]},
+     "methods.c: a control takes the lr (point) selected for adamw"),
+    ({"search_budget": 4}, "search_budget: no method declares a search"),
+    ({"trials": 0, "methods": [{"name": "adamw", "search": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}}}]},
+     "trials must be >= 1 and refine >= 0, got trials 0"),
+    ({"methods": [{"name": "adamw", "lrs": LRS, "lrs_by_batch": {512: LRS}}]},
+     "methods.adamw.lrs_by_batch: 512 is not one of batch_tokens"),
+    ({"methods": [{"name": "adamw", "lrs": [-1e-2, 1e-2]}]}, "learning rates must be positive numbers"),
+    ({"methods": [{"name": "adamw", "lrs": [1e-2, 1e-2]}]}, "the learning-rate grid at batch 256 has duplicates"),
+    ({"warm_start": {"tokens": 256, "batch_tokens": 512, "lr": 0.01}}, "warm_start.tokens (256) must be >= "),
+    ({"warm_start": {"tokens": 1024, "batch_tokens": 512, "lr": 0.0}}, "warm_start.lr must be > 0, got 0.0"),
+])
+def test_every_check_of_a_study_declaration_is_one_line(tmp_path, changes, message):
+    """The checks the table above leaves out: each bad declaration is refused with a line that names it."""
+    with pytest.raises(ConfigError) as err:
+        _selection_runs(_study(tmp_path, **changes), tmp_path / "res")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_warm_start_batch_that_is_not_whole_sequences_is_refused(tmp_path):
+    study = _study(tmp_path, warm_start={"tokens": 1000, "batch_tokens": 100, "lr": 0.01})
+    with pytest.raises(ConfigError, match=r"warm_start.batch_tokens \(100\) is not a multiple of data.seq_len"):
+        study.warm_start_config(tmp_path / "res")
+
+
 def test_unequal_grids_allowed_when_asked(tmp_path):
     study = _study(tmp_path, allow_unequal_grids=True,
                    methods=[{"name": "adamw", "lrs": [1e-3, 3e-3]}, {"name": "gn", "lrs": [1e-2]}])

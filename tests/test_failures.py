@@ -457,6 +457,35 @@ def test_a_line_of_runs_jsonl_that_is_not_a_row_is_named_and_left_out(tmp_path, 
     assert "runs recorded: 1" in (res / "report.md").read_text()
 
 
+def test_repair_names_every_line_that_is_not_a_row_and_keeps_every_row(tmp_path, capsys):
+    """A JSON line that is not an object, a row of a newer gnlm, a row with a field this gnlm does not know and a
+    torn last line are each named and dropped by ``repair``; every complete row stays, and the next row appended
+    starts on a line of its own."""
+    from gnlm.results import SCHEMA, append_row, read_rows, repair
+
+    def row(lr: float) -> Row:
+        return Row(run_id=f"adamw/b128/lr{lr:g}/s0", method="adamw", family="baseline", batch_tokens=128, lr=lr,
+                   seed=0, run_dir="runs/a", final_eval_loss=3.5)
+
+    newer = {**json.loads(row(0.02).to_json()), "schema": SCHEMA + 1}
+    unknown = {**json.loads(row(0.04).to_json()), "colour": "red"}
+    lines = [row(0.01).to_json(), "[1, 2]", json.dumps(newer), json.dumps(unknown), row(0.03).to_json(),
+             '{"run_id": "adamw/b128/lr0.05/s0", "meth']
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines))
+    assert [r.lr for r in read_rows(tmp_path)] == [0.01, 0.03]
+    repair(tmp_path)
+    err = capsys.readouterr().err
+    assert "line 2 is not a complete study row: not a JSON object" in err
+    assert f"line 3 is not a complete study row: schema {SCHEMA + 1} is newer than this gnlm's ({SCHEMA})" in err
+    assert "line 4 is not a complete study row: unknown fields colour" in err
+    assert "line 6 is not a complete study row (cut off: a process died while writing it)" in err
+    assert (tmp_path / "runs.jsonl").read_text() == row(0.01).to_json() + "\n" + row(0.03).to_json() + "\n"
+    assert append_row(tmp_path, row(0.05)) and not append_row(tmp_path, row(0.05))
+    assert [r.lr for r in read_rows(tmp_path)] == [0.01, 0.03, 0.05]
+    repair(tmp_path)  # nothing to repair: the file and stderr stay as they are
+    assert capsys.readouterr().err == "" and len(read_rows(tmp_path)) == 3
+
+
 def test_report_of_an_unreadable_study_yaml_or_a_missing_directory_is_one_line(tmp_path, capsys):
     res = tmp_path / "res"
     res.mkdir()
@@ -481,6 +510,32 @@ def test_bench_with_results_that_is_a_file_is_one_line_and_the_file_stays(tmp_pa
         err = capsys.readouterr().err.strip()
         assert "is a file, not a directory" in err and len(err.splitlines()) == 1
     assert f.read_text() == "keep me"
+
+
+def test_overwrite_deletes_a_results_directory_only(tmp_path, capsys):
+    """--overwrite replaces a results directory (it holds study.yaml) and refuses, in one line, to delete any other
+    directory that holds files; --warm-start-only of a study without a warm start is refused the same way."""
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"name": "t", "target_loss": 1.0, "batch_tokens": [128], "seeds": [1],
+                                     "base": {"model": "nano", "data": {"seq_len": 32}},
+                                     "methods": [{"name": "adamw", "lrs": [0.01]}]}))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["bench", str(study), "--results", str(mine), "--overwrite", "--max-runs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a gnlm results directory (no study.yaml); refusing to delete it" in err
+    assert len(err.splitlines()) == 1 and (mine / "notes.txt").read_text() == "keep me"
+    res = tmp_path / "res"
+    assert main(["bench", str(study), "--results", str(res), "--max-runs", "0"]) == 0
+    (res / "stale.txt").write_text("from before")
+    assert main(["bench", str(study), "--results", str(res), "--overwrite", "--max-runs", "0"]) == 0
+    assert (res / "study.yaml").exists() and not (res / "stale.txt").exists()
+    capsys.readouterr()
+    assert main(["bench", str(study), "--results", str(tmp_path / "ws"), "--warm-start-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--warm-start-only: study 't' declares no warm_start" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ws").exists()
 
 
 def test_a_diverged_gn_run_in_a_study_says_so_on_one_line_like_a_baseline(tmp_path, capsys):

@@ -108,6 +108,23 @@ def test_divergence_ends_the_run_cleanly(tmp_path):
     ("model.preset=mikro", "did you mean 'micro'"),
     ("optim.name=adamx", "optim.name"),
     ("method=gauss", "method: 'gauss' is not one of"),
+    ("gn.inner_batch_size=0", "gn.inner_batch_size must be >= 1, got 0"),
+    ("gn.line_search_range=0", "gn.line_search_range must be >= 1, got 0"),
+    ("gn.checkpoint_every_inner=-1", "gn.checkpoint_every_inner must be >= 0 (0 = off), got -1"),
+    ("gn.damping=-0.1", "gn.damping must be >= 0, got -0.1"),
+    ("gn.blocks=[[wte]]", "gn.blocks is set but gn.layerwise is false"),
+    ("train.eval_every_tokens=0", "train.eval_every_tokens must be >= 1 (or null"),
+    ("train.init_optimizer=true", "train.init_optimizer needs train.init_from"),
+    ("train.micro_batch_size=3", "train.micro_batch_size (3) must divide train.batch_size"),
+    ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off), got 1.0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every must be >= 0 (0 = only at the end)"),
+    ("train.checkpoint_every_seconds=-5", "train.checkpoint_every_seconds must be >= 0 (0 = off)"),
+    ("train.target_loss=0", "train.target_loss must be > 0, got 0"),
+    ("train.divergence_margin=0", "train.divergence_margin must be > 0 nats"),
+    ("train.collapse_tolerance=1", "train.collapse_tolerance must be in [0, 1) nats"),
+    ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("train.threads=0", "train.threads must be >= 1, got 0"),
+    ("model=[1, 2]", "model.preset: expected a preset name (nano, micro, 45m, 150m), got [1, 2]"),
 ])
 def test_bad_config_is_rejected_with_one_line(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
