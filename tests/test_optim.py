@@ -1,5 +1,6 @@
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -359,11 +360,36 @@ def test_clip_grad_norm_global_and_per_group():
     ({"muon_adjust_lr": "match_rms"}, r"did you mean 'match_rms_adamw'"),
     ({"name": "muon", "kwargs": {"nesterv": False}}, r"unknown keyword 'nesterv' \(did you mean 'nesterov'\?\)"),
     ({"name": "torch.optim.SGD", "kwargs": {"lr": 0.1}}, r"lr is set by optim.lr"),
+    ({"name": ""}, r"optim.name: empty; give adamw, muon, soap or an import path"),
+    ({"name": "adamw", "eps": None}, r"optim.eps: null, but adamw needs a value; set e.g. optim.eps=1e-8"),
+    ({"eps": -1e-8}, r"optim.eps: must be >= 0, got -1e-08"),
+    ({"momentum": 1.0}, r"optim.momentum: must lie in \[0, 1\), got 1.0"),
+    ({"ns_steps": 0}, r"optim.ns_steps: must be >= 1, got 0"),
+    ({"precondition_frequency": 0}, r"optim.precondition_frequency: must be >= 1, got 0"),
+    ({"max_precondition_dim": 0}, r"optim.max_precondition_dim: must be >= 1, got 0"),
+    ({"adamw_params": "wte"}, r"optim.adamw_params: expected a list, got 'wte'"),
+    ({"kwargs": [1, 2]}, r"optim.kwargs: expected a mapping, got \[1, 2\]"),
+    ({"name": "torch.optim."}, r"optim.name: 'torch.optim.' is not an import path"),
+    ({"name": "torch.optim.sgd"}, r"did you mean 'torch.optim.SGD'"),
+    ({"name": "torch.optm.SGD"}, r"cannot import module 'torch.optm' of 'torch.optm.SGD' \(did you mean "
+                                 r"'torch.optim.SGD'\?\)"),
 ])
 def test_bad_optim_config_raises_one_line_config_error(data, match):
     with pytest.raises(ConfigError, match=match) as info:
         from_dict(OptimConfig, data, prefix="optim")
     assert "\n" not in str(info.value)
+
+
+def test_an_optimizer_module_whose_own_import_fails_names_what_is_missing(tmp_path, monkeypatch):
+    """optim.name=brokenopt.Lion where brokenopt.py (in the working directory) imports a package that is not
+    installed: the error names that import, not a missing brokenopt."""
+    (tmp_path / "brokenopt.py").write_text("import not_installed_pkg_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "brokenopt", raising=False)
+    with pytest.raises(ConfigError) as err:
+        from_dict(OptimConfig, {"name": "brokenopt.Lion"}, prefix="optim")
+    assert "importing 'brokenopt' of 'brokenopt.Lion' failed: No module named 'not_installed_pkg_xyz'" in str(err.value)
+    assert "install what it needs" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_schedule_configs():
