@@ -1,15 +1,16 @@
-"""Mutation check: deliberate bugs in the GN linearisation must make the exactness tests fail.
+"""Mutation check: deliberate bugs in the GN linearisation must make the exactness tests fail, and deliberate bugs
+in a study's search, selection and statistics (the numbers a report quotes) must make their tests fail.
 
 Run as ``python tests/mutation_check.py`` from anywhere (``--list`` prints the mutations, ``-k TEXT`` runs those whose
 name contains TEXT). Not a pytest module: pytest collects ``test_*.py`` only, and nothing here is named ``test_*``.
 
 Each mutation is (file under the repository, an exact snippet of the current source, its replacement, what it
-breaks). The snippet must occur exactly once, so the list fails loudly when the source moves on rather than
-silently testing nothing. For each mutation ``src/`` is copied to a temporary directory, the snippet replaced, and
-the exactness tests run against the copy (``PYTHONPATH=<tmp>/src``; the test process asserts that ``gnlm`` is
-imported from there) with ``-x``. A mutation is *caught* when some test fails. The unmutated copy must pass under
-the same command first. Exits non-zero if the unmutated run fails, a snippet does not match, a mutation breaks
-collection instead of a test, or a mutation survives.
+breaks, and the test files that must catch it). The snippet must occur exactly once, so the list fails loudly
+when the source moves on rather than silently testing nothing. For each mutation ``src/`` is copied to a temporary
+directory, the snippet replaced, and its test files run against the copy (``PYTHONPATH=<tmp>/src``; the test
+process asserts that ``gnlm`` is imported from there) with ``-x``. A mutation is *caught* when some test fails.
+The unmutated copy must pass each set of test files first. Exits non-zero if an unmutated run fails, a snippet does
+not match, a mutation breaks collection instead of a test, or a mutation survives.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ["tests/test_curvature.py", "tests/test_model.py"]
-PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", *TEST_FILES]
+EXACTNESS_TESTS = ("tests/test_curvature.py", "tests/test_model.py")
+STUDY_TESTS = ("tests/test_analysis.py", "tests/test_search.py")
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 TIMEOUT_S = 900
 
 
@@ -38,9 +40,12 @@ class Mutation:
     original: str
     mutated: str
     description: str
+    tests: tuple[str, ...] = EXACTNESS_TESTS  # the test files that must catch it
 
 
 MODEL, CURV = "src/gnlm/model.py", "src/gnlm/curvature.py"
+ANALYSIS, SEARCH, SELECTION, RESULTS = ("src/gnlm/analysis.py", "src/gnlm/search.py", "src/gnlm/selection.py",
+                                        "src/gnlm/results.py")
 
 MUTATIONS = [
     Mutation("rms-tangent-weight", MODEL,
@@ -103,6 +108,52 @@ MUTATIONS = [
              "loss = loss0 + (torch.stack(parts) - loss0).sum()",
              "loss = torch.stack(parts).sum()",
              "layerwise prox_linear value counts ℓ(z₀) once per block (gradient unchanged)"),
+    # a study's search, selection and statistics
+    Mutation("zhang-cbs-reference-unscaled", ANALYSIS,
+             "return CBS_EXCESS * b_crit + (1 + CBS_EXCESS) * b_ref",
+             "return CBS_EXCESS * b_crit + b_ref",
+             "Zhang et al.'s CBS drops the 1.2 on the reference batch", STUDY_TESTS),
+    Mutation("fit-never-zero-b-crit", ANALYSIS,
+             "if loss_at(0.0)[0] <= loss_at(b_crit)[0]:",
+             "if False:",
+             "the S(B) fit never considers B_crit = 0 (no gain from batch size)", STUDY_TESTS),
+    Mutation("crossover-interpolation-flipped", ANALYSIS,
+             "return b0 * (b1 / b0) ** (l0 / (l0 - l1)), \"exact\"",
+             "return b0 * (b1 / b0) ** (l1 / (l1 - l0)), \"exact\"",
+             "the FLOPs/time crossover interpolates from the wrong end of its bracket", STUDY_TESTS),
+    Mutation("crossover-misses-cheaper-at-smallest", ANALYSIS,
+             "if pts[0][1] > 0:\n        return pts[0][0], \"at_or_below\"",
+             "if pts[0][1] > 1e9:\n        return pts[0][0], \"at_or_below\"",
+             "GN cheaper already at the smallest batch is not reported as at_or_below", STUDY_TESTS),
+    Mutation("doubling-saving-unscaled", ANALYSIS,
+             "return 1.0 - (s_end / s0) ** (1.0 / span)",
+             "return 1.0 - s_end / s0",
+             "the saving per doubling is not scaled to one doubling past the largest batch", STUDY_TESTS),
+    Mutation("choice-edge-high-missed", SEARCH,
+             'return "high" if t >= hi else "low" if t <= lo else None',
+             'return "low" if t <= lo else None',
+             "a best value on the highest choice is not an edge (no extension)", STUDY_TESTS),
+    Mutation("extension-low-wrong-side", SEARCH,
+             't = hi + step if side == "high" else lo - step',
+             't = hi + step if side == "high" else lo + step',
+             "the point beyond a low edge lies inside the range", STUDY_TESTS),
+    Mutation("refinement-not-sqrt2", SEARCH,
+             "2.0 ** (((i // 2) + 1) / 2 * (1 if i % 2 == 0 else -1))",
+             "2.0 ** (((i // 2) + 1) * (1 if i % 2 == 0 else -1))",
+             "the lr refinement steps ×2 instead of ×√2", STUDY_TESTS),
+    Mutation("search-seed-ignores-method", SEARCH,
+             'f"{method}/b{batch_tokens}/s{selection_seed}"',
+             'f"b{batch_tokens}/s{selection_seed}"',
+             "every method gets the same Sobol points at a batch size", STUDY_TESTS),
+    Mutation("selection-ties-to-higher-loss", SELECTION,
+             "return steps_to(row, target), math.inf if bad else float(final)",
+             "return steps_to(row, target), math.inf if bad else -float(final)",
+             "runs tied in steps are ranked by the higher final loss", STUDY_TESTS),
+    Mutation("crossing-not-interpolated", RESULTS,
+             "t = 1.0 if prev is None else (prev[\"eval_loss\"] - target) / (prev[\"eval_loss\"] - loss)",
+             "t = 1.0",
+             "steps to a target are the first evaluation at or below it, not the interpolated crossing",
+             STUDY_TESTS),
 ]
 
 # Runs in the test process: gnlm must come from the temporary copy, then pytest runs in the same interpreter.
@@ -136,8 +187,8 @@ def first_failure(output: str) -> str:
     return "?"
 
 
-def run_tests(mutation: Mutation | None) -> tuple[int, str, float]:
-    """Copy src/, apply the mutation (if any), run the tests against the copy. Returns (pytest rc, output, s)."""
+def run_tests(mutation: Mutation | None, tests: tuple[str, ...]) -> tuple[int, str, float]:
+    """Copy src/, apply the mutation (if any), run ``tests`` against the copy. Returns (pytest rc, output, s)."""
     with tempfile.TemporaryDirectory(prefix="gnlm-mutation-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -149,7 +200,7 @@ def run_tests(mutation: Mutation | None) -> tuple[int, str, float]:
         env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-c", RUNNER, str(src), *PYTEST_ARGS], cwd=ROOT, env=env,
+            proc = subprocess.run([sys.executable, "-c", RUNNER, str(src), *PYTEST_ARGS, *tests], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=TIMEOUT_S)
             rc, out = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
@@ -165,26 +216,28 @@ def main() -> int:
     mutations = [m for m in MUTATIONS if args.k in m.name]
     if args.list:
         for m in mutations:
-            print(f"{m.name:32s} {m.file:24s} {m.description}")
+            print(f"{m.name:36s} {m.file:24s} {m.description}")
         return 0
     errors = check_snippets(MUTATIONS)
     if errors:
         print("mutation list out of date:\n" + "\n".join(errors), file=sys.stderr)
         return 2
     total = time.perf_counter()
-    print(f"tests: {' '.join(TEST_FILES)}; {len(mutations)} mutations", flush=True)
+    suites = list(dict.fromkeys(m.tests for m in mutations))  # each set of test files, in the list's order
+    print(f"{len(mutations)} mutations; tests: {'; '.join(' '.join(s) for s in suites)}", flush=True)
 
-    rc, out, secs = run_tests(None)
-    if rc != 0:
-        print(f"unmutated source: tests FAIL (rc {rc}, {secs:.1f} s); fix them before checking mutations\n{out}",
-              file=sys.stderr)
-        return 1
-    summary = re.findall(r"^\d+ passed.*$", out, re.MULTILINE)
-    print(f"{'(unmutated)':32s} pass          {secs:6.1f} s  {summary[-1] if summary else ''}", flush=True)
+    for tests in suites:
+        rc, out, secs = run_tests(None, tests)
+        if rc != 0:
+            print(f"unmutated source: {' '.join(tests)} FAIL (rc {rc}, {secs:.1f} s); fix them before checking "
+                  f"mutations\n{out}", file=sys.stderr)
+            return 1
+        summary = re.findall(r"^\d+ passed.*$", out, re.MULTILINE)
+        print(f"{'(unmutated)':36s} pass          {secs:6.1f} s  {summary[-1] if summary else ''}", flush=True)
 
     bad = []
     for m in mutations:
-        rc, out, secs = run_tests(m)
+        rc, out, secs = run_tests(m, m.tests)
         if rc == 1:  # some test failed
             status, detail = "caught", first_failure(out)
         elif rc == 0:
@@ -193,7 +246,7 @@ def main() -> int:
         else:  # collection error, import error, timeout, wrong gnlm imported: not a meaningful catch
             status, detail = f"BROKEN rc={rc}", (out.strip().splitlines() or ["?"])[-1]
             bad.append(m.name)
-        print(f"{m.name:32s} {status:12s}  {secs:6.1f} s  {detail}", flush=True)
+        print(f"{m.name:36s} {status:12s}  {secs:6.1f} s  {detail}", flush=True)
     print(f"total {time.perf_counter() - total:.1f} s", flush=True)
     if bad:
         print(f"{len(bad)} of {len(mutations)} mutations not caught: {', '.join(bad)}", file=sys.stderr)
