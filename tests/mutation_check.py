@@ -44,8 +44,8 @@ class Mutation:
 
 
 MODEL, CURV = "src/gnlm/model.py", "src/gnlm/curvature.py"
-ANALYSIS, SEARCH, SELECTION, RESULTS = ("src/gnlm/analysis.py", "src/gnlm/search.py", "src/gnlm/selection.py",
-                                        "src/gnlm/results.py")
+ANALYSIS, SEARCH, SELECTION, RESULTS, PLAN = ("src/gnlm/analysis.py", "src/gnlm/search.py", "src/gnlm/selection.py",
+                                              "src/gnlm/results.py", "src/gnlm/plan.py")
 
 MUTATIONS = [
     Mutation("rms-tangent-weight", MODEL,
@@ -154,6 +154,15 @@ MUTATIONS = [
              "t = 1.0",
              "steps to a target are the first evaluation at or below it, not the interpolated crossing",
              STUDY_TESTS),
+    Mutation("extensions-eat-the-refinement", PLAN,
+             "extension_points(study, m, batch, rows, budget - study.refine - len(points))",
+             "extension_points(study, m, batch, rows, budget - len(points))",
+             "edge extensions may use the runs the lr refinement is owed", STUDY_TESTS),
+    Mutation("prune-before-the-incumbent-crossing", PLAN,
+             "if step >= best and loss > self.target:",
+             "if step >= best - 1 and loss > self.target:",
+             "a selection run is stopped while it could still cross the target first (the selection could change)",
+             ("tests/test_bench.py::test_lr_search_stop_waits_for_an_incumbent_of_its_own_cell",)),
 ]
 
 # Runs in the test process: gnlm must come from the temporary copy, then pytest runs in the same interpreter.
