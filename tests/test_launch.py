@@ -205,6 +205,9 @@ def test_progress_text_counts_parallel_runs():
     seq = launch.Progress(slots=1)
     seq.add(100.0)
     assert seq.text(left=3, running=0) == "~5m00s left"
+    wave = launch.Progress(slots=1, wave=True)  # a search plans more runs after these: the estimate is the wave's
+    wave.add(100.0)
+    assert wave.text(left=3, running=0) == "~5m00s left in this wave"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -199,12 +199,13 @@ def _fmt_row(row: Row, kind: str) -> str:
 
 
 def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[RunSpec], bar: Any, finished: int,
-              total: int, main: bool) -> bool:
-    """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here."""
+              total: int, main: bool, final: bool) -> bool:
+    """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here.
+    ``final``: no run is planned after these (else the bar's time left is this wave's)."""
     by_id = {s.run_id: s for s in todo}
     tasks = [Task(s.run_id, record_run, (s, results_dir), str(lock_path(results_dir, s.run_id)),
                          cost=s.cost()) for s in todo]
-    progress, left, recorded = launch.Progress(launcher.slots), len(tasks), 0
+    progress, left, recorded = launch.Progress(launcher.slots, wave=not final), len(tasks), 0
     for out in launcher.run(tasks):  # each task appends its row itself; here: failures of its process, display
         row = out.result
         if out.task is not None:
@@ -306,7 +307,7 @@ def _run(study: StudyConfig, results_dir: Path, launcher: Any, max_runs: int | N
             if not todo:
                 break
             started += len(todo)
-            if not _run_wave(study, results_dir, launcher, todo, bar, finished, len(specs), main):
+            if not _run_wave(study, results_dir, launcher, todo, bar, finished, len(specs), main, final):
                 break  # every run of the wave was taken by another gnlm bench process: nothing more to plan here
     finally:
         bar.close()

@@ -248,10 +248,13 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """The progress bar's text: runs in flight, and the time left from the mean time of a run so far and how many
-    run at once (the first runs of a parallel study finish together; a rate of runs per second would be N× off)."""
+    run at once (the first runs of a parallel study finish together; a rate of runs per second would be N× off).
+    ``wave``: more runs will be planned once these finish (a search still waits for their rows), so the time left
+    is the wave's, and says so."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, wave: bool = False):
         self.slots = max(1, slots)
+        self.wave = wave
         self.times: list[float] = []
 
     def add(self, seconds: float | None) -> None:
@@ -264,5 +267,6 @@ class Progress:
         if self.times and left:
             mean = sum(self.times) / len(self.times)
             queued = max(0, left - running)
-            parts.append(f"~{_duration(mean * (queued / self.slots + (0.5 if running else 0.0)))} left")
+            where = " in this wave" if self.wave else ""
+            parts.append(f"~{_duration(mean * (queued / self.slots + (0.5 if running else 0.0)))} left{where}")
         return ", ".join(parts)
