@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from gnlm import distributed as dist
 from gnlm import launch, results
-from gnlm.tasks import Placement, Task, lock_path
 from gnlm.checkpoint import atomic_write_bytes
 from gnlm.config import ConfigError, merge, to_dict
 from gnlm.plan import LrSearchStop, RunSpec, most_runs, plan_runs
@@ -40,6 +39,7 @@ from gnlm.results import Row
 from gnlm.runconfig import run_config_to_dict, run_differences
 from gnlm.rundir import has_checkpoint, read_saved_config
 from gnlm.study import StudyConfig, study_differences, warm_start_path
+from gnlm.tasks import Placement, Task, lock_path
 from gnlm.train import run_training
 
 
@@ -203,8 +203,8 @@ def _run_wave(study: StudyConfig, results_dir: Path, launcher: Any, todo: list[R
     """Run ``todo`` with the launcher, showing each finished run; returns whether any run was recorded here.
     ``final``: no run is planned after these (else the bar's time left is this wave's)."""
     by_id = {s.run_id: s for s in todo}
-    tasks = [Task(s.run_id, record_run, (s, results_dir), str(lock_path(results_dir, s.run_id)),
-                         cost=s.cost()) for s in todo]
+    tasks = [Task(s.run_id, record_run, (s, results_dir), str(lock_path(results_dir, s.run_id)), cost=s.cost())
+             for s in todo]
     progress, left, recorded = launch.Progress(launcher.slots, wave=not final), len(tasks), 0
     for out in launcher.run(tasks):  # each task appends its row itself; here: failures of its process, display
         row = out.result
