@@ -12,6 +12,7 @@ world_size)``); the helpers average what the trainers compute on their shards.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -137,7 +138,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def destroy() -> None:
+    """Tear the process group down, garbage first: FSDP's modules sit in reference cycles that may still hold
+    collective work, and freed after the group, at interpreter exit, they abort the process ("terminate called
+    without an active exception", SIGABRT: 4 of 14 runs of the FSDP resume test on 2 CPU cores, 0 of 14 since)."""
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
