@@ -31,6 +31,7 @@ EXACTNESS_TESTS = ("tests/test_curvature.py", "tests/test_model.py")
 STUDY_TESTS = ("tests/test_analysis.py", "tests/test_search.py")
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 TIMEOUT_S = 900
+NAME_WIDTH = 36  # the longest mutation name, for aligned columns
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def main() -> int:
     mutations = [m for m in MUTATIONS if args.k in m.name]
     if args.list:
         for m in mutations:
-            print(f"{m.name:36s} {m.file:24s} {m.description}")
+            print(f"{m.name:{NAME_WIDTH}s} {m.file:24s} {m.description}")
         return 0
     errors = check_snippets(MUTATIONS)
     if errors:
@@ -242,7 +243,8 @@ def main() -> int:
                   f"mutations\n{out}", file=sys.stderr)
             return 1
         summary = re.findall(r"^\d+ passed.*$", out, re.MULTILINE)
-        print(f"{'(unmutated)':36s} pass          {secs:6.1f} s  {summary[-1] if summary else ''}", flush=True)
+        passed = summary[-1] if summary else ""
+        print(f"{'(unmutated)':{NAME_WIDTH}s} pass          {secs:6.1f} s  {passed}", flush=True)
 
     bad = []
     for m in mutations:
@@ -255,7 +257,7 @@ def main() -> int:
         else:  # collection error, import error, timeout, wrong gnlm imported: not a meaningful catch
             status, detail = f"BROKEN rc={rc}", (out.strip().splitlines() or ["?"])[-1]
             bad.append(m.name)
-        print(f"{m.name:36s} {status:12s}  {secs:6.1f} s  {detail}", flush=True)
+        print(f"{m.name:{NAME_WIDTH}s} {status:12s}  {secs:6.1f} s  {detail}", flush=True)
     print(f"total {time.perf_counter() - total:.1f} s", flush=True)
     if bad:
         print(f"{len(bad)} of {len(mutations)} mutations not caught: {', '.join(bad)}", file=sys.stderr)
