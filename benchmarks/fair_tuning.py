@@ -39,12 +39,15 @@ def headline(study_dir: Path) -> dict[str, Any]:
     primary, cells = summary["primary_target"], summary["cells"]
     rows = {}
     for b in summary["batch_tokens"]:
-        name, base = best_baseline(cells, baselines, b, primary)
+        pending = summary.get("pending_baselines", {})
+        name, base = best_baseline(cells, baselines, b, primary, pending=pending)
         gn = ((cells.get(f"{GN}/{b}") or {}).get("per_target", {}).get(target_key(primary)) or {}).get("steps_interp")
         rows[b] = {"baseline": name, "baseline_steps": base if math.isfinite(base) else None, "gn_steps": gn,
                    "ratio": base / gn if gn and math.isfinite(base) else None,
-                   # whether any reported seed ran: not reached is not the same as not run yet
-                   "baselines_ran": any((cells.get(f"{m}/{b}") or {}).get("seeds", 0) for m in baselines),
+                   # not reached is not the same as seeds still to come
+                   "baselines_pending": bool(set(pending.get(str(b), ())) & set(baselines)
+                                             or not any((cells.get(f"{m}/{b}") or {}).get("seeds", 0)
+                                                        for m in baselines)),
                    "gn_ran": bool((cells.get(f"{GN}/{b}") or {}).get("seeds", 0))}
     return {"study": summary.get("name", study_dir.name), "primary_target": primary, "batches": rows}
 
@@ -61,7 +64,8 @@ def markdown(heads: list[dict[str, Any]]) -> str:
     for b in batches:
         cells = [h["batches"].get(b) or {} for h in heads]
         base = [f"{c['baseline']} {steps(c['baseline_steps'])}" if c.get("baseline") else
-                "not run" if not c else "none reached" if c["baselines_ran"] else "seeds not run yet" for c in cells]
+                "not run" if not c else "seeds not run yet" if c["baselines_pending"] else "none reached"
+                for c in cells]
         gn = ["not run" if not c else steps(c["gn_steps"]) if c["gn_ran"] else "seeds not run yet" for c in cells]
         ratio = ["—" if c.get("ratio") is None else f"{c['ratio']:.2f}×" for c in cells]
         lines.append(f"| {b:,} | " + " | ".join(base + gn + ratio) + " |")

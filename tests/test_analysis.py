@@ -362,6 +362,27 @@ def test_summary_crossover_uses_the_cheapest_baseline_and_a_study_without_baseli
     assert gn_only["crossover"] == {} and gn_only["segments"] == {} and gn_only["fit"]["gn"]["b_crit"] == 0.0
 
 
+def test_a_study_in_progress_names_no_best_baseline_where_a_baselines_seeds_are_still_to_come():
+    from gnlm.report import _crossover_lines, _headline_lines
+    targets, batches = [3.6, 3.5, 3.4], [1000, 2000, 4000, 8000]
+    steps = {"adamw": [[10, 20, 40]] * 4, "muon": [[10, 15, 30]] * 4, "gn": [[4, 7, 10]] * 4}
+    rows = [r for r in _study_rows(steps, batches, targets)  # muon: seeds to come at 2000, not started at 4000
+            if not (r.method == "muon" and (r.batch_tokens == 4000 or r.batch_tokens == 2000 and r.seed != 0))]
+    out = summarize_study(_study(list(steps), batches, targets), rows, bootstrap=20)
+    assert out["pending_baselines"] == {"2000": ["muon"], "4000": ["muon"]}
+    # adamw (40 steps) would be named the best baseline at 2000 and 4000; muon (30) still could beat it
+    assert out["segments"]["gn"]["2000"]["baseline"] is None and out["segments"]["gn"]["2000"]["pending"] == ["muon"]
+    assert out["segments"]["gn"]["1000"]["baseline"] == "muon" and out["segments"]["gn"]["1000"]["pending"] == []
+    assert sorted(out["crossover"]["gn"]["time"]["per_batch"]) == ["1000", "8000"]  # 2000, 4000 not compared yet
+    text = "\n".join(_headline_lines(out, {"adamw": "baseline", "muon": "baseline", "gn": "gn"}, "gn"))
+    assert "| 2,000 | 10.0 | pending (seeds of muon to come) | — | — |" in text
+    assert "| 1,000 | 10.0 | muon | 30.0 | 3.00× |" in text
+    crossover = "\n".join(_crossover_lines(out))
+    assert "| gn | time | ≤ 1,000 | ≤ 1,000 | 3.00× (muon) | pending | pending | 3.00× (muon) |" in crossover
+    done = summarize_study(_study(list(steps), batches, targets), _study_rows(steps, batches, targets), bootstrap=20)
+    assert done["pending_baselines"] == {} and done["segments"]["gn"]["4000"]["baseline"] == "muon"
+
+
 @pytest.mark.parametrize("expect, steps, ref, lo, hi, want", [
     ("more_steps", 15, 10, 1.2, 1.8, "agrees"),
     ("more_steps", 9, 10, 0.8, 0.95, "disagrees"),

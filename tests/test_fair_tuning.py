@@ -29,8 +29,13 @@ def _study(root: Path, name: str, target: float, steps: dict[str, dict[int, floa
     for c in cells.values():
         if c["seeds"] == 0:
             c["per_target"][key]["steps_interp"] = None
+    pending: dict[str, list[str]] = {}
+    for m, per in steps.items():
+        for b, s in per.items():
+            if s == "pending" and m != "gn":
+                pending.setdefault(str(b), []).append(m)
     (root / "summary.json").write_text(json.dumps({"name": name, "primary_target": target, "batch_tokens": batches,
-                                                   "cells": cells}))
+                                                   "cells": cells, "pending_baselines": pending}))
     return root
 
 
@@ -40,7 +45,7 @@ def test_each_study_at_its_own_primary_target(ft, tmp_path):
     v2 = _study(tmp_path / "v2", "v2", 3.349, {"adamw": {4096: 90.0, 8192: 60.0}, "gn": {4096: 45.0, 8192: 20.0}})
     h1, h2 = ft.headline(v1), ft.headline(v2)
     assert h1["batches"][2048] == {"baseline": "muon", "baseline_steps": 150.0, "gn_steps": None, "ratio": None,
-                                   "baselines_ran": True, "gn_ran": True}
+                                   "baselines_pending": False, "gn_ran": True}
     assert h1["batches"][4096]["baseline"] == "adamw" and h1["batches"][4096]["ratio"] == 3.0
     assert h2["batches"][8192]["ratio"] == 3.0
     text = ft.markdown([h1, h2])
@@ -50,6 +55,11 @@ def test_each_study_at_its_own_primary_target(ft, tmp_path):
     assert "| 8,192 | not run | adamw 60.0 | not run | 20.0 | — | 3.00× |" in text
     v3 = _study(tmp_path / "v3", "v3", 3.3, {"adamw": {4096: "pending"}, "gn": {4096: "pending"}})
     assert "| 4,096 | seeds not run yet | seeds not run yet | — |" in ft.markdown([ft.headline(v3)])
+    # muon's seeds are still to come where adamw's have run: no best baseline yet, not adamw's steps
+    v4 = _study(tmp_path / "v4", "v4", 3.3, {"adamw": {4096: 90.0, 8192: None}, "muon": {4096: "pending", 8192: None},
+                                             "gn": {4096: 30.0, 8192: 20.0}})
+    text = ft.markdown([ft.headline(v4)])
+    assert "| 4,096 | seeds not run yet | 30.0 | — |" in text and "| 8,192 | none reached | 20.0 | — |" in text
 
 
 def test_a_budget_study_is_refused_on_one_line(ft, tmp_path):

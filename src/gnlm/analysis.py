@@ -415,11 +415,28 @@ def compute_crossover(batches: list[float], gn: list[list[float]], baselines: di
                           for b, m, r in zip(batches, names, point) if r is not None}}
 
 
-def best_baseline(cells: dict[str, Any], baselines: list[str], batch: int, target: float,
-                  measure: str = "steps_interp") -> tuple[str | None, float]:
+def pending_baselines(study: StudyConfig, cells: dict[str, Any]) -> dict[str, list[str]]:
+    """Per batch size (str) with any, the baselines declared there whose reported seeds have not all run yet
+    (``summary["pending_baselines"]``). Until they have, no best baseline is named at that batch: the one with the
+    fewest steps so far could still lose to one whose seeds are still to come."""
+    out: dict[str, list[str]] = {}
+    for b in study.batch_tokens:
+        names = [m.name for m in study.methods if m.family != "gn" and m.control_of is None
+                 and (m.batches is None or b in m.batches)
+                 and (cells.get(f"{m.name}/{b}") or {}).get("seeds", 0) < len(study.seeds)]
+        if names:
+            out[str(b)] = names
+    return out
+
+
+def best_baseline(cells: dict[str, Any], baselines: list[str], batch: int, target: float, *,
+                  pending: dict[str, list[str]], measure: str = "steps_interp") -> tuple[str | None, float]:
     """The baseline with the fewest ``measure`` (median over seeds) to ``target`` at ``batch``: (name, value);
-    (None, inf) when none reached it."""
+    (None, inf) when none reached it or while any of ``baselines`` is pending there (:func:`pending_baselines`; a
+    summary written before that key existed has none)."""
     best: tuple[str | None, float] = (None, math.inf)
+    if set(pending.get(str(batch), ())) & set(baselines):
+        return best
     for m in baselines:
         v = ((cells.get(f"{m}/{batch}") or {}).get("per_target", {}).get(target_key(target)) or {}).get(measure)
         if v is not None and v < best[1]:
@@ -442,8 +459,9 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
     reached) and the saving per doubling. Per GN method: where it becomes cheaper than the best baseline in FLOPs
     and in measured time (``crossover``, :func:`compute_crossover`), and per batch its steps and the best
     baseline's (fewest steps to the primary target) between consecutive targets (``segments``,
-    :func:`segment_steps`). A budget study (no targets) reports the median final and best eval loss per cell
-    instead."""
+    :func:`segment_steps`). While a study is still running, a batch where some baseline's reported seeds are still
+    to come (``pending_baselines``) names no best baseline and is left out of the crossover. A budget study (no
+    targets) reports the median final and best eval loss per cell instead."""
     targets = list(study.targets)
     primary = study.primary_target
     restart = study.restart_level
@@ -521,7 +539,8 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
         out.update(kind="budget", token_budget=study.token_budget,
                    count_line_search_tokens=study.count_line_search_tokens)
     else:
-        out.update(restart_level=restart, **_gn_against_baselines(study, cells, reported_rows, bootstrap))
+        out.update(restart_level=restart, pending_baselines=pending_baselines(study, cells),
+                   **_gn_against_baselines(study, cells, reported_rows, bootstrap))
         if study.reference is not None:
             out.update(reference=study.reference,
                        against_reference=against_reference(study, reported_rows, bootstrap))
@@ -586,8 +605,9 @@ def _gn_against_baselines(study: StudyConfig, cells: dict[str, Any], reported_ro
                           bootstrap: int) -> dict[str, Any]:
     """Every GN method (controls aside) against the baselines: ``crossover[gn]["flops" | "time"]``
     (:func:`compute_crossover` on the primary target) and ``segments[gn][batch]``: the best baseline there (fewest
-    steps to the primary target) and per segment ``from`` (None: the warm start), ``to``, ``baseline_steps``,
-    ``steps`` and ``ratio`` = baseline / GN (:func:`segment_steps`). Both empty without baselines."""
+    steps to the primary target; None while ``pending`` names baselines whose seeds are still to come) and per
+    segment ``from`` (None: the warm start), ``to``, ``baseline_steps``, ``steps`` and ``ratio`` = baseline / GN
+    (:func:`segment_steps`). Both empty without baselines."""
     compared = [m for m in study.methods if m.control_of is None]
     baselines = [m.name for m in compared if m.family != "gn"]
     batches, primary = list(study.batch_tokens), study.primary_target
@@ -596,8 +616,12 @@ def _gn_against_baselines(study: StudyConfig, cells: dict[str, Any], reported_ro
     if not baselines:
         return {"crossover": crossover, "segments": segments}
 
+    pending = pending_baselines(study, cells)
+
     def costs(m: str, measure: str) -> list[list[float]]:
-        return [seed_costs(reported_rows.get((m, b), []), primary, measure) for b in batches]
+        # a batch where a baseline's seeds are still to come is not compared yet: GN there counts as not run
+        return [seed_costs(reported_rows.get((m, b), []), primary, measure)
+                if m in baselines or str(b) not in pending else [] for b in batches]
 
     for gn in [m.name for m in compared if m.family == "gn"]:
         crossover[gn] = {name: compute_crossover(batches, costs(gn, measure), {m: costs(m, measure) for m in baselines},
@@ -607,10 +631,10 @@ def _gn_against_baselines(study: StudyConfig, cells: dict[str, Any], reported_ro
         for b in batches:
             if (gn, b) not in reported_rows:
                 continue
-            base, _ = best_baseline(cells, baselines, b, primary)
+            base, _ = best_baseline(cells, baselines, b, primary, pending=pending)
             own = segment_steps(reported_rows[gn, b], study.targets)
             theirs = segment_steps(reported_rows[base, b], study.targets) if base else [None] * len(own)
-            segments[gn][str(b)] = {"baseline": base, "segments": [
+            segments[gn][str(b)] = {"baseline": base, "pending": pending.get(str(b), []), "segments": [
                 {"from": start, "to": end, "baseline_steps": x, "steps": y, "ratio": x / y if x and y else None}
                 for start, end, x, y in zip([None, *study.targets], study.targets, theirs, own)]}
     return {"crossover": crossover, "segments": segments}

@@ -212,7 +212,7 @@ def plot_ratio_vs_target(path: Path, summary: dict[str, Any], baselines: list[st
         pts = []
         for t in targets:
             g = summary["cells"].get(f"{gn}/{b}", {}).get("per_target", {}).get(target_key(t), {}).get("steps_interp")
-            _, base = best_baseline(summary["cells"], baselines, b, t)
+            _, base = best_baseline(summary["cells"], baselines, b, t, pending=summary.get("pending_baselines", {}))
             if g and math.isfinite(base):
                 pts.append((t, base / g))
         if pts:

@@ -300,10 +300,18 @@ def write_report(results_dir: str | Path, bootstrap: int = 1000) -> Path:
 
 
 def _best_baseline(summary: dict[str, Any], families: dict[str, str], batch: int, target: float) -> tuple[str, float]:
-    """The baseline with the fewest interpolated steps to ``target`` at ``batch`` (inf when none reached it)."""
+    """The baseline with the fewest interpolated steps to ``target`` at ``batch`` (inf when none reached it or while
+    a baseline's seeds are still to come there)."""
     baselines = [m for m, fam in families.items() if fam == BASELINE_FAMILY]
-    name, steps = best_baseline(summary["cells"], baselines, batch, target)
+    name, steps = best_baseline(summary["cells"], baselines, batch, target,
+                                pending=summary.get("pending_baselines", {}))
     return name or "—", steps
+
+
+def _no_best_baseline(summary: dict[str, Any], batch: int) -> str:
+    """Why no best baseline is named at ``batch``: seeds still to come, or no baseline reached the target."""
+    pending = summary.get("pending_baselines", {}).get(str(batch))
+    return f"pending (seeds of {', '.join(pending)} to come)" if pending else "none reached"
 
 
 def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) -> list[str]:
@@ -339,7 +347,7 @@ def _headline_lines(summary: dict[str, Any], families: dict[str, str], gn: str) 
         base = point(name, b) if math.isfinite(base_steps) else {}
         gs = g.get("steps_interp")
         ran = summary["cells"].get(f"{gn}/{b}", {}).get("seeds")
-        cells = [f"{gs:.1f}" if gs else "not reached" if ran else "—", name if base else "none reached",
+        cells = [f"{gs:.1f}" if gs else "not reached" if ran else "—", name if base else _no_best_baseline(summary, b),
                  f"{base_steps:.1f}" if base else "—", times(base.get("steps_interp"), gs)]
         if restart is not None:
             cells.append(times(base.get("steps_from_restart"), g.get("steps_from_restart")))
@@ -416,6 +424,7 @@ def _crossover_lines(summary: dict[str, Any]) -> list[str]:
     """Per GN method, where its FLOPs and its measured time to the primary target fall below the best baseline's
     (``summary["crossover"]``, :func:`analysis.compute_crossover`)."""
     crossover, batches = summary.get("crossover") or {}, summary["batch_tokens"]
+    pending = summary.get("pending_baselines", {})
     if not crossover:
         return []
     md = ["", "### Where GN becomes cheaper than the best baseline", "",
@@ -425,7 +434,8 @@ def _crossover_lines(summary: dict[str, Any]) -> list[str]:
           "crosses 0, from medians over the reported seeds (not reached counts as never); 90% interval by bootstrap "
           "over seeds. ≤ B: already cheaper at the smallest batch compared; > B: dearer at every batch measured, so "
           "the crossover, if any, lies above B. Last columns: baseline / GN at each batch (above 1: GN cheaper), with "
-          "the best baseline.", "",
+          "the best baseline; pending: a baseline's seeds are still to come there, so that batch is not compared "
+          "yet.", "",
           "| method | measure | crossover (tokens) | 90% interval | " + " | ".join(fmt_batch(b) for b in batches) + " |",
           "|---|---|---|---|" + "---|" * len(batches)]
     for gn, measures in crossover.items():
@@ -433,10 +443,11 @@ def _crossover_lines(summary: dict[str, Any]) -> list[str]:
             x = measures[name]
             ends = [_fmt_crossover(x["lo"], x["lo_bound"]), _fmt_crossover(x["hi"], x["hi_bound"])]
             interval = "—" if not x["resamples"] else ends[0] if ends[0] == ends[1] else f"[{ends[0]}, {ends[1]}]"
-            ratios = [f"{p['baseline_over_gn']:.2f}× ({p['baseline']})" if (p := x["per_batch"].get(str(b))) else "—"
-                      for b in batches]
+            ratios = [f"{p['baseline_over_gn']:.2f}× ({p['baseline']})" if (p := x["per_batch"].get(str(b)))
+                      else "pending" if str(b) in pending else "—" for b in batches]
             point = (_fmt_crossover(x["batch"], x["bound"]) if x["bound"] != "none"
-                     else "not compared (no batch where both reached the target)")
+                     else "not compared (no batch where both reached the target"
+                     + (" yet)" if pending else ")"))
             md.append(f"| {gn} | {label} | {point} | {interval} | " + " | ".join(ratios) + " |")
     return md
 
@@ -501,7 +512,8 @@ def _segment_lines(summary: dict[str, Any], gn: str) -> list[str]:
     for b, row in per_batch.items():
         cells = [f"{_fmt_steps(s['baseline_steps'])} / {_fmt_steps(s['steps'])}"
                  + (f" = {s['ratio']:.2f}×" if s["ratio"] else "") for s in row["segments"]]
-        md.append(f"| {fmt_batch(int(b))} | {row['baseline'] or 'none reached'} | " + " | ".join(cells) + " |")
+        base = row["baseline"] or _no_best_baseline(summary, int(b))
+        md.append(f"| {fmt_batch(int(b))} | {base} | " + " | ".join(cells) + " |")
     return md
 
 
