@@ -5,7 +5,7 @@ learning rate the study selected there, next to the layerwise GN reference; then
 with the steps the study measured to its primary target (median over the reported seeds): the baselines'
 own steps, and the ``gn_layerwise`` method's steps for the layerwise reference. A useful measure correlates
 negatively (a higher score, fewer steps). Spearman with a 90% bootstrap interval over the points
-(:func:`gnlm.analysis.rank_correlation`), per batch (few points: read the interval) and pooled over batches.
+(:func:`gnlm.stats.rank_correlation`), per batch (few points: read the interval) and pooled over batches.
 Writes ``validation.json`` and ``validation.md`` into ``--out`` (each batch's probe output in ``--out/b<batch>/``)
 and prints the table; publish it whatever it says.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from gnlm.analysis import rank_correlation
+from gnlm.stats import rank_correlation
 from gnlm.config import dumps_json
 from gnlm.probe import run_probe
 from gnlm.results import target_key

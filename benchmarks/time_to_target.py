@@ -9,7 +9,7 @@ steps and line search), from the study's warm start, at the run's batch and sett
 (one thread by default, so other processes do not count) and the wall time of each step are recorded; the median
 over rounds, times the steps to the primary target (median over the reported seeds, ``summary.json``), is the time
 to target. Then, per GN method and batch, the best baseline's time over GN's and the crossover
-(``analysis.crossover_batch``: where that ratio first exceeds 1), beside the same ratio from the report's measured
+(``stats.crossover_batch``: where that ratio first exceeds 1), beside the same ratio from the report's measured
 times. Reads ``study.yaml``, ``summary.json`` (``gnlm report`` writes it) and the warm start; trains nothing that
 it keeps (the steps run in a temporary directory). Last line: one JSON object.
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gnlm.analysis import crossover_batch
+from gnlm.stats import crossover_batch
 from gnlm.report import load_results
 from gnlm.results import target_key
 from gnlm.run import setup_run

@@ -45,8 +45,8 @@ class Mutation:
 
 
 MODEL, CURV = "src/gnlm/model.py", "src/gnlm/curvature.py"
-ANALYSIS, SEARCH, SELECTION, RESULTS, PLAN = ("src/gnlm/analysis.py", "src/gnlm/search.py", "src/gnlm/selection.py",
-                                              "src/gnlm/results.py", "src/gnlm/plan.py")
+ANALYSIS, STATS, SEARCH, SELECTION, RESULTS, PLAN = ("src/gnlm/analysis.py", "src/gnlm/stats.py", "src/gnlm/search.py",
+                                                     "src/gnlm/selection.py", "src/gnlm/results.py", "src/gnlm/plan.py")
 
 MUTATIONS = [
     Mutation("rms-tangent-weight", MODEL,
@@ -110,23 +110,23 @@ MUTATIONS = [
              "loss = torch.stack(parts).sum()",
              "layerwise prox_linear value counts ℓ(z₀) once per block (gradient unchanged)"),
     # a study's search, selection and statistics
-    Mutation("zhang-cbs-reference-unscaled", ANALYSIS,
+    Mutation("zhang-cbs-reference-unscaled", STATS,
              "return CBS_EXCESS * b_crit + (1 + CBS_EXCESS) * b_ref",
              "return CBS_EXCESS * b_crit + b_ref",
              "Zhang et al.'s CBS drops the 1.2 on the reference batch", STUDY_TESTS),
-    Mutation("fit-never-zero-b-crit", ANALYSIS,
+    Mutation("fit-never-zero-b-crit", STATS,
              "if loss_at(0.0)[0] <= loss_at(b_crit)[0]:",
              "if False:",
              "the S(B) fit never considers B_crit = 0 (no gain from batch size)", STUDY_TESTS),
-    Mutation("crossover-interpolation-flipped", ANALYSIS,
+    Mutation("crossover-interpolation-flipped", STATS,
              "return b0 * (b1 / b0) ** (l0 / (l0 - l1)), \"exact\"",
              "return b0 * (b1 / b0) ** (l1 / (l1 - l0)), \"exact\"",
              "the FLOPs/time crossover interpolates from the wrong end of its bracket", STUDY_TESTS),
-    Mutation("crossover-misses-cheaper-at-smallest", ANALYSIS,
+    Mutation("crossover-misses-cheaper-at-smallest", STATS,
              "if pts[0][1] > 0:\n        return pts[0][0], \"at_or_below\"",
              "if pts[0][1] > 1e9:\n        return pts[0][0], \"at_or_below\"",
              "GN cheaper already at the smallest batch is not reported as at_or_below", STUDY_TESTS),
-    Mutation("doubling-saving-unscaled", ANALYSIS,
+    Mutation("doubling-saving-unscaled", STATS,
              "return 1.0 - (s_end / s0) ** (1.0 / span)",
              "return 1.0 - s_end / s0",
              "the saving per doubling is not scaled to one doubling past the largest batch", STUDY_TESTS),
@@ -159,7 +159,7 @@ MUTATIONS = [
              "extension_points(study, m, batch, rows, budget - study.refine - len(points))",
              "extension_points(study, m, batch, rows, budget - len(points))",
              "edge extensions may use the runs the lr refinement is owed", STUDY_TESTS),
-    Mutation("best-baseline-named-while-seeds-to-come", ANALYSIS,
+    Mutation("best-baseline-while-seeds-to-come", ANALYSIS,
              "if set(pending.get(str(batch), ())) & set(baselines):",
              "if False:",
              "a study in progress names a best baseline although another baseline's seeds are still to come",

@@ -1,5 +1,6 @@
-"""Pure analysis on synthetic data: interpolated target crossings, the S(B) fit, both critical batches and their
-intervals, the compute crossover, per-segment and restart-level ratios."""
+"""Pure analysis on synthetic data: interpolated target crossings, the statistics of ``stats.py`` (the S(B) fit, both
+critical batches and their intervals, the compute crossover, verdicts) and the summary of ``analysis.py``
+(per-segment and restart-level ratios, a study in progress)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,19 @@ import math
 
 import pytest
 
-from gnlm.analysis import (
+from gnlm.analysis import early_rise, eta_at_floor, restart_step, summarize_study
+from gnlm.results import Row, target_crossing
+from gnlm.selection import next_lr, selection_key
+from gnlm.stats import (
     bootstrap_fit,
     compute_crossover,
     crossover_batch,
     doubling_reduction,
-    early_rise,
-    eta_at_floor,
     fit_steps_vs_batch,
     rank_correlation,
-    restart_step,
-    summarize_study,
     verdict,
     zhang_cbs,
 )
-from gnlm.results import Row, target_crossing
-from gnlm.selection import next_lr, selection_key
 from gnlm.study import study_from_dict
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from test_report import STEPS, _write_results
 
-from gnlm.analysis import ratio_interval
+from gnlm.stats import ratio_interval
 from gnlm.cli import main
 from gnlm.compare import run_compare
 from gnlm.config import ConfigError

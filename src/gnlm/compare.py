@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from gnlm.analysis import ratio_interval
+from gnlm.stats import ratio_interval
 from gnlm.checkpoint import atomic_write_bytes, output_dir
 from gnlm.config import ConfigError, dumps_json
 from gnlm.figures import fmt_batch, pyplot, save_with_legend_below, steps_vs_batch_axes

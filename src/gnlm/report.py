@@ -367,7 +367,7 @@ def _interval(lo: float | None, hi: float | None, unbounded: bool) -> str:
 
 def _fit_lines(summary: dict[str, Any], methods: list[str]) -> list[str]:
     """The fitted S(B) per method with both critical batches (McCandlish's B_crit, Zhang et al.'s CBS), each with
-    its intervals over seeds, over batch sizes and with one batch size left out (:func:`analysis.bootstrap_fit`),
+    its intervals over seeds, over batch sizes and with one batch size left out (:func:`stats.bootstrap_fit`),
     and the saving per doubling."""
     batches = summary["batch_tokens"]
     md = ["", "### Fitted critical batch", "",
@@ -415,14 +415,14 @@ def _fit_lines(summary: dict[str, Any], methods: list[str]) -> list[str]:
 
 
 def _fmt_crossover(batch: float | None, bound: str | None) -> str:
-    """A crossover batch with its bound (analysis.crossover_batch): 27,000, ≤ 4,096, > 32,768."""
+    """A crossover batch with its bound (stats.crossover_batch): 27,000, ≤ 4,096, > 32,768."""
     prefix = {"exact": "", "at_or_below": "≤ ", "above": "> "}.get(bound or "none")
     return "—" if prefix is None else prefix + _fmt_int(batch)
 
 
 def _crossover_lines(summary: dict[str, Any]) -> list[str]:
     """Per GN method, where its FLOPs and its measured time to the primary target fall below the best baseline's
-    (``summary["crossover"]``, :func:`analysis.compute_crossover`)."""
+    (``summary["crossover"]``, :func:`stats.compute_crossover`)."""
     crossover, batches = summary.get("crossover") or {}, summary["batch_tokens"]
     pending = summary.get("pending_baselines", {})
     if not crossover:

@@ -49,7 +49,7 @@ class Row:
     it could no longer be selected).
     Curve (so that runs.jsonl alone recomputes every number): ``curve``, the columns ``CURVE_KEYS`` of the
     evaluation rows; ``crossings``, per declared target (``target_key``) where the curve first reaches it
-    (``analysis.target_crossing``); ``flops_per_step``; for GN ``inner_steps`` (N) and ``etas`` (the line search's
+    (:func:`target_crossing`); ``flops_per_step``; for GN ``inner_steps`` (N) and ``etas`` (the line search's
     η per outer step)."""
 
     run_id: str

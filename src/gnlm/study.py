@@ -82,7 +82,7 @@ class MethodConfig:
     ``claim`` and ``expect`` (a study with a ``reference``): a published finding about this method against the
     reference, declared before the runs: ``claim`` its words (and source), ``expect`` what it predicts for the
     method's steps over the reference's: ``more_steps``, ``fewer_steps`` or ``same`` (within the study's
-    ``same_within``). The report says whether the measured ratio agrees (:func:`gnlm.analysis.verdict`).
+    ``same_within``). The report says whether the measured ratio agrees (:func:`gnlm.stats.verdict`).
     """
 
     name: str
