@@ -221,6 +221,10 @@ def test_summarize_study_selects_on_the_selection_seed_and_reports_the_other_see
     t = cell["per_target"]["3.5"]
     assert t["steps_interp"] == pytest.approx(40.0) and t["steps"] == 40 and t["reached"] == 3
     assert t["flops_to_target"] == pytest.approx(4000.0) and t["time_to_target_s"] == pytest.approx(80.0)
+    assert t["time_to_target_range"] == pytest.approx([72.0, 88.0])  # the seeds' 0.9, 1.0, 1.1 of 80 s
+    from gnlm.report import _time_range
+    assert _time_range(t["time_to_target_range"]) == " [72.0, 88.0]" and _time_range([5.0, 5.0]) == ""
+    assert _time_range(None) == ""  # a summary written before the range existed
     fit = out["fit"]["adamw"]
     assert fit["s_min"] == pytest.approx(10.0, rel=1e-6) and fit["b_crit"] == pytest.approx(3000, rel=1e-6)
     assert fit["b_crit_lo"] <= fit["b_crit"] <= fit["b_crit_hi"]

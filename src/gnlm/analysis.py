@@ -182,8 +182,10 @@ def summarize_study(study: StudyConfig, rows: list[Row], bootstrap: int = 1000) 
                     "steps_interp": _median_or_none([steps_to(r, t) for r in reported]),
                     "reached": len(ok),
                     "flops_to_target": _median_or_none([c["flops_interp"] for c in ok if c.get("flops_interp")]),
-                    "time_to_target_s": _median_or_none([c["wall_time_interp"] for c in ok
-                                                         if c.get("wall_time_interp") is not None]),
+                    "time_to_target_s": _median_or_none(times := [c["wall_time_interp"] for c in ok
+                                                                   if c.get("wall_time_interp") is not None]),
+                    # the seeds' spread: on a shared machine one seed's time can carry another process's load
+                    "time_to_target_range": [min(times), max(times)] if times else None,
                     "tokens_to_target": _median_or_none([c["tokens_interp"] for c in ok
                                                          if c.get("tokens_interp") is not None]),
                 }

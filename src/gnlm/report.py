@@ -54,6 +54,11 @@ def _fmt_loss(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
+def _time_range(span: list[float] | None) -> str:
+    """The seeds' range of a time, after its median (nothing for one seed or an older summary)."""
+    return f" [{_fmt_time(span[0])}, {_fmt_time(span[1])}]" if span and span[0] != span[1] else ""
+
+
 def _fmt_steps(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.1f}"
 
@@ -588,7 +593,8 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
            "FLOPs counted with torch's FlopCounterMode on each run's first step (matrix products: forward, backward, "
            "jvp, optimizer); time is the measured training wall time (evaluation excluded); tokens include GN's "
            "line-search tokens; GN inner steps are its outer steps times N, the inner steps per outer step. Medians "
-           "over the seeds that reached the target.", "",
+           "over the seeds that reached the target; in brackets the seeds' range of time (a wide one means the "
+           "machine was shared while a seed ran: `benchmarks/time_to_target.py` times every cell side by side).", "",
            "| method | batch | steps | GN inner steps | tokens | FLOPs | time (s) |", "|---|---|---|---|---|---|---|"]
     for m in methods:
         for b in batches:
@@ -598,7 +604,8 @@ def _declared_target_sections(results_dir: Path, study: StudyConfig, summary: di
                 continue
             md.append(f"| {m} | {fmt_batch(b)} | {pt['steps_interp']:.1f} | "
                       f"{_fmt_int(pt.get('inner_steps_to_target'))} | {_fmt_int(pt['tokens_to_target'])} | "
-                      f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])} |")
+                      f"{_fmt_sci(pt['flops_to_target'])} | {_fmt_time(pt['time_to_target_s'])}"
+                      f"{_time_range(pt.get('time_to_target_range'))} |")
     md += _crossover_lines(summary)
     if controls:
         md += ["", "### Controls", "", "Each control runs the reported seeds at the lr selected for the method it "
