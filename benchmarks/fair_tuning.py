@@ -37,9 +37,9 @@ def headline(study_dir: Path) -> dict[str, Any]:
     summary = json.loads((study_dir / "summary.json").read_text())
     baselines = [m.name for m in study.methods if m.family != "gn" and m.control_of is None]
     primary, cells = summary["primary_target"], summary["cells"]
+    pending = summary.get("pending_baselines", {})  # a study still running: seeds to come
     rows = {}
     for b in summary["batch_tokens"]:
-        pending = summary.get("pending_baselines", {})
         name, base = best_baseline(cells, baselines, b, primary, pending=pending)
         gn = ((cells.get(f"{GN}/{b}") or {}).get("per_target", {}).get(target_key(primary)) or {}).get("steps_interp")
         rows[b] = {"baseline": name, "baseline_steps": base if math.isfinite(base) else None, "gn_steps": gn,
