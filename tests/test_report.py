@@ -229,7 +229,7 @@ def test_headline_puts_steps_flops_and_time_ratios_side_by_side():
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 # each is its packaged preset's name
-PUBLISHED_STUDIES = ["shakespeare-nano", "shakespeare-nano-budget", "shakespeare-nano-ablations"]
+PUBLISHED_STUDIES = ["shakespeare-nano", "shakespeare-nano-v2", "shakespeare-nano-budget", "shakespeare-nano-ablations"]
 
 
 def _changed(committed, now, path="") -> list[str]:
